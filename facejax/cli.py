@@ -1,0 +1,26 @@
+"""Shared entry-point wrapper for scripts: user errors become one line, not a traceback."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from facejax.errors import FacejaxError
+
+
+def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        # grain worker processes read absl flags; mark them parsed once (DESIGN.md gotcha).
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        code = main(argv)
+    except FacejaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

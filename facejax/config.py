@@ -1,0 +1,115 @@
+"""Load `get_config()` files and apply `--config.a.b=value` overrides with type checks."""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+from collections.abc import Sequence
+
+import ml_collections
+
+from facejax.errors import ConfigError
+
+_PREFIX = "--config."
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Loads `path.py` or `path.py:arg` and applies `a.b=value` overrides.
+
+    Unknown keys and values of the wrong type raise ConfigError with a suggestion.
+    """
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    mod_spec = importlib.util.spec_from_file_location(f"_facejax_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    try:
+        mod_spec.loader.exec_module(module)
+    except Exception as e:  # a user's config file can fail in any way; report it in one line
+        raise ConfigError(f"could not load config {path}: {type(e).__name__}: {e}") from e
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path} has no get_config() function")
+    config = module.get_config(arg) if arg else module.get_config()
+    for item in overrides:
+        apply_override(config, item)
+    return config
+
+
+def split_override_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separates `--config.a.b=v` (or `--config.a.b v`) arguments from the rest."""
+    overrides, rest = [], []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith(_PREFIX):
+            body = a[len(_PREFIX):]
+            if "=" not in body:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"{a} needs a value: {a}=VALUE")
+                body = f"{body}={argv[i + 1]}"
+                i += 1
+            overrides.append(body)
+        else:
+            rest.append(a)
+        i += 1
+    return overrides, rest
+
+
+def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep:
+        raise ConfigError(f"override {item!r} must look like a.b=value")
+    parts = key.split(".")
+    node = config
+    for depth, part in enumerate(parts):
+        keys = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        if part not in keys:
+            hint = difflib.get_close_matches(part, keys, n=1)
+            where = ".".join(parts[:depth]) or "config"
+            msg = f"unknown config key {key!r}: {where} has no field {part!r}"
+            if hint:
+                msg += f" (did you mean {hint[0]!r}?)"
+            raise ConfigError(msg)
+        if depth < len(parts) - 1:
+            node = node[part]
+    old = node[parts[-1]]
+    node[parts[-1]] = _coerce(key, raw, old)
+
+
+def _coerce(key: str, raw: str, old):
+    if isinstance(old, ml_collections.ConfigDict):
+        raise ConfigError(f"{key} is a group of settings; set one of its fields instead")
+    if isinstance(old, bool):
+        low = raw.strip().lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"{key} expects true or false, got {raw!r}")
+    if isinstance(old, str) or old is None:
+        if old is None:
+            try:
+                return ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                return raw
+        return raw
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        raise ConfigError(f"{key} expects {type(old).__name__}, got {raw!r}") from None
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(old, (tuple, list)) and isinstance(value, (tuple, list)):
+        return type(old)(value)
+    if isinstance(old, (tuple, list)) and isinstance(value, (int, float, str)):
+        return type(old)([value])
+    if type(value) is not type(old):
+        raise ConfigError(f"{key} expects {type(old).__name__}, got {raw!r}")
+    return value
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
