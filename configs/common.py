@@ -9,6 +9,7 @@ def data() -> ml_collections.ConfigDict:
         root="",                 # image folder / competition root / idx dir
         tfds_name="",            # for source=tfds
         tfds_data_dir="",
+        tfds_split="train",      # for source=tfds
         image_size=128,          # side (pixels) of the square uint8 cache
         resize_mode="crop",      # crop | pad: aspect-preserving resize, then center crop or pad
         max_pixels=50_000_000,   # larger images are skipped (decompression bombs)
@@ -36,7 +37,7 @@ def augment() -> ml_collections.ConfigDict:
         translate=0.05,          # fraction of the side
         hflip=True,
         fill_mode="reflect",     # constant | nearest | reflect
-        fill_value=0.0,
+        fill_value=0.0,          # constant fill, in [0, 1] units
         random_resized_crop=False,
         rrc_scale=(0.5, 1.0),
         brightness=0.0,

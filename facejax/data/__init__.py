@@ -1,1 +1,1 @@
-
+"""Data layer: sources -> decode-once cache -> splits (prepare_data), then the input pipeline."""

@@ -1,0 +1,22 @@
+"""The seed's scratch CNN (Table 1) on a folder of faces, with the seed's recipe.
+
+Adam 1e-3, softmax cross-entropy, batch 128, 10 epochs, per-epoch LR decay, early stopping
+after 3 epochs without improvement, 128 px inputs rescaled to [0, 1]:
+
+    python scripts/train.py --config configs/scratch_cnn.py --workdir runs/scratch_cnn \
+        --config.data.root=../shared/data/faces/lfw_aligned
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import base  # noqa: E402
+
+
+def get_config():
+    c = base()
+    c.model.name = "scratch_cnn"
+    c.model.input_size = 128  # the Flatten's size depends on it; keep it equal to the cache
+    c.model.dropout = 0.5     # Table 1's Dropout before the classifier
+    return c

@@ -1,0 +1,195 @@
+"""Decode one image file (or array) into the cache format: RGB uint8 [size, size, 3]."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from facejax.errors import DataError
+
+RESIZE_MODES = ("crop", "pad")
+_ORIENTATION_TAG = 0x0112
+# EXIF orientations 5..8 rotate by 90 degrees, so the displayed width is the stored height.
+_SWAPS_AXES = (5, 6, 7, 8)
+
+
+class BadImage(DataError):
+    """A file that cannot become a training image. `reason` is a short category for summaries."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def decode_image(path: str, size: int, mode: str = "crop",
+                 max_pixels: int = 50_000_000) -> np.ndarray:
+    """Reads an image file and returns np.uint8 [size, size, 3].
+
+    EXIF orientation is applied, any PIL mode becomes RGB (transparency is composited on
+    black), and the image is resized keeping its aspect ratio, then center-cropped
+    (`mode='crop'`) or padded with black (`mode='pad'`) to a square.
+
+    Raises:
+      BadImage: for an empty, unreadable, truncated, corrupt or non-image file, or one with
+        more than `max_pixels` pixels (checked from the header, before decoding).
+    """
+    try:
+        if os.path.getsize(path) == 0:
+            raise BadImage("empty file")
+        with open(path, "rb") as f:
+            return _decode(f, size, mode, max_pixels)
+    except OSError as e:  # the file itself: missing, a directory, no permission
+        raise BadImage("unreadable", f"{type(e).__name__}: {e.strerror or e}") from None
+
+
+def decode_bytes(data: bytes, size: int, mode: str = "crop",
+                 max_pixels: int = 50_000_000) -> np.ndarray:
+    """Like `decode_image`, for an encoded image held in memory (e.g. a tfds record)."""
+    if not data:
+        raise BadImage("empty file")
+    return _decode(io.BytesIO(data), size, mode, max_pixels)
+
+
+def fit_array(array: np.ndarray, size: int, mode: str = "crop") -> np.ndarray:
+    """Converts an already-decoded image array ([H,W], [H,W,1|3|4], any dtype) to the cache format."""
+    a = np.asarray(array)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)) or min(a.shape[:2]) < 1:
+        raise BadImage("unsupported array", f"shape {a.shape}")
+    if a.dtype != np.uint8:
+        a = _to_uint8(a)
+    if a.ndim == 3 and a.shape[-1] == 4:
+        return _fit(_drop_alpha(Image.fromarray(a, "RGBA")), size, mode)
+    return _fit(Image.fromarray(a).convert("RGB"), size, mode)
+
+
+def _check_args(size: int, mode: str) -> None:
+    if mode not in RESIZE_MODES:
+        raise DataError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+    if size < 1:
+        raise DataError(f"image size must be positive, got {size}")
+
+
+def _decode(fileobj, size: int, mode: str, max_pixels: int) -> np.ndarray:
+    _check_args(size, mode)
+    # PIL raises DecompressionBombError above 2 * MAX_IMAGE_PIXELS inside Image.open; lift its
+    # limit so that our own (exact) max_pixels check decides, and silence its warning band.
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(fileobj)  # lazy: reads the header only
+        except Image.DecompressionBombError as e:
+            raise BadImage("too large", str(e)) from None
+        except Image.UnidentifiedImageError:
+            raise BadImage("not an image") from None
+        except Exception as e:  # noqa: BLE001 - a corrupt header can make PIL raise anything
+            raise _corrupt(e) from None
+        with im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise BadImage("too large", f"{w}x{h} pixels > max_pixels={max_pixels}")
+            try:
+                im = _load_upright(im, size, mode)
+                rgb = _to_rgb(im)
+            except BadImage:
+                raise
+            except Exception as e:  # noqa: BLE001 - bad data surfaces only when decoding
+                raise _corrupt(e) from None
+            return _fit(rgb, size, mode)
+
+
+def _corrupt(e: Exception) -> BadImage:
+    msg = f"{type(e).__name__}: {e}"
+    if isinstance(e, EOFError) or "truncated" in str(e).lower():
+        return BadImage("truncated", msg)
+    return BadImage("corrupt", msg)
+
+
+def _load_upright(im: Image.Image, size: int, mode: str) -> Image.Image:
+    """Decodes the pixels (at reduced JPEG scale when that still covers `size`) and applies EXIF."""
+    orientation = im.getexif().get(_ORIENTATION_TAG, 1) if hasattr(im, "getexif") else 1
+    w, h = im.size
+    if orientation in _SWAPS_AXES:
+        w, h = h, w
+    tw, th = _target_size(w, h, size, mode)
+    if orientation in _SWAPS_AXES:
+        tw, th = th, tw
+    if im.format == "JPEG":
+        # DCT-domain downscaling: decoding a 4000px photo at 1/8 scale is ~10x faster and the
+        # result is still at least as large as the resize target.
+        im.draft(None, (tw, th))
+    im.load()  # LOAD_TRUNCATED_IMAGES stays False, so a truncated file raises here
+    if orientation != 1:
+        im = ImageOps.exif_transpose(im)
+    return im
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return _drop_alpha(im.convert("RGBA"))
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return Image.fromarray(_to_uint8(np.asarray(im))).convert("RGB")
+    return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def _drop_alpha(rgba: Image.Image) -> Image.Image:
+    # Transparent pixels become black: that is what the common "convert('RGB')" gives for the
+    # usual fully transparent (0,0,0,0) pixels, and it is well defined for partial alpha too.
+    black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+    return Image.alpha_composite(black, rgba).convert("RGB")
+
+
+def _to_uint8(a: np.ndarray) -> np.ndarray:
+    """Maps a high bit-depth or float image to 0..255 (16-bit by /257; other ranges min-max)."""
+    a = np.asarray(a)
+    if a.dtype == np.bool_:
+        return a.astype(np.uint8) * 255
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if np.issubdtype(a.dtype, np.floating) and lo >= 0.0 and hi <= 1.0:
+        return np.round(a * 255.0).astype(np.uint8)
+    if lo >= 0 and hi <= 255 and not np.issubdtype(a.dtype, np.floating):
+        return a.astype(np.uint8)
+    if lo >= 0 and hi <= 65535 and (a.dtype == np.uint16 or np.issubdtype(a.dtype, np.integer)):
+        return np.round(a.astype(np.float64) / 257.0).astype(np.uint8)
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    return np.round((a.astype(np.float64) - lo) * scale).astype(np.uint8)
+
+
+def _target_size(w: int, h: int, size: int, mode: str) -> tuple[int, int]:
+    """Aspect-preserving size whose short side (crop) or long side (pad) equals `size`."""
+    if mode == "crop":
+        # Same rounding as torchvision's Resize(int): the long side is truncated.
+        return (size, max(size, int(size * h / w))) if w <= h else (max(size, int(size * w / h)), size)
+    return (size, max(1, round(size * h / w))) if w >= h else (max(1, round(size * w / h)), size)
+
+
+def _fit(rgb: Image.Image, size: int, mode: str) -> np.ndarray:
+    _check_args(size, mode)
+    w, h = rgb.size
+    tw, th = _target_size(w, h, size, mode)
+    if (w, h) != (tw, th):
+        rgb = rgb.resize((tw, th), Image.BILINEAR)  # antialiased when shrinking
+    if mode == "crop":
+        left, top = round((tw - size) / 2.0), round((th - size) / 2.0)
+        if (tw, th) != (size, size):
+            rgb = rgb.crop((left, top, left + size, top + size))
+        out = np.asarray(rgb, dtype=np.uint8)
+    else:
+        out = np.zeros((size, size, 3), np.uint8)
+        top, left = (size - th) // 2, (size - tw) // 2
+        out[top:top + th, left:left + tw] = np.asarray(rgb, dtype=np.uint8)
+    if out.shape != (size, size, 3):  # defensive: PIL modes we did not anticipate
+        raise BadImage("unsupported mode", f"decoded to shape {out.shape}")
+    return out

@@ -1,0 +1,163 @@
+"""`prepare_data(cfg.data)`: scan the source, cap it, decode it once into the cache, split it."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+
+from facejax.data import cache, sources, splits
+from facejax.data.sources import Listing
+from facejax.data.splits import Subset
+from facejax.errors import ConfigError, DataError
+
+__all__ = ["PreparedData", "Subset", "prepare_data"]
+
+SOURCES = ("folder", "competition", "idx", "tfds")
+PROTOCOLS = ("closed_set", "open_set")
+# Which split of a record source becomes the training set (its own train/val split follows).
+IDX_SPLIT = "train"
+TFDS_SPLIT = "train"
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedData:
+    """Cached images plus the protocol's subsets (see docs/CONTRACTS.md).
+
+    `images` [N, S, S, 3] uint8 (memory-mapped) and `paths` (relative to `root`) share row
+    order; subsets hold rows into them. train/val labels index `class_names`; query/gallery
+    labels index `identity_names` (-1 = unlabelled) and `gallery is None` means leave-one-out.
+    `protocol` is closed_set, open_set or competition.
+    """
+    images: np.ndarray
+    paths: list[str]
+    root: str
+    class_names: list[str]
+    num_classes: int
+    train: Subset
+    val: Subset
+    query: Subset
+    gallery: Subset | None
+    protocol: str
+    skipped: list[tuple[str, str]]
+    identity_names: list[str]
+    cache_dir: str = ""
+
+    def summary(self) -> str:
+        g = "leave-one-out" if self.gallery is None else f"{len(self.gallery)} images"
+        lines = [
+            (f"images:   {len(self.images)} x {self.images.shape[1]}x{self.images.shape[2]} "
+             f"from {self.root}"),
+            f"classes:  {self.num_classes} training classes",
+            (f"protocol: {self.protocol}: train {len(self.train)}, val {len(self.val)}, "
+             f"query {len(self.query)}, gallery {g}"),
+            f"cache:    {self.cache_dir}",
+        ]
+        if self.skipped:
+            lines.append(f"skipped:  {len(self.skipped)} ({cache.summarize_skipped(self.skipped)})")
+        return "\n".join(lines)
+
+
+def _limited(listing: Listing, cfg) -> Listing:
+    rows = splits.limit_rows(listing.paths, listing.labels, listing.class_names,
+                             max_classes=cfg.max_classes, max_per_class=cfg.max_per_class,
+                             max_images=cfg.max_images, min_images=cfg.min_images_per_class,
+                             seed=cfg.split_seed)
+    return listing if len(rows) == len(listing) else listing.subset(rows)
+
+
+def _cache(listing: Listing, cfg) -> cache.CachedImages:
+    return cache.cache_listing(listing, image_size=cfg.image_size, resize_mode=cfg.resize_mode,
+                               max_pixels=cfg.max_pixels, cache_dir=cfg.cache_dir,
+                               workers=cfg.decode_workers)
+
+
+def _report_excluded(excluded: list[tuple[str, str]]) -> None:
+    if excluded:
+        counts = collections.Counter(reason for _, reason in excluded)
+        print("classes: " + ", ".join(f"{n} {r}" for r, n in counts.most_common()), flush=True)
+
+
+def _scan(cfg) -> Listing:
+    if cfg.source == "folder":
+        return sources.scan_folder(cfg.root)
+    if cfg.source == "idx":
+        # No root: the built-in Fashion-MNIST (installed through apt when possible).
+        directory = cfg.root or sources.ensure_fashion_mnist()
+        return sources.scan_idx(directory, IDX_SPLIT)
+    if not cfg.tfds_name:
+        raise ConfigError("data.source=tfds needs data.tfds_name (e.g. --config.data.tfds_name=mnist)")
+    return sources.scan_tfds(cfg.tfds_name, cfg.get("tfds_split", TFDS_SPLIT), cfg.tfds_data_dir)
+
+
+def _prepare_competition(cfg) -> PreparedData:
+    comp = sources.scan_competition(cfg.root)
+    parts = [_limited(comp.training, cfg), comp.query, comp.gallery]
+    union = Listing(cfg.root, [p for part in parts for p in part.paths],
+                    np.concatenate([part.labels for part in parts]), comp.identity_names,
+                    [s for part in parts for s in part.skipped])
+    part_of = np.repeat(np.arange(3), [len(p) for p in parts])
+    cached = _cache(union, cfg)
+    paths = [union.paths[r] for r in cached.rows]
+    labels = union.labels[cached.rows]
+    kept_part = part_of[cached.rows]
+    # training/ is split like closed-set, only to monitor training; retrieval uses the folders.
+    split = splits.closed_set(paths, labels, comp.identity_names, rows=np.flatnonzero(kept_part == 0),
+                              val_fraction=cfg.val_fraction, seed=cfg.split_seed,
+                              min_images=cfg.min_images_per_class)
+    _report_excluded(split.excluded)
+    query, gallery = (np.flatnonzero(kept_part == k) for k in (1, 2))
+    for name, rows in (("query", query), ("gallery", gallery)):
+        if len(rows) == 0:
+            raise DataError(f"no image in the competition {name}/ folder could be decoded")
+    return PreparedData(
+        images=cached.images, paths=paths, root=comp.training.root,
+        class_names=split.class_names, num_classes=len(split.class_names),
+        train=split.train, val=split.val, query=Subset(query, labels[query]),
+        gallery=Subset(gallery, labels[gallery]), protocol="competition",
+        skipped=cached.skipped + split.excluded, identity_names=comp.identity_names,
+        cache_dir=cached.directory)
+
+
+def prepare_data(cfg) -> PreparedData:
+    """Builds (or reuses) the decoded cache for `cfg` (the config's `data` block) and splits it.
+
+    Sources: folder (class sub-folders), competition (training/ + query/ + gallery/), idx
+    (Fashion-MNIST idx files; its 'train' split), tfds (a prepared array_record dataset; its
+    'train' split). max_classes / max_per_class / max_images pick seeded, stable subsets
+    before decoding (of training/ only, for competition). Protocols: closed_set or open_set (ignored for competition, which always
+    queries query/ against gallery/).
+
+    Raises:
+      ConfigError: unknown source/protocol or missing settings.
+      DataError: missing or unusable data (nothing decodes, too few images per class, ...).
+    """
+    if cfg.source not in SOURCES:
+        raise ConfigError(f"data.source must be one of {SOURCES}, got {cfg.source!r}")
+    if cfg.source == "competition":
+        return _prepare_competition(cfg)
+    if cfg.protocol not in PROTOCOLS:
+        raise ConfigError(f"data.protocol must be one of {PROTOCOLS}, got {cfg.protocol!r}")
+    listing = _limited(_scan(cfg), cfg)
+    cached = _cache(listing, cfg)
+    paths = [listing.paths[r] for r in cached.rows]
+    labels = listing.labels[cached.rows]
+    if cfg.protocol == "closed_set":
+        split = splits.closed_set(paths, labels, listing.class_names,
+                                  val_fraction=cfg.val_fraction, seed=cfg.split_seed,
+                                  min_images=cfg.min_images_per_class)
+    else:
+        split = splits.open_set(paths, labels, listing.class_names,
+                                holdout=cfg.open_set_holdout,
+                                min_eval_images=cfg.open_set_min_images,
+                                val_fraction=cfg.val_fraction, seed=cfg.split_seed,
+                                min_images=cfg.min_images_per_class)
+        splits.check_disjoint(split)
+    _report_excluded(split.excluded)
+    return PreparedData(
+        images=cached.images, paths=paths, root=listing.root, class_names=split.class_names,
+        num_classes=len(split.class_names), train=split.train, val=split.val,
+        query=split.query, gallery=split.gallery, protocol=split.protocol,
+        skipped=cached.skipped + split.excluded, identity_names=split.identity_names,
+        cache_dir=cached.directory)

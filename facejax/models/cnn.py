@@ -1,0 +1,77 @@
+"""The seed paper's scratch CNN (Table 1): three conv/BN/conv/max-pool blocks, then Flatten."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from facejax.errors import ConfigError
+from facejax.models.registry import ModelSpec, Preset
+
+
+class ScratchCNN(nnx.Module):
+    """Table 1 of the seed, for a square `input_size` RGB input.
+
+    Each block is Conv3x3 'same' (ReLU) -> BatchNorm -> Conv3x3 'valid' (ReLU) -> MaxPool 2x2.
+    The order follows the seed's Keras model, where the ReLU lives inside `Conv2D(activation=
+    'relu')` and BatchNormalization comes after it; BN uses Keras' defaults (momentum 0.99,
+    eps 1e-3). Features are the Flatten, so `num_features` depends on `input_size`
+    (128 -> 14*14*128 = 25088); the Dropout and Dense(num_classes) of Table 1 are the shared
+    head's (`EmbeddingModel`).
+    """
+
+    def __init__(self, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, input_size: int = 128,
+                 filters: Sequence[int] = (32, 64, 128)):
+        side = int(input_size)
+        for _ in filters:
+            side = (side - 2) // 2  # 'valid' 3x3 conv, then 2x2 pool (floor, as Keras)
+            if side < 1:
+                raise ConfigError(
+                    f"scratch_cnn: input_size {input_size} is too small for {len(filters)} "
+                    f"conv/pool blocks (needs >= {_min_size(len(filters))})")
+        self.input_size = int(input_size)
+        self.num_blocks = len(filters)
+        self.num_features = side * side * int(filters[-1])
+        cin = 3
+        for i, f in enumerate(filters, start=1):
+            conv = {"kernel_size": (3, 3), "dtype": dtype, "rngs": rngs}
+            setattr(self, f"block{i}_conv1", nnx.Conv(cin, f, padding="SAME", **conv))
+            setattr(self, f"block{i}_bn", nnx.BatchNorm(f, momentum=0.99, epsilon=1e-3,
+                                                        dtype=dtype, rngs=rngs))
+            setattr(self, f"block{i}_conv2", nnx.Conv(f, f, padding="VALID", **conv))
+            cin = f
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """[B,S,S,3] -> [B, num_features] (the Flatten of the last block)."""
+        if x.shape[1:3] != (self.input_size, self.input_size):
+            raise ConfigError(
+                f"scratch_cnn was built for {self.input_size}px inputs (its Dense layer size "
+                f"depends on it), got {x.shape[1]}x{x.shape[2]}")
+        for i in range(1, self.num_blocks + 1):
+            x = jax.nn.relu(getattr(self, f"block{i}_conv1")(x))
+            x = getattr(self, f"block{i}_bn")(x, use_running_average=not train)
+            x = jax.nn.relu(getattr(self, f"block{i}_conv2")(x))
+            x = nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+        return x.reshape(x.shape[0], -1)
+
+
+def _min_size(blocks: int) -> int:
+    side = 1
+    for _ in range(blocks):
+        side = side * 2 + 2
+    return side
+
+
+MODELS = {
+    "scratch_cnn": ModelSpec(
+        backbone=ScratchCNN,
+        # The seed trains from scratch on 128px images rescaled to [0, 1].
+        presets={"scratch": Preset(input_size=128, normalization="unit")},
+        arch_kw={"input_size": 128},
+        description="seed Table 1 CNN (3 conv blocks, Flatten features); no pretrained weights",
+    ),
+}

@@ -1,0 +1,564 @@
+"""Gallery index: exact (chunked matmul top-k on device) or ScaNN (tree + AH + reorder).
+
+A `SearchIndex` keeps the gallery embeddings, paths, labels and stable integer ids beside the
+searcher, so it can answer exact queries (for ANN recall), grow, shrink and rebuild itself.
+`search` returns row positions into `index.paths / labels / ids` as they are at that moment.
+
+Saved layout (`workdir/index/`, written atomically):
+  manifest.json   backend, count, dim, the embedder's identity, ScaNN params, tuning, info
+  embeddings.npy  float32 [N, D]     labels.npy int32 [N]    ids.npy int64 [N]
+  paths.json      list of N gallery paths
+  scann/          ScaNN's own serialization (relative paths) + order.npy: ids in ScaNN's order
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from facejax.errors import CheckpointError, ConfigError, DataError
+from facejax.retrieval.atomic import atomic_dir
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+BACKENDS = ("auto", "exact", "scann")
+# The embedder fields an index depends on; a mismatch on load is refused.
+EMBEDDER_FIELDS = ("model", "params_hash", "embed_dim", "normalization", "l2_normalized",
+                   "metric", "input_size", "resize_mode")
+# Below this many items ScaNN scores by brute force: AH and a tree need data to train on.
+_SCANN_MIN_TREE = 1000
+# Rebuild ScaNN when the item count has drifted this far from the count it was trained on.
+_REBUILD_RATIO = 2.0
+
+
+# ----------------------------------------------------------------------------- exact search
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _topk_chunked(queries, chunks, count, k):
+    """Top-k by dot product over `chunks[C, chunk, D]`, merging a running top-k per chunk."""
+    qb, csize = queries.shape[0], chunks.shape[1]
+
+    def step(carry, inputs):
+        best_s, best_i = carry
+        c, chunk = inputs
+        s = jnp.dot(queries, chunk.T, precision=jax.lax.Precision.HIGHEST)
+        idx = c * csize + jnp.arange(csize, dtype=jnp.int32)
+        s = jnp.where(idx[None, :] < count, s, -jnp.inf)
+        all_s = jnp.concatenate([best_s, s], axis=1)
+        all_i = jnp.concatenate([best_i, jnp.broadcast_to(idx, (qb, csize))], axis=1)
+        top_s, pos = jax.lax.top_k(all_s, k)
+        return (top_s, jnp.take_along_axis(all_i, pos, axis=1)), None
+
+    init = (jnp.full((qb, k), -jnp.inf, jnp.float32), jnp.full((qb, k), -1, jnp.int32))
+    steps = (jnp.arange(chunks.shape[0], dtype=jnp.int32), chunks)
+    (scores, rows), _ = jax.lax.scan(step, init, steps)
+    return rows, scores
+
+
+class ExactSearcher:
+    """Brute-force top-k on the default device, in gallery chunks and fixed query batches."""
+
+    def __init__(self, embeddings: np.ndarray, chunk_size: int = 8192, query_batch: int = 256):
+        n, d = embeddings.shape
+        self.count, self.dim = n, d
+        # Round the chunk to 256 rows so small galleries still get one well-shaped matmul.
+        chunk = max(256, min(chunk_size, -(-max(n, 1) // 256) * 256))
+        n_chunks = max(1, -(-n // chunk))
+        padded = np.zeros((n_chunks * chunk, d), np.float32)
+        padded[:n] = embeddings
+        self._chunks = jax.device_put(padded.reshape(n_chunks, chunk, d))
+        self._count = jnp.int32(n)
+        self.query_batch = query_batch
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = np.asarray(queries, np.float32)
+        # A power-of-two batch up to query_batch: one query does not pay for 256.
+        qb = min(self.query_batch, 1 << max(0, (len(q) - 1).bit_length()))
+        rows = np.empty((len(q), k), np.int64)
+        scores = np.empty((len(q), k), np.float32)
+        for start in range(0, len(q), qb):
+            part = q[start:start + qb]
+            pad = np.zeros((qb, self.dim), np.float32)
+            pad[: len(part)] = part
+            r, s = _topk_chunked(pad, self._chunks, self._count, k)
+            rows[start:start + len(part)] = np.asarray(r)[: len(part)]
+            scores[start:start + len(part)] = np.asarray(s)[: len(part)]
+        return rows, scores
+
+
+def exact_topk_numpy(gallery: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Reference top-k rows by dot product (NumPy argpartition); used by tests and the bench."""
+    scores = queries @ gallery.T
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1)
+
+
+# ----------------------------------------------------------------------------- ScaNN
+
+def default_scann_params(n: int, k: int = 10) -> dict:
+    """ScaNN's recommended shape: ~sqrt(N) leaves, AH with 2 dims per block, reorder."""
+    num_leaves = max(1, min(round(math.sqrt(n)), n // 50)) if n >= _SCANN_MIN_TREE else 1
+    return dict(
+        num_leaves=num_leaves,
+        leaves_to_search=max(1, min(num_leaves, math.ceil(num_leaves * 0.05))),
+        reorder=max(100, 10 * k),
+        training_sample_size=min(n, 100_000),
+        dims_per_block=2,
+        aq_threshold=0.2,
+    )
+
+
+def _build_scann(embeddings: np.ndarray, ids: np.ndarray, params: Mapping[str, Any]):
+    import scann  # imported here: exact-only users never load its shared library
+
+    n = len(embeddings)
+    builder = scann.scann_ops_pybind.builder(embeddings, 10, "dot_product")
+    if n < _SCANN_MIN_TREE:
+        builder = builder.score_brute_force()
+    else:
+        if params["num_leaves"] > 1:
+            builder = builder.tree(num_leaves=params["num_leaves"],
+                                   num_leaves_to_search=params["leaves_to_search"],
+                                   training_sample_size=params["training_sample_size"])
+        builder = builder.score_ah(params["dims_per_block"],
+                                   anisotropic_quantization_threshold=params["aq_threshold"])
+        builder = builder.reorder(params["reorder"])
+    return builder.build(docids=[str(int(i)) for i in ids])
+
+
+def _load_scann(path: str, order: np.ndarray):
+    import scann  # noqa: F401  (importing it puts scann_pybind on sys.path)
+    import scann_pybind
+    from scann.scann_ops.py.scann_ops_pybind import ScannSearcher
+
+    # Rebuilt from our own id file rather than load_searcher(): that would unpickle docids.
+    with open(os.path.join(path, "scann_assets.pbtxt")) as f:
+        assets = f.read()
+    return ScannSearcher(scann_pybind.ScannNumpy(path, assets),
+                         docids=[str(int(i)) for i in order])
+
+
+# ----------------------------------------------------------------------------- the index
+
+class SearchIndex:
+    """Gallery embeddings + metadata + a searcher ('exact' or 'scann')."""
+
+    def __init__(self, embeddings, paths, labels, ids, embedder: Mapping[str, Any], backend: str,
+                 *, scann_params: dict | None = None, tuning: dict | None = None,
+                 info: dict | None = None, next_id: int | None = None, built_count: int = 0,
+                 searcher=None, scann_order: np.ndarray | None = None):
+        self.embeddings = np.ascontiguousarray(embeddings, np.float32)
+        self.paths = list(paths)
+        self.labels = np.asarray(labels, np.int32)
+        self.ids = np.asarray(ids, np.int64)
+        self.embedder = {k: embedder.get(k) for k in EMBEDDER_FIELDS}
+        self.backend = backend
+        self.scann_params = scann_params
+        self.tuning = tuning
+        self.info = dict(info or {})
+        if next_id is None:
+            next_id = int(self.ids.max()) + 1 if len(self.ids) else 0
+        self.next_id = int(next_id)
+        self.built_count = built_count or len(self.ids)
+        self._exact: ExactSearcher | None = None
+        self._scann = searcher
+        self._scann_rows: np.ndarray | None = None
+        if backend == "scann":
+            if self._scann is None:
+                self._scann = _build_scann(self.embeddings, self.ids, self.scann_params)
+            self._sync_scann_rows(scann_order)
+
+    # -- construction
+
+    @classmethod
+    def build(cls, embeddings: np.ndarray, paths: Sequence[str], labels, embedder_meta,
+              *, backend: str = "auto", exact_max_items: int = 200_000,
+              target_recall: float = 0.0, k: int = 10, tune_queries: np.ndarray | None = None,
+              scann_params: Mapping[str, Any] | None = None, info: dict | None = None,
+              seed: int = 0) -> SearchIndex:
+        """Builds an index over `embeddings[N, D]` (row i is `paths[i]`, `labels[i]`).
+
+        backend 'auto' is exact up to `exact_max_items` items, ScaNN above. With
+        `target_recall` > 0 a ScaNN index tunes leaves_to_search and reorder to reach that
+        recall@k against exact search (on `tune_queries`, or on noisy gallery items).
+        """
+        embeddings = _check_embeddings(embeddings, embedder_meta)
+        n = len(embeddings)
+        if n == 0:
+            raise DataError("cannot build an index over an empty gallery")
+        if len(paths) != n:
+            raise DataError(f"{n} embeddings but {len(paths)} paths")
+        labels = np.full(n, -1, np.int32) if labels is None else np.asarray(labels, np.int32)
+        if labels.shape != (n,):
+            raise DataError(f"{n} embeddings but labels of shape {labels.shape}")
+        if backend not in BACKENDS:
+            raise ConfigError(f"index backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "auto":
+            backend = "exact" if n <= exact_max_items else "scann"
+        params = None
+        if backend == "scann":
+            params = default_scann_params(n, k)
+            params.update(scann_params or {})
+        index = cls(embeddings, paths, labels, np.arange(n, dtype=np.int64), embedder_meta,
+                    backend, scann_params=params, info=info)
+        if backend == "scann" and target_recall > 0:
+            index.tune(target_recall, k=k, queries=tune_queries, seed=seed)
+        return index
+
+    # -- queries
+
+    @property
+    def size(self) -> int:
+        return len(self.ids)
+
+    @property
+    def dim(self) -> int:
+        return self.embeddings.shape[1]
+
+    def search(self, queries: np.ndarray, k: int, *, exact: bool = False,
+               leaves_to_search: int | None = None, reorder: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k rows (int64 [Q,k]) and dot-product scores (f32 [Q,k]), best first.
+
+        A ScaNN search that finds fewer than k items pads with row -1 and score -inf.
+        """
+        queries = np.asarray(queries, np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise DataError(f"queries must be [Q, {self.dim}]; got shape {queries.shape}")
+        if not 1 <= k <= self.size:
+            raise DataError(f"k={k} but the gallery has {self.size} items; "
+                            f"ask for at most {self.size}")
+        if len(queries) == 0:
+            return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+        if exact or self.backend == "exact":
+            if self._exact is None:
+                self._exact = ExactSearcher(self.embeddings)
+            return self._exact.search(queries, k)
+        p = self.scann_params
+        leaves = leaves_to_search or p["leaves_to_search"]
+        pre = max(k, reorder or p["reorder"])
+        if len(queries) >= 64:
+            idx, dist = self._scann.searcher.search_batched(queries, k, pre, leaves, True, 256)
+        else:
+            idx, dist = self._scann.searcher.search_batched(queries, k, pre, leaves, False, 0)
+        # ScaNN pads missing neighbours with index 0 and NaN distance.
+        missing = ~np.isfinite(dist)
+        rows = self._scann_rows[np.asarray(idx, np.int64)]
+        rows[missing] = -1
+        scores = np.where(missing, -np.inf, dist).astype(np.float32)
+        return rows, scores
+
+    def tune(self, target_recall: float, *, k: int = 10, queries: np.ndarray | None = None,
+             num_queries: int = 1000, seed: int = 0) -> dict:
+        """Picks the fastest (leaves_to_search, reorder) whose recall@k vs exact >= target.
+
+        Without `queries`, a seeded sample of gallery items queries the rest of the gallery,
+        each leaving itself out: real in-distribution points, and no free self-match that
+        would flatter the recall.
+        """
+        if self.backend != "scann":
+            raise ConfigError("target_recall tuning applies to the scann backend only")
+        if not 0 < target_recall <= 1:
+            raise ConfigError(f"target_recall must be in (0, 1], got {target_recall}")
+        if queries is None:
+            k = min(k, self.size - 1)
+            rng = np.random.default_rng(seed)
+            self_rows = rng.choice(self.size, size=min(num_queries, self.size), replace=False)
+            queries = self.embeddings[self_rows]
+            extra = 1
+        else:
+            k = min(k, self.size)
+            queries, self_rows, extra = np.asarray(queries, np.float32), None, 0
+        if k < 1:
+            raise DataError("the gallery is too small to tune the search")
+
+        def run(**kw):
+            rows, scores = self.search(queries, k + extra, **kw)
+            return rows if self_rows is None else drop_self(rows, scores, self_rows, k)[0]
+
+        truth = run(exact=True)
+        result = tune_search_params(
+            lambda leaves, reorder: run(leaves_to_search=leaves, reorder=reorder),
+            truth, k, target_recall, self.scann_params["num_leaves"], self.size, len(queries))
+        result["queries"] = "gallery items, leave-one-out" if self_rows is not None else "given"
+        self.scann_params.update(leaves_to_search=result["leaves_to_search"],
+                                 reorder=result["reorder"])
+        self.tuning = result
+        return result
+
+    # -- updates
+
+    def add(self, embeddings: np.ndarray, paths: Sequence[str], labels=None) -> np.ndarray:
+        """Appends items and returns their new ids; ScaNN gets them by upsert, no rebuild."""
+        embeddings = _check_embeddings(embeddings, self.embedder, dim=self.dim)
+        n = len(embeddings)
+        if len(paths) != n:
+            raise DataError(f"{n} embeddings but {len(paths)} paths")
+        labels = np.full(n, -1, np.int32) if labels is None else np.asarray(labels, np.int32)
+        if labels.shape != (n,):
+            raise DataError(f"{n} embeddings but labels of shape {labels.shape}")
+        new_ids = np.arange(self.next_id, self.next_id + n, dtype=np.int64)
+        self.next_id += n
+        self.embeddings = np.concatenate([self.embeddings, embeddings])
+        self.paths.extend(paths)
+        self.labels = np.concatenate([self.labels, labels])
+        self.ids = np.concatenate([self.ids, new_ids])
+        self._exact = None
+        if self.backend == "scann" and n:
+            if self._needs_rebuild():
+                self._rebuild_scann()
+            else:
+                self._scann.upsert([str(int(i)) for i in new_ids], embeddings)
+                self._sync_scann_rows()
+        return new_ids
+
+    def remove(self, ids: Sequence[int]) -> None:
+        """Removes items by id (not by row); unknown ids raise DataError."""
+        ids = np.unique(np.asarray(ids, np.int64))
+        unknown = np.setdiff1d(ids, self.ids)
+        if len(unknown):
+            raise DataError(f"ids not in the index: {unknown[:10].tolist()}")
+        keep = ~np.isin(self.ids, ids)
+        if not keep.any():
+            raise DataError("cannot remove every item from the index; build a new one instead")
+        self.embeddings = self.embeddings[keep]
+        self.paths = [p for p, kept in zip(self.paths, keep) if kept]
+        self.labels = self.labels[keep]
+        self.ids = self.ids[keep]
+        self._exact = None
+        if self.backend == "scann" and len(ids):
+            if self._needs_rebuild():
+                self._rebuild_scann()
+            else:
+                self._scann.delete([str(int(i)) for i in ids])
+                self._sync_scann_rows()
+
+    def _needs_rebuild(self) -> bool:
+        ratio = self.size / max(1, self.built_count)
+        small = (self.size < _SCANN_MIN_TREE) != (self.built_count < _SCANN_MIN_TREE)
+        return small or not 1 / _REBUILD_RATIO <= ratio <= _REBUILD_RATIO
+
+    def _rebuild_scann(self) -> None:
+        old = self.scann_params
+        params = default_scann_params(self.size)
+        # Keep the tuned search effort as a fraction of the leaves, and the reorder depth.
+        frac = old["leaves_to_search"] / max(1, old["num_leaves"])
+        params.update(leaves_to_search=max(1, min(params["num_leaves"],
+                                                  math.ceil(frac * params["num_leaves"]))),
+                      reorder=old["reorder"], dims_per_block=old["dims_per_block"],
+                      aq_threshold=old["aq_threshold"])
+        self.scann_params = params
+        self._scann = _build_scann(self.embeddings, self.ids, params)
+        self.built_count = self.size
+        self._sync_scann_rows()
+
+    def _sync_scann_rows(self, order: np.ndarray | None = None) -> None:
+        # ScaNN reorders items on delete (swap with last); map its positions to our rows.
+        if order is None:
+            order = np.array([int(d) for d in self._scann.docids], np.int64)
+        row_of = {int(i): r for r, i in enumerate(self.ids)}
+        try:
+            self._scann_rows = np.array([row_of[int(i)] for i in order], np.int64)
+        except KeyError as e:
+            raise CheckpointError(f"the ScaNN searcher holds id {e} that the index does not") \
+                from None
+        if len(self._scann_rows) != self.size:
+            raise CheckpointError(f"the ScaNN searcher holds {len(self._scann_rows)} items, "
+                                  f"the index {self.size}")
+
+    # -- persistence
+
+    def manifest(self) -> dict:
+        return dict(
+            format_version=FORMAT_VERSION,
+            backend=self.backend,
+            count=self.size,
+            dim=self.dim,
+            metric="dot",
+            embedder=self.embedder,
+            scann=self.scann_params,
+            tuning=self.tuning,
+            info=self.info,
+            next_id=self.next_id,
+            built_count=self.built_count,
+            labelled=int((self.labels >= 0).sum()),
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        )
+
+    def save(self, path: str) -> None:
+        """Writes the index to `path` atomically; an existing index there is replaced."""
+        with atomic_dir(path) as tmp:
+            np.save(os.path.join(tmp, "embeddings.npy"), self.embeddings)
+            np.save(os.path.join(tmp, "labels.npy"), self.labels)
+            np.save(os.path.join(tmp, "ids.npy"), self.ids)
+            with open(os.path.join(tmp, "paths.json"), "w") as f:
+                json.dump(self.paths, f)
+            if self.backend == "scann":
+                sdir = os.path.join(tmp, "scann")
+                os.makedirs(sdir)
+                self._scann.serialize(sdir, relative_path=True)
+                pkl = os.path.join(sdir, "scann_docids.pkl")
+                if os.path.exists(pkl):
+                    os.remove(pkl)
+                order = np.array([int(d) for d in self._scann.docids], np.int64)
+                np.save(os.path.join(sdir, "order.npy"), order)
+            # The manifest goes last: a directory with a manifest is a complete index.
+            with open(os.path.join(tmp, "manifest.json"), "w") as f:
+                json.dump(self.manifest(), f, indent=2)
+
+    @classmethod
+    def load(cls, path: str, expect: Mapping[str, Any] | None = None) -> SearchIndex:
+        """Loads an index; with `expect` (an embedder's meta) refuses a mismatched embedder."""
+        manifest = read_manifest(path)
+        if expect is not None:
+            check_embedder(manifest, expect, path)
+        try:
+            emb = np.load(os.path.join(path, "embeddings.npy"))
+            labels = np.load(os.path.join(path, "labels.npy"))
+            ids = np.load(os.path.join(path, "ids.npy"))
+            with open(os.path.join(path, "paths.json")) as f:
+                paths = json.load(f)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"index {path} is incomplete or corrupt: {e}") from e
+        n = manifest.get("count")
+        if not (emb.ndim == 2 and len(emb) == len(labels) == len(ids) == len(paths) == n
+                and emb.shape[1] == manifest.get("dim")):
+            raise CheckpointError(f"index {path} is inconsistent: manifest says {n} items of dim "
+                                  f"{manifest.get('dim')}, files hold {emb.shape}, "
+                                  f"{len(labels)} labels, {len(ids)} ids, {len(paths)} paths")
+        searcher = order = None
+        if manifest["backend"] == "scann":
+            sdir = os.path.join(path, "scann")
+            try:
+                order = np.load(os.path.join(sdir, "order.npy"))
+                searcher = _load_scann(sdir, order)
+            except (OSError, ValueError, RuntimeError) as e:
+                raise CheckpointError(f"cannot load the ScaNN searcher in {sdir}: {e}") from e
+        return cls(emb, paths, labels, ids, manifest["embedder"], manifest["backend"],
+                   scann_params=manifest.get("scann"), tuning=manifest.get("tuning"),
+                   info=manifest.get("info"), next_id=manifest.get("next_id"),
+                   built_count=manifest.get("built_count", n), searcher=searcher,
+                   scann_order=order)
+
+
+def read_manifest(path: str) -> dict:
+    mpath = os.path.join(path, "manifest.json")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"no index at {path}; build one with scripts/build_index.py")
+    try:
+        with open(mpath) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} has no manifest.json: not an index, or an interrupted "
+                              f"build; build it again") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {mpath}: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{mpath} is not a facejax index manifest of version "
+                              f"{FORMAT_VERSION}")
+    if manifest.get("backend") not in ("exact", "scann"):
+        raise CheckpointError(f"{mpath} names an unknown backend {manifest.get('backend')!r}")
+    return manifest
+
+
+def check_embedder(manifest: Mapping[str, Any], expect: Mapping[str, Any], path: str) -> None:
+    """Raises CheckpointError naming each embedder field where the index and `expect` differ."""
+    have = manifest.get("embedder") or {}
+    diffs = []
+    for key in EMBEDDER_FIELDS:
+        if key in expect and have.get(key) != expect.get(key):
+            a, b = have.get(key), expect.get(key)
+            if key == "params_hash":
+                a, b = str(a)[:12], str(b)[:12]
+            diffs.append(f"{key} (index: {a}, embedder: {b})")
+    if diffs:
+        raise CheckpointError(f"index {path} was built by a different embedder: "
+                              f"{'; '.join(diffs)}. Rebuild it with scripts/build_index.py")
+
+
+def tune_search_params(search_fn, truth: np.ndarray, k: int, target: float, num_leaves: int,
+                       n: int, num_queries: int) -> dict:
+    """Grid search over (leaves_to_search, reorder) for the fastest setting reaching `target`.
+
+    For each leaves_to_search (ascending) it finds the smallest reorder that reaches the
+    target; those candidates are then timed and the fastest wins. `search_fn(leaves, reorder)`
+    returns rows [Q, k]. If no setting reaches the target, the most accurate one is kept.
+    """
+    from facejax.retrieval.metrics import ann_recall_at_k
+
+    leaves_grid = sorted({min(num_leaves, max(1, round(1.5 ** i))) for i in range(40)})
+    reorder_grid = sorted({min(n, int(k * m)) for m in (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32)})
+    grid, candidates, after_first = [], [], 0
+    for leaves in leaves_grid:
+        for reorder in reorder_grid:
+            recall = ann_recall_at_k(search_fn(leaves, reorder), truth, k)
+            grid.append(dict(leaves_to_search=leaves, reorder=reorder, recall=recall))
+            if recall >= target:
+                candidates.append(grid[-1])
+                break
+        if candidates:
+            after_first += 1
+            # More leaves at the smallest reorder cannot get cheaper; a few steps past the
+            # first success is where trading leaves for reorder stops paying.
+            if candidates[-1]["reorder"] == reorder_grid[0] or after_first > 3:
+                break
+    met = bool(candidates)
+    if not met:
+        candidates = [max(grid, key=lambda g: (g["recall"], -g["leaves_to_search"]))]
+        log.warning("ScaNN did not reach recall@%d=%.3f on any setting; best is %.4f",
+                    k, target, candidates[0]["recall"])
+    for c in candidates:
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            search_fn(c["leaves_to_search"], c["reorder"])
+            times.append(time.perf_counter() - t0)
+        c["qps"] = num_queries / max(min(times), 1e-9)
+    best = max(candidates, key=lambda c: c["qps"])
+    return dict(target_recall=target, k=k, met=met, num_queries=num_queries,
+                leaves_to_search=best["leaves_to_search"], reorder=best["reorder"],
+                recall=best["recall"], qps=best["qps"], grid=grid)
+
+
+def drop_self(rows: np.ndarray, scores: np.ndarray, self_rows: np.ndarray, k: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Removes row `self_rows[i]` from result list i (else its last entry); keeps k, in order."""
+    rows = np.asarray(rows)
+    is_self = rows == np.asarray(self_rows)[:, None]
+    # A stable sort on the "is self" flag moves the self entry to the end, order otherwise kept.
+    order = np.argsort(is_self, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(rows, order, axis=1), np.take_along_axis(scores, order, axis=1)
+
+
+def _check_embeddings(embeddings, meta: Mapping[str, Any], dim: int | None = None) -> np.ndarray:
+    e = np.asarray(embeddings, np.float32)
+    want = dim or meta.get("embed_dim")
+    if e.ndim != 2 or (want is not None and e.shape[1] != want):
+        raise DataError(f"embeddings must be [N, {want or 'D'}]; got shape {e.shape}")
+    if not np.isfinite(e).all():
+        raise DataError("embeddings contain NaN or inf; the model or its inputs are broken")
+    return np.ascontiguousarray(e)
+
+
+# Contract names (docs/CONTRACTS.md).
+build_index = SearchIndex.build
+
+
+def save_index(index: SearchIndex, path: str) -> None:
+    index.save(path)
+
+
+def load_index(path: str, expect: Mapping[str, Any] | None = None) -> SearchIndex:
+    return SearchIndex.load(path, expect)

@@ -1,0 +1,279 @@
+"""Evaluation report: report.json, report.md, a static report.html and the seed's Figure 9 PNG."""
+
+from __future__ import annotations
+
+import glob
+import html
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from facejax.retrieval.atomic import write_file_atomic
+
+FIGURE = "topk_examples.png"
+CORRECT, WRONG, NEUTRAL, QUERY = "#1a9641", "#d7191c", "#9e9e9e", "#2c7bb6"
+
+
+# ----------------------------------------------------------------------------- figures
+
+def draw_grid(rows: Sequence[Mapping[str, Any]], out_png: str, *, title: str = "",
+              legend: str = "top results (green = same identity, red = different)") -> None:
+    """One row per query: the query, then its results with a coloured border.
+
+    `rows[i]` = {image, caption, results: [{image, caption, correct: bool | None}]};
+    green = correct identity, red = wrong, grey = unknown (no labels).
+    """
+    # The Figure API without pyplot: no global backend switch, no GUI, safe in threads.
+    from matplotlib.figure import Figure
+
+    ncols = 1 + max((len(r["results"]) for r in rows), default=0)
+    nrows = max(1, len(rows))
+    top_margin = 0.75 + (0.3 if title else 0.0)
+    height = 2.2 * nrows + top_margin
+    fig = Figure(figsize=(1.8 * ncols, height))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - top_margin / height,
+                        wspace=0.12, hspace=0.45)
+    for i, row in enumerate(rows):
+        cells = [(row["image"], row["caption"], QUERY)]
+        for res in row["results"]:
+            ok = res.get("correct")
+            color = NEUTRAL if ok is None else (CORRECT if ok else WRONG)
+            # A mark as well as the colour, for readers who cannot tell red from green.
+            mark = "" if ok is None else ("\u2713 " if ok else "\u2717 ")
+            cells.append((res["image"], mark + res["caption"], color))
+        for j in range(ncols):
+            ax = axes[i, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j >= len(cells):
+                ax.axis("off")
+                continue
+            image, caption, color = cells[j]
+            ax.imshow(image if image is not None else np.full((8, 8, 3), 200, np.uint8))
+            for spine in ax.spines.values():
+                spine.set_edgecolor(color)
+                spine.set_linewidth(5 if j else 3)
+            ax.set_title(caption, fontsize=8, color="black" if j else QUERY)
+    axes[0, 0].annotate("query", xy=(0.5, 1.35), xycoords="axes fraction", ha="center",
+                        fontsize=9, fontweight="bold", color=QUERY)
+    if ncols > 1:
+        axes[0, 1].annotate(legend, xy=(0.0, 1.35), xycoords="axes fraction", ha="left", fontsize=9,
+                            fontweight="bold")
+    if title:
+        fig.suptitle(title, fontsize=10, y=1 - 0.1 / height, va="top")
+    tmp = out_png + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, out_png)
+
+
+def _short(name: str, width: int = 18) -> str:
+    name = name.replace("_", " ")
+    return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def examples_figure(examples: Sequence[Mapping[str, Any]],
+                    image_loader: Callable[[str], np.ndarray | None], out_png: str,
+                    title: str = "") -> None:
+    """The seed's Figure 9 from `evaluate` examples; `image_loader(path)` gives uint8 HxWx3."""
+    rows = []
+    for ex in examples:
+        rows.append(dict(
+            image=image_loader(ex["query"]), caption=_short(ex["name"]),
+            results=[dict(image=image_loader(r["path"]), correct=r["correct"],
+                          caption=f"{_short(r['name'])}\n{r['score']:.3f}")
+                     for r in ex["results"]]))
+    draw_grid(rows, out_png, title=title)
+
+
+# ----------------------------------------------------------------------------- tables
+
+def _fmt(x) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+def metric_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    m = result["metrics"]
+    header = ["k", "Top-k (hit@k)", "Precision@k", "Recall@k", "F1@k"]
+    rows = [[str(k), _fmt(m[f"top{k}"]), _fmt(m[f"precision@{k}"]), _fmt(m[f"recall@{k}"]),
+             _fmt(m[f"f1@{k}"])] for k in result["ks"]]
+    return header, rows
+
+
+def setting_line(result: Mapping[str, Any]) -> str:
+    loo = " (leave-one-out: every query searches all other images)" \
+        if result["leave_one_out"] else ""
+    line = (f"Protocol: **{result['protocol']}**{loo}; {result['num_queries']} queries over "
+            f"{result['num_identities']} identities; gallery of {result['gallery_size']} images; "
+            f"index backend: {result['backend']}.")
+    skipped = result["num_queries_unlabelled"] + result["num_queries_without_relevant"]
+    if skipped:
+        line += (f" {skipped} of {result['num_queries_total']} queries were not scored "
+                 f"(unlabelled, or no image of their identity in the gallery).")
+    return line
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def hardest_classes(result: Mapping[str, Any], n: int = 10) -> list[Mapping[str, Any]]:
+    rows = [r for r in result["per_class"] if r["queries"] >= 2]
+    return sorted(rows, key=lambda r: (r["top1"], r["map@r"], -r["queries"]))[:n]
+
+
+def _class_table(result) -> tuple[list[str], list[list[str]]]:
+    k = result["ks"][-1]
+    header = ["identity", "queries", "Top-1", f"Top-{k}", "mAP@R"]
+    rows = [[r["name"], str(r["queries"]), _fmt(r["top1"]), _fmt(r[f"top{k}"]),
+             _fmt(r["map@r"])] for r in hardest_classes(result)]
+    return header, rows
+
+
+# ----------------------------------------------------------------------------- the report
+
+def write_report(result: Mapping[str, Any], out_dir: str, *,
+                 image_loader: Callable[[str], np.ndarray | None] | None = None,
+                 plots_dir: str | None = None, title: str = "Retrieval report") -> dict:
+    """Writes report.json/.md/.html (+ the examples PNG) into `out_dir`; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = dict(json=os.path.join(out_dir, "report.json"),
+                 md=os.path.join(out_dir, "report.md"),
+                 html=os.path.join(out_dir, "report.html"))
+    figure = None
+    if image_loader is not None and result.get("examples"):
+        figure = FIGURE
+        examples_figure(result["examples"], image_loader, os.path.join(out_dir, FIGURE),
+                        title=f"{result['protocol']}: query and top-5")
+        paths["figure"] = os.path.join(out_dir, FIGURE)
+    curves = []
+    if plots_dir and os.path.isdir(plots_dir):
+        curves = [os.path.relpath(p, out_dir)
+                  for p in sorted(glob.glob(os.path.join(plots_dir, "*.png")))]
+
+    write_file_atomic(paths["json"], json.dumps(_jsonable(result), indent=2).encode())
+    write_file_atomic(paths["md"], _markdown(result, title, figure, curves).encode())
+    write_file_atomic(paths["html"], _html(result, title, figure, curves).encode())
+    return paths
+
+
+def _ann_line(result) -> str:
+    ann = result.get("ann_recall")
+    if not ann:
+        return ""
+    parts = ", ".join(f"{k} = {_fmt(v)}" for k, v in ann.items())
+    return f"ANN recall of the {result['backend']} index against exact search: {parts}."
+
+
+def _markdown(result, title, figure, curves) -> str:
+    emb = result.get("embedder") or {}
+    m = result["metrics"]
+    out = [f"# {title}", "", setting_line(result), "",
+           (f"Model: `{emb.get('model')}` (embedder {str(emb.get('params_hash'))[:12]}, "
+            f"dim {emb.get('embed_dim')})."), "",
+           _md_table(*metric_rows(result)), "",
+           f"mAP@R (R = the query's number of relevant gallery images): **{_fmt(m['map@r'])}**"]
+    if result.get("map_r_truncated"):
+        out.append(f"({result['map_r_truncated']} queries had R above the retrieved depth; "
+                   f"their AP@R counts unretrieved items as misses.)")
+    ann = _ann_line(result)
+    if ann:
+        out += ["", ann]
+    header, rows = _class_table(result)
+    if rows:
+        out += ["", "## Hardest identities (lowest Top-1, at least 2 queries)", "",
+                _md_table(header, rows)]
+    if figure:
+        out += ["", "## Examples (the seed's Figure 9)", "",
+                ("Each row: a random query (blue) and its top-5 results; green border = same "
+                 "identity, red = different. Captions: identity and cosine score."), "",
+                f"![query and top-5 results]({figure})"]
+    if curves:
+        out += ["", "## Training curves", ""] + [f"![{os.path.basename(c)}]({c})" for c in curves]
+    return "\n".join(out) + "\n"
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#222}table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;
+padding:4px 10px;text-align:right}th{background:#f0f0f0}td:first-child,th:first-child{
+text-align:left}img{max-width:100%;border:1px solid #ddd}.note{color:#555}"""
+
+
+def _html_table(header, rows) -> str:
+    h = "".join(f"<th>{html.escape(c)}</th>" for c in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
+                   for r in rows)
+    return f"<table><tr>{h}</tr>{body}</table>"
+
+
+def _html(result, title, figure, curves) -> str:
+    setting = html.escape(setting_line(result)).replace("**", "")
+    m = result["metrics"]
+    parts = [(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+              f"</title><style>{_CSS}</style></head><body>"),
+             f"<h1>{html.escape(title)}</h1><p>{setting}</p>",
+             _html_table(*metric_rows(result)),
+             f"<p>mAP@R: <b>{_fmt(m['map@r'])}</b></p>"]
+    ann = _ann_line(result)
+    if ann:
+        parts.append(f"<p class='note'>{html.escape(ann)}</p>")
+    header, rows = _class_table(result)
+    if rows:
+        parts += ["<h2>Hardest identities</h2>", _html_table(header, rows)]
+    if figure:
+        parts += ["<h2>Examples (the seed's Figure 9)</h2>",
+                  ("<p class='note'>A random query (blue) and its top-5 results: green border = "
+                   "same identity, red = different.</p>"),
+                  f"<img src='{html.escape(figure)}' alt='query and top-5 results'>"]
+    if curves:
+        parts.append("<h2>Training curves</h2>")
+        parts += [f"<img src='{html.escape(c)}' alt='{html.escape(os.path.basename(c))}'>"
+                  for c in curves]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _jsonable(x):
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return None if math.isnan(x) or math.isinf(x) else float(x)
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    return x
+
+
+# ----------------------------------------------------------------------------- comparison
+
+def compare_table(runs: Sequence[tuple[str, Mapping[str, Any]]], k: int | None = None) -> str:
+    """The seed's Table 3: one row per run, Top-1/5/10, then precision@k, mAP@R and F1@k.
+
+    `k` defaults to 10, or the largest k that every run was evaluated at.
+    """
+    if k is None:
+        common = set.intersection(*(set(r["ks"]) for _, r in runs)) if runs else set()
+        k = 10 if 10 in common or not common else max(common)
+    header = ["Model", "Top-1", "Top-5", "Top-10", f"Precision@{k}", "mAP@R", f"F1@{k}",
+              "Protocol", "Queries", "Gallery"]
+    rows = []
+    for name, r in runs:
+        m = r["metrics"]
+        proto = r["protocol"] + (" (LOO)" if r.get("leave_one_out") else "")
+        rows.append([name] + [_fmt(m.get(key)) for key in
+                              ("top1", "top5", "top10", f"precision@{k}", "map@r", f"f1@{k}")]
+                    + [proto, str(r["num_queries"]), str(r["gallery_size"])])
+    settings = {(r["protocol"], r["num_queries"], r["gallery_size"]) for _, r in runs}
+    note = "" if len(settings) <= 1 else (
+        "\n\nNote: the runs were evaluated on different query/gallery settings; compare "
+        "rows with care.")
+    return _md_table(header, rows) + note + "\n"

@@ -1,0 +1,242 @@
+"""The steps the retrieval scripts run on a training workdir: build the index, evaluate, search.
+
+Each loads the workdir's exported embedder (`embedder/`), never the training code, and reads
+the data through `facejax.data.prepare_data` with the image size and resize mode the embedder
+was exported for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+
+import ml_collections
+import numpy as np
+
+from facejax.errors import CheckpointError, DataError
+from facejax.retrieval import competition, report
+from facejax.retrieval.embed import Embedder, embed_to_shards, load_embedder
+from facejax.retrieval.evaluate import evaluate
+from facejax.retrieval.index import SearchIndex, load_index
+
+EMBEDDER_DIR, INDEX_DIR, WORK_DIR, REPORT_DIR = "embedder", "index", "index_work", "report"
+COMPETITION_JSON = "competition_topk.json"
+_GRID_MAX_QUERIES = 16
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config that training saved as `workdir/config.json`."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is missing: is {workdir} a training workdir?")
+    try:
+        with open(path) as f:
+            return ml_collections.ConfigDict(json.load(f))
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+
+
+def _prepare(config, embedder: Embedder):
+    from facejax.data.prepare import prepare_data
+
+    data_cfg = ml_collections.ConfigDict(config.data.to_dict())
+    size, mode = int(embedder.meta["input_size"]), embedder.meta["resize_mode"]
+    if (data_cfg.image_size, data_cfg.resize_mode) != (size, mode):
+        print(f"note: using the embedder's input format {size}px/{mode} instead of the config's "
+              f"{data_cfg.image_size}px/{data_cfg.resize_mode}", flush=True)
+        data_cfg.image_size, data_cfg.resize_mode = size, mode
+    return prepare_data(data_cfg)
+
+
+def _names(data) -> list[str]:
+    return list(getattr(data, "identity_names", None) or data.class_names)
+
+
+def build_workdir_index(workdir: str, config, *, backend: str | None = None,
+                        target_recall: float | None = None, progress: bool = True
+                        ) -> SearchIndex:
+    """Embeds the gallery (resumably, in shards) and saves `workdir/index/`.
+
+    The gallery is the protocol's gallery subset, or the query subset for leave-one-out.
+    """
+    embedder = load_embedder(os.path.join(workdir, EMBEDDER_DIR))
+    data = _prepare(config, embedder)
+    loo = data.gallery is None
+    gallery = data.query if loo else data.gallery
+    if len(gallery) == 0:
+        raise DataError("the gallery is empty: nothing to index")
+    paths = [data.paths[i] for i in gallery.indices]
+    work = os.path.join(workdir, WORK_DIR)
+    emb = embed_to_shards(embedder, data.images, gallery.indices, paths, work,
+                          batch_size=config.index.batch_size, progress=progress)
+    backend = backend or config.index.backend
+    target = config.index.target_recall if target_recall is None else target_recall
+    info = dict(root=data.root, source=config.data.source, protocol=data.protocol,
+                leave_one_out=loo, label_names=_names(data))
+    index = SearchIndex.build(emb, paths, gallery.labels, embedder.meta, backend=backend,
+                              exact_max_items=config.index.exact_max_items,
+                              target_recall=target, k=max(config.eval.ks), info=info,
+                              seed=config.seed)
+    index.save(os.path.join(workdir, INDEX_DIR))
+    shutil.rmtree(work, ignore_errors=True)  # the saved index holds every embedding now
+    return index
+
+
+def evaluate_workdir(workdir: str, config, *, progress: bool = True) -> dict:
+    """Evaluates the saved index with the run's queries; writes `workdir/report/`."""
+    embedder = load_embedder(os.path.join(workdir, EMBEDDER_DIR))
+    index = load_index(os.path.join(workdir, INDEX_DIR), expect=embedder.meta)
+    data = _prepare(config, embedder)
+    q_emb = None
+    out_dir = os.path.join(workdir, REPORT_DIR)
+    if data.protocol == "competition":
+        q_emb = embedder.embed_array(data.images, batch_size=config.index.batch_size,
+                                     progress=progress, indices=data.query.indices)
+        q_paths = [data.paths[i] for i in data.query.indices]
+        k = min(max(config.eval.ks), index.size)
+        os.makedirs(out_dir, exist_ok=True)
+        competition.write_competition_json(
+            competition.competition_topk(q_paths, q_emb, index, k),
+            os.path.join(out_dir, COMPETITION_JSON))
+    result = evaluate(embedder, data, ks=tuple(config.eval.ks), index=index,
+                      batch_size=config.index.batch_size,
+                      num_examples=config.eval.num_figure_queries, seed=config.seed,
+                      progress=progress, query_emb=q_emb)
+    model = embedder.meta.get("model") or config.model.name
+    result["run"] = dict(workdir=os.path.abspath(workdir), model=model,
+                         source=config.data.source, root=data.root)
+    row_of = {p: i for i, p in enumerate(data.paths)}
+
+    def image_of(path: str):
+        i = row_of.get(path)
+        return None if i is None else np.asarray(data.images[i])
+
+    report.write_report(result, out_dir, image_loader=image_of,
+                        plots_dir=os.path.join(workdir, "plots"),
+                        title=f"Retrieval report: {model}")
+    return result
+
+
+# ----------------------------------------------------------------------------- search
+
+def list_query_images(query: str) -> list[str]:
+    """A single image file, or the image files under a folder (recursively, sorted)."""
+    from facejax.data.sources import IMAGE_EXTS
+
+    if os.path.isfile(query):
+        return [query]
+    if not os.path.isdir(query):
+        raise DataError(f"query {query} is neither an image file nor a folder")
+    found = []
+    for dirpath, dirnames, files in os.walk(query):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [os.path.join(dirpath, f) for f in sorted(files)
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTS]
+    if not found:
+        raise DataError(f"query folder {query} has no images "
+                        f"({', '.join(sorted(IMAGE_EXTS))})")
+    return found
+
+
+def search_workdir(workdir: str, query: str, k: int = 10, *, grid_png: str | None = None,
+                   max_pixels: int = 50_000_000) -> dict:
+    """Top-k gallery images for a query image or folder: {queries: [...], skipped: [...]}.
+
+    In a folder, undecodable files are skipped and listed; a single bad file is an error.
+    """
+    from facejax.data.decode import BadImage, decode_image
+
+    embedder = load_embedder(os.path.join(workdir, EMBEDDER_DIR))
+    index = load_index(os.path.join(workdir, INDEX_DIR), expect=embedder.meta)
+    if not 1 <= k <= index.size:
+        raise DataError(f"k={k} but the gallery has {index.size} items; "
+                        f"ask for at most {index.size}")
+    size, mode = int(embedder.meta["input_size"]), embedder.meta["resize_mode"]
+    files = list_query_images(query)
+    images, kept, skipped = [], [], []
+    for f in files:
+        try:
+            images.append(decode_image(f, size, mode, max_pixels))
+            kept.append(f)
+        except BadImage as e:
+            if len(files) == 1:
+                raise DataError(f"cannot use query image {f}: {e}") from None
+            skipped.append((f, str(e)))
+    if not kept:
+        raise DataError(f"none of the {len(files)} images in {query} could be decoded "
+                        f"(first: {skipped[0][0]}: {skipped[0][1]})")
+    emb = embedder.embed_array(np.stack(images), progress=False)
+    rows, scores = index.search(emb, k)
+    names = index.info.get("label_names") or []
+    out = []
+    for f, r_row, s_row in zip(kept, rows, scores):
+        results = []
+        for rank, (r, s) in enumerate(zip(r_row, s_row), 1):
+            if r < 0:
+                continue
+            label = int(index.labels[r])
+            results.append(dict(rank=rank, path=index.paths[r], id=int(index.ids[r]),
+                                label=label, score=float(s),
+                                name=names[label] if 0 <= label < len(names) else ""))
+        out.append(dict(query=f, results=results))
+    result = dict(k=k, gallery_size=index.size, root=index.info.get("root", ""), queries=out,
+                  skipped=[dict(path=p, reason=r) for p, r in skipped])
+    if grid_png:
+        _search_grid(result, dict(zip(kept, images)), size, mode, grid_png)
+    return result
+
+
+def _search_grid(result: dict, query_images: dict, size: int, mode: str, out_png: str) -> None:
+    from facejax.data.decode import BadImage, decode_image
+
+    root = result["root"]
+
+    def gallery_image(path: str):
+        full = os.path.join(root, path)
+        try:
+            return decode_image(full, size, mode)
+        except BadImage:
+            return None  # the gallery moved or is not made of files (idx/tfds): a blank tile
+
+    rows = []
+    for q in result["queries"][:_GRID_MAX_QUERIES]:
+        rows.append(dict(
+            image=query_images[q["query"]], caption=os.path.basename(q["query"])[:22],
+            results=[dict(image=gallery_image(r["path"]), correct=None,
+                          caption=f"{(r['name'] or os.path.basename(r['path']))[:18]}\n"
+                                  f"{r['score']:.3f}")
+                     for r in q["results"]]))
+    report.draw_grid(rows, out_png, legend="top results, best first (caption: identity, "
+                                           "cosine score)")
+
+
+def format_search_table(result: dict) -> str:
+    lines = []
+    for q in result["queries"]:
+        lines.append(f"query: {q['query']}")
+        lines.append(f"  {'rank':>4}  {'score':>7}  {'identity':<28} path")
+        for r in q["results"]:
+            lines.append(f"  {r['rank']:>4}  {r['score']:7.4f}  {r['name'][:28]:<28} {r['path']}")
+    for s in result["skipped"]:
+        lines.append(f"skipped {s['path']}: {s['reason']}")
+    return "\n".join(lines)
+
+
+def compare_workdirs(workdirs: Sequence[str]) -> str:
+    """Table 3 over runs: reads each `workdir/report/report.json` (run eval_topk first)."""
+    runs = []
+    for w in workdirs:
+        path = os.path.join(w, REPORT_DIR, "report.json")
+        try:
+            with open(path) as f:
+                res = json.load(f)
+        except FileNotFoundError:
+            raise DataError(f"{path} is missing: run scripts/eval_topk.py --workdir {w}") \
+                from None
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read {path}: {e}") from e
+        name = (res.get("run") or {}).get("model") or (res.get("embedder") or {}).get("model")
+        runs.append((f"{name} ({os.path.basename(os.path.normpath(w))})", res))
+    return report.compare_table(runs)

@@ -1,0 +1,375 @@
+"""`train_and_evaluate(config, workdir)`: epochs of the jitted step, evaluation, logs, checkpoints.
+
+Each epoch ends with an evaluation on the validation split: loss, accuracy, and retrieval
+Top-1/Top-5 — each validation image queries, by exact search over the model's embeddings, a
+gallery of training images (a seeded sample of at most `GALLERY_MAX` of them, so the cost stays
+bounded on big datasets), and counts a hit when a top-k result has its class. Then come the
+metrics line (`metrics.jsonl`), TensorBoard scalars (`events/`), refreshed plots (`plots/`),
+early stopping and a checkpoint. Running the same command again resumes from the latest
+checkpoint (params, optimizer, iterator position; the RNG is a function of the step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from facejax.config import to_json
+from facejax.data.pipeline import create_train_iterator, make_data_mesh, to_global
+from facejax.data.prepare import PreparedData, prepare_data
+from facejax.errors import ConfigError, DataError
+from facejax.retrieval.index import ExactSearcher
+from facejax.retrieval.metrics import hit_at_k, relevance
+from facejax.train import checkpoint as ckpt_lib
+from facejax.train import state as state_lib
+from facejax.train.events import EventWriter
+from facejax.train.losses import LossConfig
+from facejax.train.mesh import is_primary, replicate, replicated
+from facejax.train.plots import plot_history
+from facejax.train.step import jit_eval_step, jit_train_step
+
+GALLERY_MAX = 5000  # training images embedded as the retrieval gallery at each evaluation
+TOPK = (1, 5)
+
+
+@dataclasses.dataclass
+class Progress:
+    """Loop position and early-stopping state; saved in every checkpoint's meta."""
+
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0
+    best_value: float | None = None
+    best_epoch: int = 0
+    best_step: int = 0
+    bad_epochs: int = 0
+    loss_sum: float = 0.0  # this epoch's running sums (a mid-epoch checkpoint carries them)
+    acc_sum: float = 0.0
+    steps_summed: int = 0
+
+
+def train_and_evaluate(config, workdir: str, data: PreparedData | None = None) -> dict:
+    """Trains `config` in `workdir` (resuming when it holds a checkpoint); returns a summary.
+
+    `data`: already prepared data (tests); by default `prepare_data(config.data)`.
+    """
+    t_start = time.time()
+    workdir = os.path.abspath(workdir)
+    t = config.train
+    _validate(config)
+    primary = is_primary()
+    data = data if data is not None else prepare_data(config.data)
+    if len(data.train) == 0:
+        raise DataError("the training split is empty")
+    mesh = make_data_mesh()
+    n_dev = mesh.devices.size
+    if t.batch_size % n_dev:
+        raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of the "
+                          f"{n_dev} devices of the 'data' mesh")
+
+    config_dict = json.loads(to_json(config))
+    ckpt = ckpt_lib.RunCheckpoints(workdir, t.monitor)
+    latest = ckpt.latest_step()
+    if latest is not None:  # refuse another run's checkpoint before building anything
+        meta = ckpt.read_meta(latest)
+        ckpt_lib.check_compatible(meta, config_dict, data.num_classes, ckpt.directory)
+        if meta.get("classes") != list(data.class_names):
+            raise ckpt_lib.CheckpointError(
+                f"the checkpoint in {ckpt.directory} was trained on other classes than the "
+                f"data now has: use another --workdir")
+    dtype = state_lib.compute_dtype(t.compute_dtype)
+    model = state_lib.build_model(config, data.num_classes, dtype=dtype)
+    if config.model.pretrained and latest is None:  # a resumed run restores its own weights
+        _load_pretrained(model, config)
+    iterator = create_train_iterator(data.images, data.train, config)
+    spe = iterator.steps_per_epoch
+    if t.max_steps_per_epoch:
+        spe = min(spe, int(t.max_steps_per_epoch))
+    state, bundle, tx, schedule = state_lib.create_train_state(
+        config, model, steps_per_epoch=spe, total_steps=spe * t.epochs)
+    del model
+    repl = replicated(mesh)
+    state = replicate(state, mesh)
+    run_key = replicate(jax.random.key_data(jax.random.key(config.seed)), mesh)
+
+    progress = Progress()
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    if latest is not None:
+        state, meta, iterator_state = ckpt.restore(latest, _abstract(state, repl))
+        iterator.set_state(iterator_state)
+        progress = Progress(**meta["progress"])
+        history = _read_history(metrics_path, max_step=latest)
+        print(f"resuming from step {latest} (epoch {progress.epoch}, "
+              f"{progress.step_in_epoch} steps into the next)", flush=True)
+    else:
+        history = []
+    if primary:
+        _write_run_files(workdir, config, data.class_names, history, metrics_path)
+    writer = EventWriter(os.path.join(workdir, "events")) if primary else None
+
+    loss_cfg = LossConfig.from_config(config)
+    train_fn = jit_train_step(mesh, bundle=bundle, tx=tx, loss_cfg=loss_cfg,
+                              augment_cfg=config.augment, freeze_bn=bool(t.freeze_bn))
+    eval_fn = jit_eval_step(mesh, bundle=bundle, loss_cfg=loss_cfg)
+    gallery = _gallery_sample(data, config.seed)
+    meta_base = dict(model=config.model.name, num_classes=int(data.num_classes),
+                     classes=list(data.class_names), config=config_dict,
+                     rng=np.asarray(jax.random.key_data(jax.random.key(config.seed))).tolist(),
+                     steps_per_epoch=spe)
+
+    def save(step: int, metrics: dict | None) -> None:
+        meta = dict(meta_base, progress=dataclasses.asdict(progress))
+        ckpt.save(step, state, meta=meta, data_state=iterator.get_state(), metrics=metrics)
+
+    step = int(jax.device_get(state.step))
+    stopped_early = progress.bad_epochs >= t.early_stopping_patience > 0
+    record: dict[str, Any] = history[-1] if history else {}
+    while progress.epoch < t.epochs and not stopped_early:
+        epoch = progress.epoch
+        bar = tqdm(total=spe, initial=progress.step_in_epoch, desc=f"epoch {epoch + 1}/{t.epochs}",
+                   unit="step", disable=not primary, file=sys.stderr, dynamic_ncols=True,
+                   mininterval=1.0)
+        pending: list[dict] = []
+        t_mark, images_mark, images_per_s = None, 0, float("nan")
+        while progress.step_in_epoch < spe:
+            batch = to_global(next(iterator), mesh)
+            state, step_metrics = train_fn(state, batch, run_key)
+            pending.append(step_metrics)
+            step += 1
+            progress.step_in_epoch += 1
+            bar.update(1)
+            last = progress.step_in_epoch == spe
+            if len(pending) >= t.log_every_steps or last or step == 1:
+                _drain(pending, progress)  # waits for the device: a sync point per log interval
+                now = time.perf_counter()
+                if t_mark is not None and images_mark:
+                    images_per_s = images_mark / (now - t_mark)
+                t_mark, images_mark = now, 0  # the interval starts after the first (compiling) step
+                running = progress.loss_sum / max(progress.steps_summed, 1)
+                bar.set_postfix(loss=f"{running:.4f}", img_s=f"{images_per_s:.0f}")
+                if writer:
+                    writer.scalars(step, {"train/loss_running": running,
+                                          "train/learning_rate": float(schedule(step - 1)),
+                                          "train/images_per_s": images_per_s})
+            else:
+                images_mark += t.batch_size
+            if (t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 and not last):
+                _drain(pending, progress)
+                save(step, None)
+        bar.close()
+        _drain(pending, progress)
+
+        progress.epoch += 1
+        record = dict(epoch=progress.epoch, step=step,
+                      train_loss=progress.loss_sum / max(progress.steps_summed, 1),
+                      train_accuracy=progress.acc_sum / max(progress.steps_summed, 1),
+                      learning_rate=float(schedule(step - 1)),
+                      images_per_s=None if math.isnan(images_per_s) else images_per_s)
+        record.update(evaluate(eval_fn, state, data, gallery, t.batch_size, mesh))
+        progress.step_in_epoch = progress.loss_sum = progress.acc_sum = 0
+        progress.steps_summed = 0
+        improved = _update_best(progress, record, t.monitor, step)
+        record["best"] = improved
+        history.append(record)
+        if primary:
+            _log_epoch(record, metrics_path, writer, history, workdir, config.model.name)
+        save(step, record if t.monitor in record else None)
+        stopped_early = progress.bad_epochs >= t.early_stopping_patience > 0
+        if stopped_early:
+            print(f"early stopping: {t.monitor} has not improved for {progress.bad_epochs} "
+                  f"epochs", flush=True)
+    ckpt.wait()
+    best_step = ckpt.best_step()
+    ckpt.close()
+    if writer:
+        writer.close()
+    summary = dict(
+        workdir=workdir, epochs_run=progress.epoch, steps=step, stopped_early=stopped_early,
+        monitor=t.monitor, best_value=progress.best_value, best_epoch=progress.best_epoch,
+        best_checkpoint=(os.path.join(ckpt.directory, str(best_step))
+                         if best_step is not None else None),
+        final=record, train_time_s=time.time() - t_start)
+    if primary:
+        _print_summary(summary)
+    return summary
+
+
+def _validate(config) -> None:
+    t = config.train
+    for name in ("batch_size", "epochs"):
+        if int(t[name]) <= 0:
+            raise ConfigError(f"train.{name} must be > 0, got {t[name]}")
+    for name in ("log_every_steps",):
+        if int(t[name]) <= 0:
+            raise ConfigError(f"train.{name} must be > 0, got {t[name]}")
+    for name in ("checkpoint_every_steps", "max_steps_per_epoch", "early_stopping_patience"):
+        if int(t[name]) < 0:
+            raise ConfigError(f"train.{name} must be >= 0, got {t[name]}")
+    if t.monitor not in ckpt_lib.MONITORS:
+        raise ConfigError(f"train.monitor must be one of {tuple(ckpt_lib.MONITORS)}, "
+                          f"got {t.monitor!r}")
+
+
+def _abstract(tree, sharding):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def _load_pretrained(model, config) -> None:
+    """config.model.pretrained ('imagenet' | weights file | converted folder) into `model`."""
+    from facejax.convert.weights import load_from_config
+
+    load_from_config(model, config.model)
+
+
+def _drain(pending: list[dict], progress: Progress) -> None:
+    """Moves finished steps' metrics into the epoch's running sums (host floats)."""
+    if not pending:
+        return
+    values = jax.device_get(pending)
+    for v in values:
+        progress.loss_sum += float(v["loss"])
+        progress.acc_sum += float(v["accuracy"])
+        progress.steps_summed += 1
+    pending.clear()
+
+
+def _gallery_sample(data: PreparedData, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image rows, labels) of the training images used as the retrieval gallery."""
+    n = len(data.train)
+    if n <= GALLERY_MAX:
+        pick = np.arange(n)
+    else:
+        pick = np.sort(np.random.default_rng(seed).choice(n, GALLERY_MAX, replace=False))
+    return data.train.indices[pick], data.train.labels[pick]
+
+
+def labelled_batches(images: np.ndarray, indices: np.ndarray, labels: np.ndarray,
+                     batch_size: int, mesh):
+    """As `pipeline.eval_batches`, with labels: yields (global batch dict(image, label, mask),
+    the batch's global validity mask as host booleans). The last batch is zero-padded; each
+    process holds its consecutive slice of every global batch."""
+    n_dev = mesh.devices.size
+    size = -(-batch_size // n_dev) * n_dev
+    pc = jax.process_count()
+    local = size // pc
+    lo = jax.process_index() * local
+    for start in range(0, len(indices), size):
+        n = min(size, len(indices) - start)
+        rows = indices[start:start + size][lo:lo + local]
+        labs = labels[start:start + size][lo:lo + local]
+        image = np.zeros((local,) + images.shape[1:], np.uint8)
+        image[:len(rows)] = images[rows]
+        label = np.zeros((local,), np.int32)
+        label[:len(labs)] = labs
+        mask = np.arange(local) < len(rows)
+        global_mask = np.concatenate([np.arange(local) < np.clip(n - p * local, 0, local)
+                                      for p in range(pc)])
+        yield to_global(dict(image=image, label=label, mask=mask), mesh), global_mask
+
+
+def _embed_split(eval_fn, state, images, indices, labels, batch_size, mesh):
+    """(loss sum, correct, count, embeddings [N,D] in `indices` order)."""
+    loss = correct = count = 0.0
+    chunks = []
+    for batch, valid in labelled_batches(images, indices, labels, batch_size, mesh):
+        out = jax.device_get(eval_fn(state, batch))
+        loss += float(out["loss_sum"])
+        correct += float(out["correct"])
+        count += float(out["count"])
+        chunks.append(np.asarray(out["embedding"])[valid])
+    emb = np.concatenate(chunks) if chunks else np.zeros((0, 1), np.float32)
+    return loss, correct, count, emb
+
+
+def evaluate(eval_fn, state, data: PreparedData, gallery, batch_size: int, mesh) -> dict:
+    """Validation loss/accuracy and retrieval Top-1/5 (val queries vs the training gallery)."""
+    if len(data.val) == 0:
+        return {}
+    v_loss, v_correct, v_count, q_emb = _embed_split(
+        eval_fn, state, data.images, data.val.indices, data.val.labels, batch_size, mesh)
+    _, _, _, g_emb = _embed_split(eval_fn, state, data.images, gallery[0], gallery[1],
+                                  batch_size, mesh)
+    k = min(max(TOPK), len(g_emb))
+    rows, _ = ExactSearcher(g_emb).search(q_emb, k)
+    rel = relevance(gallery[1][rows], data.val.labels)
+    out = dict(val_loss=v_loss / v_count, val_accuracy=v_correct / v_count)
+    for kk in TOPK:
+        if kk <= k:
+            out[f"val_top{kk}"] = float(hit_at_k(rel, kk).mean())
+    return out
+
+
+def _update_best(progress: Progress, record: dict, monitor: str, step: int) -> bool:
+    value = record.get(monitor)
+    if value is None:
+        return False
+    better = (progress.best_value is None
+              or (value > progress.best_value if ckpt_lib.MONITORS[monitor] == "max"
+                  else value < progress.best_value))
+    if better:
+        progress.best_value, progress.best_epoch, progress.best_step = value, record["epoch"], step
+        progress.bad_epochs = 0
+    else:
+        progress.bad_epochs += 1
+    return better
+
+
+def _write_run_files(workdir, config, class_names, history, metrics_path) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    _write_text(os.path.join(workdir, "config.json"), to_json(config) + "\n")
+    _write_text(os.path.join(workdir, "classes.json"), json.dumps(list(class_names)) + "\n")
+    # Lines past the checkpoint we resume from belong to steps that are about to be redone.
+    _write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _read_history(path: str, max_step: int) -> list[dict]:
+    if not os.path.isfile(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by the kill
+            if r.get("step", 0) <= max_step:
+                out.append(r)
+    return out
+
+
+def _log_epoch(record, metrics_path, writer, history, workdir, title) -> None:
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if writer:
+        writer.scalars(record["step"], {f"epoch/{k}": v for k, v in record.items()
+                                        if isinstance(v, float)})
+    plot_history(history, os.path.join(workdir, "plots"), title)
+    shown = ", ".join(f"{k} {record[k]:.4f}" for k in
+                      ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_top1",
+                       "val_top5") if record.get(k) is not None)
+    print(f"epoch {record['epoch']}: {shown}" + (" (best)" if record["best"] else ""),
+          flush=True)
+
+
+def _print_summary(s: dict) -> None:
+    best = "n/a" if s["best_value"] is None else f"{s['best_value']:.4f}"
+    print(f"done: {s['epochs_run']} epochs, {s['steps']} steps in {s['train_time_s']:.0f}s"
+          + (" (stopped early)" if s["stopped_early"] else ""), flush=True)
+    print(f"best {s['monitor']} {best} at epoch {s['best_epoch']}; "
+          f"best checkpoint: {s['best_checkpoint']}", flush=True)

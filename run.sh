@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# facejax set-up and entry points (safe to rerun).
+#   ./run.sh demo   set up .venv, then train -> export -> index -> evaluate -> report on Fashion-MNIST
+#   ./run.sh test   set up .venv with the test extras, then run the whole test suite
+set -euo pipefail
+cd "$(dirname "$0")"
+
+pick_python() {
+  for p in "${PYTHON:-}" python3.11 python3.12 python3.13 python3; do
+    [ -n "$p" ] || continue
+    if command -v "$p" >/dev/null 2>&1 && "$p" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+      echo "$p"; return 0
+    fi
+  done
+  echo "facejax needs Python >= 3.11 (set PYTHON=/path/to/python3.11)" >&2
+  exit 1
+}
+
+# Installs the package with the given extras into .venv; skipped when pyproject.toml is unchanged.
+setup_venv() {
+  local extras="$1"
+  if [ ! -x .venv/bin/python ]; then
+    "$(pick_python)" -m venv .venv
+  fi
+  local stamp=".venv/.facejax-installed-${extras//,/-}-$(sha256sum pyproject.toml | cut -c1-16)"
+  if [ ! -f "$stamp" ]; then
+    echo "== installing facejax[${extras}] into .venv (first run takes a few minutes)"
+    .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+    .venv/bin/python -m pip install -q -e ".[${extras}]"
+    touch "$stamp"
+  fi
+}
+
+export KERAS_BACKEND=jax
+
+case "${1:-}" in
+  demo)
+    setup_venv dev
+    shift
+    WORKDIR="${WORKDIR:-runs/demo}"
+    PY=.venv/bin/python
+    $PY scripts/train.py --config configs/demo.py --workdir "$WORKDIR" "$@"
+    $PY scripts/export.py --workdir "$WORKDIR"
+    $PY scripts/build_index.py --workdir "$WORKDIR"
+    $PY scripts/eval_topk.py --workdir "$WORKDIR"
+    echo "== done: open $WORKDIR/report/report.html (or report.md)"
+    ;;
+  test)
+    setup_venv dev,parity
+    shift
+    .venv/bin/python -m pytest -q "$@"
+    ;;
+  *)
+    echo "usage: ./run.sh demo | ./run.sh test" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,45 @@
+"""Embed a run's gallery with its exported embedder and save a search index in WORKDIR/index.
+
+  python scripts/build_index.py --workdir runs/demo [--backend auto|exact|scann]
+      [--target_recall 0.95] [--config.data.root=/moved/images]
+
+Embedding is resumable: finished shards in WORKDIR/index_work are reused after an interruption.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from facejax import cli, config
+from facejax.retrieval import workdir as wd
+from facejax.retrieval.index import BACKENDS
+
+
+def main(argv: list[str]) -> int:
+    overrides, rest = config.split_override_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True, help="training run folder")
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
+                        help="default: the run's index.backend")
+    parser.add_argument("--target_recall", type=float, default=None,
+                        help="tune ScaNN to this recall@k against exact search")
+    parser.add_argument("--no_progress", action="store_true")
+    args = parser.parse_args(rest)
+    cfg = wd.load_run_config(args.workdir)
+    for item in overrides:
+        config.apply_override(cfg, item)
+    index = wd.build_workdir_index(args.workdir, cfg, backend=args.backend,
+                                   target_recall=args.target_recall,
+                                   progress=not args.no_progress)
+    print(f"index: {index.size} items, dim {index.dim}, backend {index.backend}"
+          + (f", ScaNN {index.scann_params}" if index.scann_params else ""))
+    if index.tuning:
+        t = index.tuning
+        print(f"tuned: leaves_to_search={t['leaves_to_search']} reorder={t['reorder']} "
+              f"recall@{t['k']}={t['recall']:.4f} (target {t['target_recall']}, "
+              f"{'met' if t['met'] else 'NOT met'})")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

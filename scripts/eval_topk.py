@@ -1,0 +1,41 @@
+"""Evaluate a run's index with its queries: Top-1/5/10, precision/recall/F1@k, mAP@R, report.
+
+  python scripts/eval_topk.py --workdir runs/demo
+
+Writes WORKDIR/report/ (report.md, report.json, report.html, topk_examples.png) and, for the
+competition layout, WORKDIR/report/competition_topk.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from facejax import cli, config
+from facejax.retrieval import report
+from facejax.retrieval import workdir as wd
+from facejax.retrieval.evaluate import result_summary
+
+
+def main(argv: list[str]) -> int:
+    overrides, rest = config.split_override_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True, help="training run folder with an index")
+    parser.add_argument("--no_progress", action="store_true")
+    args = parser.parse_args(rest)
+    cfg = wd.load_run_config(args.workdir)
+    for item in overrides:
+        config.apply_override(cfg, item)
+    result = wd.evaluate_workdir(args.workdir, cfg, progress=not args.no_progress)
+    print(report.setting_line(result).replace("**", ""))
+    header, rows = report.metric_rows(result)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    for line in [header] + rows:
+        print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
+    print(result_summary(result))
+    print(f"report: {os.path.join(args.workdir, wd.REPORT_DIR, 'report.html')}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,32 @@
+"""Train a model from a config; rerunning the same command resumes from the latest checkpoint.
+
+  python scripts/train.py --config configs/demo.py --workdir runs/demo [--config.a.b=value ...]
+
+Multi-host: run the same command on every host with JAX_COORDINATOR_ADDRESS=host0:port,
+JAX_NUM_PROCESSES=N and JAX_PROCESS_ID=i (see README).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from facejax import cli, config
+
+
+def main(argv: list[str]) -> int:
+    overrides, rest = config.split_override_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="config file (path.py or path.py:arg)")
+    parser.add_argument("--workdir", required=True, help="run folder (created; resumed if present)")
+    args = parser.parse_args(rest)
+    cfg = config.load_config(args.config, overrides)
+
+    from facejax.train.mesh import initialize_distributed  # before any jax backend starts
+    initialize_distributed()
+    from facejax.train.loop import train_and_evaluate
+    train_and_evaluate(cfg, args.workdir)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

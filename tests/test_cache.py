@@ -1,0 +1,212 @@
+"""The decode-once cache: contents, skip reports, reuse, invalidation and atomic writes."""
+
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+from conftest import CORPUS_BAD, CORPUS_GOOD, CORPUS_MAX_PIXELS, class_colour, write_corpus
+
+from facejax.data import cache, decode
+from facejax.data.cache import cache_listing
+from facejax.data.sources import scan_folder
+from facejax.errors import DataError
+
+
+def _build(listing, tmp_path, **kw):
+    kw = {"image_size": 8, "cache_dir": str(tmp_path / "cache"), "workers": 1,
+          "max_pixels": CORPUS_MAX_PIXELS} | kw
+    return cache_listing(listing, **kw)
+
+
+def _entries(tmp_path):
+    return sorted(os.listdir(tmp_path / "cache"))
+
+
+def test_cache_holds_decoded_images_in_listing_order(image_folder, tmp_path, capsys):
+    root, written = image_folder({"a": 3, "b": 2, "c": 2})
+    listing = scan_folder(root)
+    entry = _build(listing, tmp_path)
+    assert not entry.reused and isinstance(entry.images, np.memmap)
+    assert entry.images.shape == (7, 8, 8, 3) and entry.images.dtype == np.uint8
+    assert entry.rows.tolist() == list(range(7)) and entry.skipped == []
+    for j, row in enumerate(entry.rows):
+        colour = written[listing.paths[row]]
+        np.testing.assert_allclose(entry.images[j].reshape(-1, 3).mean(0), colour, atol=2)
+    with open(os.path.join(entry.directory, "paths.json")) as f:
+        assert json.load(f) == listing.paths
+    np.testing.assert_array_equal(np.load(os.path.join(entry.directory, "labels.npy")),
+                                  listing.labels)
+    assert capsys.readouterr().out.strip() == "decoded 7 images"
+
+
+def test_bad_files_are_skipped_with_reasons_and_counted(tmp_path, capsys):
+    root = tmp_path / "data"
+    names = write_corpus(root / "mixed")
+    (root / "empty_class").mkdir()
+    listing = scan_folder(str(root))
+    entry = _build(listing, tmp_path)
+    good = sorted(f"mixed/{n}" for n in CORPUS_GOOD)
+    assert sorted(listing.paths[r] for r in entry.rows) == good
+    assert len(entry.images) == len(good) == len(names) - len(CORPUS_BAD)
+    expected = {(f"mixed/{n}", r) for n, r in CORPUS_BAD.items()} | {("empty_class/",
+                                                                      "empty class folder")}
+    assert set(entry.skipped) == expected
+    with open(os.path.join(entry.directory, "skipped.json")) as f:
+        report = json.load(f)
+    assert {(s["path"], s["reason"]) for s in report} == expected
+    assert "image file is truncated" in next(s["detail"] for s in report
+                                             if s["reason"] == "truncated")
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"decoded {len(good)} images, skipped 5 (")
+    for part in ("1 truncated", "1 empty file", "1 not an image", "1 too large",
+                 "1 empty class folder"):
+        assert part in line
+    assert line.endswith(os.path.join(entry.directory, "skipped.json"))
+
+
+def test_rerun_reuses_the_entry_without_decoding(image_folder, tmp_path, monkeypatch, capsys):
+    root, _ = image_folder({"a": 2, "b": 2})
+    first = _build(scan_folder(root), tmp_path)
+    npy = os.path.join(first.directory, "images.npy")
+    stamp = os.stat(npy).st_mtime_ns
+    monkeypatch.setattr(decode, "decode_image", lambda *a, **k: pytest.fail("decoded again"))
+    second = _build(scan_folder(root), tmp_path)
+    assert second.reused and second.directory == first.directory
+    assert os.stat(npy).st_mtime_ns == stamp
+    np.testing.assert_array_equal(second.images, first.images)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "reused cache of 4 images"
+
+
+def test_changed_file_or_setting_invalidates(image_folder, tmp_path):
+    root, _ = image_folder({"a": 2, "b": 2})
+    first = _build(scan_folder(root), tmp_path)
+    path = os.path.join(root, "a", "a_000.png")
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # touched
+    touched = _build(scan_folder(root), tmp_path)
+    assert not touched.reused and touched.directory != first.directory
+    for kw in ({"image_size": 9}, {"resize_mode": "pad"}, {"max_pixels": 4_000}):
+        assert not _build(scan_folder(root), tmp_path, **kw).reused
+    os.remove(os.path.join(root, "b", "b_001.png"))
+    assert len(_build(scan_folder(root), tmp_path).images) == 3
+    assert len(_entries(tmp_path)) == 6
+
+
+def test_killed_build_leaves_no_entry_and_stale_tmp_is_removed(image_folder, tmp_path,
+                                                              monkeypatch):
+    root, _ = image_folder({"a": 3, "b": 3})
+    listing = scan_folder(root)
+    real = decode.decode_image
+    calls = []
+
+    def dies_midway(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(decode, "decode_image", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        _build(listing, tmp_path)
+    assert _entries(tmp_path) == []  # neither a half entry nor its temporary folder
+    monkeypatch.setattr(decode, "decode_image", real)
+
+    # A SIGKILLed build leaves its temporary folder; the next build of that entry removes it.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    name = _build(listing, tmp_path).directory.rsplit(os.sep, 1)[1]
+    stale = tmp_path / "cache" / f".{name}.tmp-{dead.pid}-0000"
+    stale.mkdir()
+    (stale / "images.npy").write_bytes(b"partial")
+    os.rename(tmp_path / "cache" / name, tmp_path / "cache" / "moved-away")
+    _build(listing, tmp_path)
+    assert _entries(tmp_path) == sorted([name, "moved-away"])
+
+
+def test_damaged_entry_is_rebuilt(image_folder, tmp_path):
+    root, _ = image_folder({"a": 2, "b": 2})
+    first = _build(scan_folder(root), tmp_path)
+    expected = np.array(first.images)
+    del first
+    npy = os.path.join(_build(scan_folder(root), tmp_path).directory, "images.npy")
+    with open(npy, "r+b") as f:
+        f.truncate(200)
+    again = _build(scan_folder(root), tmp_path)
+    assert not again.reused and again.images.shape == (4, 8, 8, 3)
+    np.testing.assert_array_equal(again.images, expected)
+
+
+def test_all_bad_folder_raises_and_leaves_nothing(tmp_path):
+    root = tmp_path / "bad"
+    (root / "cls").mkdir(parents=True)
+    (root / "cls" / "empty.jpg").write_bytes(b"")
+    (root / "cls" / "text.png").write_text("nope")
+    with pytest.raises(DataError, match=r"no usable images .*1 empty file, 1 not an image"):
+        _build(scan_folder(str(root)), tmp_path)
+    assert _entries(tmp_path) == []
+
+
+def test_two_workers_give_the_same_cache(tmp_path):
+    root = tmp_path / "data"
+    write_corpus(root / "x")
+    listing = scan_folder(str(root))
+    one = _build(listing, tmp_path, cache_dir=str(tmp_path / "c1"))
+    two = _build(listing, tmp_path, cache_dir=str(tmp_path / "c2"), workers=2)
+    np.testing.assert_array_equal(one.rows, two.rows)
+    np.testing.assert_array_equal(one.images, two.images)
+    assert sorted(one.skipped) == sorted(two.skipped)
+    with open(os.path.join(two.directory, "manifest.json")) as f:
+        assert json.load(f)["workers"] == 2
+
+
+def test_npy_header_rewrite_keeps_the_data_offset(tmp_path):
+    big = cache._npy_header((123456, 8, 8, 3))
+    small = cache._npy_header((7, 8, 8, 3), total=len(big))
+    assert len(big) == len(small) and len(big) % 64 == 0
+    data = np.arange(7 * 8 * 8 * 3, dtype=np.uint8)
+    (tmp_path / "x.npy").write_bytes(small + data.tobytes())
+    loaded = np.load(tmp_path / "x.npy", mmap_mode="r")
+    assert loaded.shape == (7, 8, 8, 3)
+    np.testing.assert_array_equal(loaded.reshape(-1), data)
+
+
+def test_cache_dir_resolution(monkeypatch):
+    monkeypatch.setenv("FACEJAX_CACHE", "/somewhere")
+    assert cache.default_cache_dir("") == "/somewhere"
+    assert cache.default_cache_dir("/explicit") == "/explicit"
+    monkeypatch.delenv("FACEJAX_CACHE")
+    assert cache.default_cache_dir("") == os.path.expanduser("~/.cache/facejax")
+
+
+def test_bad_settings_are_data_errors(image_folder, tmp_path):
+    root, _ = image_folder({"a": 1})
+    with pytest.raises(DataError, match="resize_mode"):
+        _build(scan_folder(root), tmp_path, resize_mode="squash")
+    with pytest.raises(DataError, match="image_size"):
+        _build(scan_folder(root), tmp_path, image_size=0)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="cannot create cache folder"):
+        _build(scan_folder(root), tmp_path, cache_dir=str(tmp_path / "file" / "sub"))
+
+
+def test_colour_helper_is_distinct():
+    colours = {class_colour(k) for k in range(20)}
+    assert len(colours) == 20
+
+
+def test_crashed_worker_is_a_data_error_not_a_hang():
+    # os._exit as the "reader" kills each worker on its first image, like a segfaulting decoder.
+    with pytest.raises(DataError, match="decode worker process died"):
+        list(cache._decode_all(os._exit, 20, 2))
+
+
+def test_workers_fall_back_to_in_process_when_spawn_cannot_work(monkeypatch):
+    import sys
+
+    assert cache._resolve_workers(2, 10_000, parallel=True) == 2
+    assert cache._resolve_workers(0, 100, parallel=True) == 1  # too few to pay for a worker
+    assert cache._resolve_workers(4, 10_000, parallel=False) == 1
+    monkeypatch.setattr(sys.modules["__main__"], "__file__", "<stdin>", raising=False)
+    assert cache._resolve_workers(2, 10_000, parallel=True) == 1

@@ -1,0 +1,136 @@
+"""Evaluation: closed-set and leave-one-out scoring, ANN recall, competition JSON, bad k."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from facejax.errors import DataError
+from facejax.retrieval import competition
+from facejax.retrieval import evaluate as E
+from facejax.retrieval.index import SearchIndex
+
+META = dict(model="toy", params_hash="c" * 64, embed_dim=2, normalization="unit",
+            l2_normalized=True, metric="dot", input_size=4, resize_mode="crop")
+
+
+def unit(deg):
+    r = np.deg2rad(np.asarray(deg, np.float64))
+    return np.stack([np.cos(r), np.sin(r)], axis=1).astype(np.float32)
+
+
+# Gallery on the unit circle: identity 0 near 0 deg, identity 1 near 90 deg.
+G_DEG = [0, 10, 20, 85, 95]
+G_LAB = [0, 0, 0, 1, 1]
+G_PATHS = ["ann/a0.jpg", "ann/a1.jpg", "ann/a2.jpg", "bob/b0.jpg", "bob/b1.jpg"]
+
+
+def test_closed_set_by_hand():
+    index = SearchIndex.build(unit(G_DEG), G_PATHS, G_LAB, META, backend="exact")
+    # q0 (ann) at 5 deg: ranking 0,10,20,85,95 -> T T T F F.
+    # q1 (bob) at 30 deg: ranking 20,10,0,85,95 -> F F F T T.
+    q = unit([5, 30])
+    r = E.evaluate_embeddings(q, np.array([0, 1]), index, ks=(1, 3), query_paths=["x/q0",
+                                                                                 "y/q1"])
+    m = r["metrics"]
+    assert m["top1"] == 0.5 and m["top3"] == 0.5
+    assert m["precision@3"] == pytest.approx((1 + 0) / 2)
+    assert m["recall@3"] == pytest.approx((1 + 0) / 2)
+    # AP@R: q0 R=3 -> 1; q1 R=2, top-2 both wrong -> 0.
+    assert m["map@r"] == pytest.approx(0.5)
+    assert r["num_queries"] == 2 and r["gallery_size"] == 5 and not r["leave_one_out"]
+    assert [c["name"] for c in r["per_class"]] == ["ann", "bob"]
+    assert r["ann_recall"] is None
+    ex = {e["query"]: e for e in r["examples"]}
+    assert [x["correct"] for x in ex["y/q1"]["results"]] == [False, False, False, True, True]
+    assert ex["x/q0"]["results"][0]["path"] == "ann/a0.jpg"
+
+
+def test_leave_one_out_drops_self():
+    index = SearchIndex.build(unit(G_DEG), G_PATHS, G_LAB, META, backend="exact")
+    emb = index.embeddings
+    r = E.evaluate_embeddings(emb, np.array(G_LAB), index, ks=(1, 2),
+                              self_rows=np.arange(5), query_paths=G_PATHS)
+    # Without self every query's nearest is a same-identity item.
+    assert r["metrics"]["top1"] == 1.0
+    # b0's neighbours: b1 (10 deg), then a2 (65 deg): precision@2 = 1/2; others all 1.
+    assert r["metrics"]["precision@2"] == pytest.approx((1 + 1 + 1 + 0.5 + 0.5) / 5)
+    assert r["gallery_size"] == 4 and r["leave_one_out"]
+    for ex in r["examples"]:
+        assert ex["query"] not in [x["path"] for x in ex["results"]]
+    with pytest.raises(DataError, match="k=5 but the gallery has only 4"):
+        E.evaluate_embeddings(emb, np.array(G_LAB), index, ks=(5,), self_rows=np.arange(5))
+
+
+def test_unlabelled_and_orphan_queries_are_counted_not_scored():
+    index = SearchIndex.build(unit(G_DEG), G_PATHS, G_LAB, META, backend="exact")
+    r = E.evaluate_embeddings(unit([0, 90, 45]), np.array([0, -1, 7]), index, ks=(1,))
+    assert r["num_queries"] == 1 and r["num_queries_unlabelled"] == 1
+    assert r["num_queries_without_relevant"] == 1 and r["metrics"]["top1"] == 1.0
+
+
+class FakeEmbedder:
+    """Stands in for an exported Embedder: the 'image' holds its embedding in pixel (0, 0)."""
+
+    meta = META
+
+    def embed_array(self, images, batch_size=256, progress=False, indices=None):
+        x = images if indices is None else images[np.asarray(indices)]
+        v = x[:, 0, 0, :2].astype(np.float32) - 128.0
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def fake_data(loo):
+    rng = np.random.default_rng(0)
+    n, ids = 60, 6
+    labels = np.repeat(np.arange(ids), n // ids).astype(np.int32)
+    angles = labels * 60 + rng.uniform(-8, 8, n)
+    images = np.zeros((n, 4, 4, 3), np.uint8)
+    images[:, 0, 0, :2] = np.round(128 + 100 * unit(angles)).astype(np.uint8)
+    paths = [f"p{lab}/img{i}.png" for i, lab in enumerate(labels)]
+    sub = lambda idx: SimpleNamespace(indices=idx, labels=labels[idx])
+    q, g = np.arange(0, n, 5), np.setdiff1d(np.arange(n), np.arange(0, n, 5))
+    names = [f"c{i}" for i in range(ids)] if not loo else []
+    return SimpleNamespace(images=images, paths=paths, identity_names=names,
+                           query=sub(np.arange(n) if loo else q), gallery=None if loo else sub(g),
+                           protocol="open_set" if loo else "closed_set")
+
+
+@pytest.mark.parametrize("loo", [False, True])
+def test_evaluate_end_to_end(loo):
+    data = fake_data(loo)
+    r = E.evaluate(FakeEmbedder(), data, ks=(1, 5))
+    assert r["metrics"]["top1"] == 1.0 and r["metrics"]["map@r"] == 1.0
+    assert r["leave_one_out"] == loo
+    assert r["num_queries"] == (60 if loo else 12)
+    assert r["gallery_size"] == (59 if loo else 48)
+    assert r["per_class"][0]["name"] == ("p0" if loo else "c0")
+    assert "Top-1=1.0000" in E.result_summary(r)
+
+
+def test_scann_backend_reports_ann_recall():
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((20, 16))
+    labels = rng.integers(0, 20, 3000).astype(np.int32)
+    x = centers[labels] + 0.3 * rng.standard_normal((3000, 16))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    meta = dict(META, embed_dim=16)
+    index = SearchIndex.build(x[200:], [f"g{i}" for i in range(2800)], labels[200:], meta,
+                              backend="scann")
+    r = E.evaluate_embeddings(x[:200], labels[:200], index, ks=(1, 10))
+    assert r["backend"] == "scann" and r["ann_recall"]["recall@10"] >= 0.9
+    assert r["metrics"]["top1"] > 0.9
+
+
+def test_competition_json(tmp_path):
+    paths = ["gallery/a.jpg", "gallery/sub/b.jpg", "gallery/c.jpg"]
+    index = SearchIndex.build(unit([0, 45, 90]), paths, None, META, backend="exact")
+    mapping = competition.competition_topk(["query/q1.jpg", "query/q2.jpg"], unit([80, 5]),
+                                           index, 2)
+    assert mapping == {"q1.jpg": ["c.jpg", "sub/b.jpg"], "q2.jpg": ["a.jpg", "sub/b.jpg"]}
+    out = tmp_path / "topk.json"
+    competition.write_competition_json(mapping, str(out))
+    assert json.loads(out.read_text()) == mapping
+    with pytest.raises(DataError, match="k=4"):
+        competition.competition_topk(["query/q1.jpg"], unit([80]), index, 4)

@@ -1,0 +1,193 @@
+"""Index: exact vs NumPy, ScaNN vs exact, tuning, atomic save/load, manifest refusal, add/remove."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from facejax.errors import CheckpointError, ConfigError, DataError
+from facejax.retrieval import index as I
+from facejax.retrieval.metrics import ann_recall_at_k
+
+D = 32
+META = dict(model="tiny", params_hash="a" * 64, embed_dim=D, normalization="unit",
+            l2_normalized=True, metric="dot", input_size=16, resize_mode="crop")
+
+
+def clustered(n, d=D, clusters=50, seed=0, spread=0.35):
+    centers = np.random.default_rng(0).standard_normal((clusters, d))
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, clusters, n)
+    x = centers[labels] + spread * rng.standard_normal((n, d))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), labels.astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, y = clustered(6000)
+    q, _ = clustered(200, seed=1)
+    return x, y, q
+
+
+def paths_for(n, start=0):
+    return [f"id{i % 7}/img{i}.jpg" for i in range(start, start + n)]
+
+
+def test_exact_matches_numpy(data):
+    x, y, q = data
+    idx = I.SearchIndex.build(x[:3000], paths_for(3000), y[:3000], META, backend="exact")
+    rows, scores = idx.search(q, 10)
+    np.testing.assert_array_equal(rows, I.exact_topk_numpy(x[:3000], q, 10))
+    np.testing.assert_allclose(scores, np.sort(q @ x[:3000].T, axis=1)[:, ::-1][:, :10],
+                               atol=1e-5)
+    # Several gallery chunks and query batches give the same answer.
+    small = I.ExactSearcher(x[:3000], chunk_size=256, query_batch=16)
+    np.testing.assert_array_equal(small.search(q, 10)[0], rows)
+
+
+def test_scann_recall_vs_exact(data):
+    x, y, q = data
+    idx = I.SearchIndex.build(x, paths_for(len(x)), y, META, backend="scann")
+    assert idx.backend == "scann" and idx.scann_params["num_leaves"] > 1
+    rows, scores = idx.search(q, 10)
+    truth, _ = idx.search(q, 10, exact=True)
+    assert ann_recall_at_k(rows, truth, 10) >= 0.9
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)
+
+
+def test_target_recall_tuning(data):
+    x, y, q = data
+    idx = I.SearchIndex.build(x, paths_for(len(x)), y, META, backend="scann",
+                              target_recall=0.97, k=10, seed=0)
+    t = idx.tuning
+    assert t["met"] and t["recall"] >= 0.97
+    assert idx.scann_params["leaves_to_search"] == t["leaves_to_search"]
+    assert idx.manifest()["tuning"]["reorder"] == idx.scann_params["reorder"]
+    # Held-out queries (not the tuning sample) also reach a high recall.
+    truth, _ = idx.search(q, 10, exact=True)
+    assert ann_recall_at_k(idx.search(q, 10)[0], truth, 10) >= 0.9
+
+
+def test_auto_backend(data):
+    x, y, _ = data
+    assert I.SearchIndex.build(x[:500], paths_for(500), y[:500], META).backend == "exact"
+    auto = I.SearchIndex.build(x, paths_for(len(x)), y, META, exact_max_items=1000)
+    assert auto.backend == "scann"
+    with pytest.raises(ConfigError, match="backend"):
+        I.SearchIndex.build(x[:10], paths_for(10), y[:10], META, backend="faiss")
+
+
+@pytest.mark.parametrize("backend", ["exact", "scann"])
+def test_save_load_roundtrip_and_replace(data, tmp_path, backend):
+    x, y, q = data
+    idx = I.SearchIndex.build(x, paths_for(len(x)), y, META, backend=backend)
+    path = str(tmp_path / "index")
+    idx.save(path)
+    loaded = I.load_index(path, expect=META)
+    assert loaded.backend == backend and loaded.paths == idx.paths
+    np.testing.assert_array_equal(loaded.labels, idx.labels)
+    np.testing.assert_array_equal(loaded.search(q, 10)[0], idx.search(q, 10)[0])
+    assert not os.path.exists(os.path.join(path, "scann", "scann_docids.pkl"))
+    # Saving again over the existing index replaces it and leaves no temporary folders.
+    small = I.SearchIndex.build(x[:100], paths_for(100), y[:100], META, backend="exact")
+    small.save(path)
+    assert I.load_index(path).size == 100
+    assert sorted(os.listdir(tmp_path)) == ["index"]
+
+
+def test_failed_save_keeps_old_index(data, tmp_path, monkeypatch):
+    x, y, _ = data
+    path = str(tmp_path / "index")
+    I.SearchIndex.build(x[:50], paths_for(50), y[:50], META, backend="exact").save(path)
+    other = I.SearchIndex.build(x[:80], paths_for(80), y[:80], META, backend="exact")
+
+    def boom():
+        raise OSError("disk full")
+
+    monkeypatch.setattr(other, "manifest", boom)
+    with pytest.raises(OSError, match="disk full"):
+        other.save(path)
+    assert I.load_index(path).size == 50
+    assert sorted(os.listdir(tmp_path)) == ["index"]
+
+
+@pytest.mark.parametrize("field,value", [("params_hash", "b" * 64), ("embed_dim", 64),
+                                         ("normalization", "torch"), ("model", "resnet50")])
+def test_manifest_refuses_other_embedder(data, tmp_path, field, value):
+    x, y, _ = data
+    path = str(tmp_path / "index")
+    I.SearchIndex.build(x[:50], paths_for(50), y[:50], META, backend="exact").save(path)
+    with pytest.raises(CheckpointError, match=f"different embedder: {field}"):
+        I.load_index(path, expect=dict(META, **{field: value}))
+
+
+def test_missing_and_corrupt_index(data, tmp_path):
+    with pytest.raises(CheckpointError, match="no index"):
+        I.load_index(str(tmp_path / "none"))
+    x, y, _ = data
+    path = tmp_path / "index"
+    I.SearchIndex.build(x[:50], paths_for(50), y[:50], META, backend="exact").save(str(path))
+    os.remove(path / "manifest.json")
+    with pytest.raises(CheckpointError, match="no manifest"):
+        I.load_index(str(path))
+    I.SearchIndex.build(x[:50], paths_for(50), y[:50], META, backend="exact").save(str(path))
+    (path / "paths.json").write_text(json.dumps(paths_for(49)))
+    with pytest.raises(CheckpointError, match="inconsistent"):
+        I.load_index(str(path))
+    (path / "embeddings.npy").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        I.load_index(str(path))
+
+
+def test_k_larger_than_gallery_and_bad_queries(data):
+    x, y, q = data
+    idx = I.SearchIndex.build(x[:20], paths_for(20), y[:20], META, backend="exact")
+    with pytest.raises(DataError, match="k=21 but the gallery has 20"):
+        idx.search(q, 21)
+    with pytest.raises(DataError, match=r"queries must be \[Q, 32\]"):
+        idx.search(q[:, :8], 5)
+    with pytest.raises(DataError, match="embeddings must be"):
+        I.SearchIndex.build(x[:5, :8], paths_for(5), y[:5], META)
+
+
+@pytest.mark.parametrize("backend", ["exact", "scann"])
+def test_add_and_remove(data, tmp_path, backend):
+    x, y, _ = data
+    base, extra = x[:4000], x[4000:4100]
+    idx = I.SearchIndex.build(base, paths_for(4000), y[:4000], META, backend=backend)
+    # Searching every ScaNN leaf makes self-retrieval certain, so this checks the row mapping
+    # (a partial search may legitimately miss an item: its leaf is chosen by another metric).
+    full = {"leaves_to_search": idx.scann_params["num_leaves"]} if backend == "scann" else {}
+    new_ids = idx.add(extra, paths_for(100, start=4000), y[4000:4100])
+    assert new_ids.tolist() == list(range(4000, 4100)) and idx.size == 4100
+    rows, _ = idx.search(extra[:20], 1, **full)
+    assert [idx.paths[r] for r in rows[:, 0]] == paths_for(20, start=4000)
+    # Remove some old and some new items: they never come back, the rest keep their ids.
+    gone = np.array([0, 1, 2, 4000, 4001])
+    idx.remove(gone)
+    assert idx.size == 4095 and not np.isin(gone, idx.ids).any()
+    rows, _ = idx.search(np.concatenate([base[:3], extra[:2]]), 5)
+    assert not np.isin(idx.ids[rows], gone).any()
+    rows, _ = idx.search(extra[2:10], 1, **full)
+    assert idx.ids[rows[:, 0]].tolist() == list(range(4002, 4010))
+    # The edited index survives a save/load with ids and mapping intact.
+    path = str(tmp_path / "index")
+    idx.save(path)
+    again = I.load_index(path)
+    np.testing.assert_array_equal(again.search(extra[2:10], 1, **full)[0], rows)
+    assert again.next_id == 4100
+    assert again.add(extra[:1], ["z.jpg"]).tolist() == [4100]
+    with pytest.raises(DataError, match="not in the index"):
+        idx.remove([123456])
+
+
+def test_scann_rebuilds_after_large_growth(data):
+    x, y, q = data
+    idx = I.SearchIndex.build(x[:1500], paths_for(1500), y[:1500], META, backend="scann")
+    leaves_before = idx.scann_params["num_leaves"]
+    idx.add(x[1500:], paths_for(4500, start=1500), y[1500:])
+    assert idx.built_count == 6000 and idx.scann_params["num_leaves"] > leaves_before
+    truth, _ = idx.search(q, 10, exact=True)
+    assert ann_recall_at_k(idx.search(q, 10)[0], truth, 10) >= 0.9

@@ -1,0 +1,80 @@
+"""Report files: metric table with the setting stated, Figure 9 PNG, curves, comparison table."""
+
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+from facejax.retrieval import report as R
+from facejax.retrieval.evaluate import evaluate_embeddings
+from facejax.retrieval.index import SearchIndex
+
+META = dict(model="toy", params_hash="d" * 64, embed_dim=2, normalization="unit",
+            l2_normalized=True, metric="dot", input_size=8, resize_mode="crop")
+
+
+def _result():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 6).astype(np.int32)
+    ang = np.deg2rad(labels * 90 + rng.uniform(-50, 50, len(labels)))
+    x = np.stack([np.cos(ang), np.sin(ang)], 1).astype(np.float32)
+    paths = [f"Person_{lab}/img{i}.jpg" for i, lab in enumerate(labels)]
+    index = SearchIndex.build(x, paths, labels, META, backend="exact")
+    return evaluate_embeddings(x, labels, index, ks=(1, 5, 10), self_rows=np.arange(len(x)),
+                               query_paths=paths, protocol="open_set", num_examples=3)
+
+
+def _loader(path):
+    # A flat colour per identity, so a wrong hit is visible in the picture.
+    lab = int(path.split("/")[0].split("_")[1])
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[..., lab % 3] = 60 + 60 * lab
+    return img
+
+
+def test_write_report(tmp_path):
+    result = _result()
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    Image.new("RGB", (20, 10)).save(plots / "loss.png")
+    out = tmp_path / "report"
+    paths = R.write_report(result, str(out), image_loader=_loader, plots_dir=str(plots))
+    assert sorted(os.listdir(out)) == ["report.html", "report.json", "report.md",
+                                       R.FIGURE]
+    md = (out / "report.md").read_text()
+    assert "Protocol: **open_set** (leave-one-out" in md
+    assert "24 queries over 4 identities; gallery of 23 images" in md
+    assert "| k | Top-k (hit@k) | Precision@k | Recall@k | F1@k |" in md
+    assert f"| 1 | {result['metrics']['top1']:.4f} |" in md
+    assert "![loss.png](../plots/loss.png)" in md and f"]({R.FIGURE})" in md
+    page = (out / "report.html").read_text()
+    assert "<table>" in page and f"src='{R.FIGURE}'" in page and "../plots/loss.png" in page
+    loaded = json.loads((out / "report.json").read_text())
+    assert loaded["metrics"]["top1"] == result["metrics"]["top1"]
+    assert loaded["gallery_size"] == 23
+    with Image.open(paths["figure"]) as fig:
+        # Three rows of query + top-5 at a legible size.
+        assert fig.width >= 600 and fig.height >= 3 * 200
+
+
+def test_grid_without_labels(tmp_path):
+    rows = [dict(image=_loader("Person_1/x"), caption="q", results=[
+        dict(image=_loader("Person_2/y"), caption="y\n0.9", correct=None),
+        dict(image=None, caption="missing", correct=None)])]
+    out = str(tmp_path / "grid.png")
+    R.draw_grid(rows, out)
+    with Image.open(out) as im:
+        assert im.width > 200
+
+
+def test_compare_table():
+    a = _result()
+    b = json.loads(json.dumps(R._jsonable(a)))
+    b["metrics"]["top1"] = 0.5
+    table = R.compare_table([("resnet50", a), ("vgg16", b)])
+    lines = table.splitlines()
+    assert lines[0].startswith("| Model | Top-1 | Top-5 | Top-10 | Precision@10 | mAP@R | F1@10")
+    assert lines[2].startswith(f"| resnet50 | {a['metrics']['top1']:.4f} |")
+    assert lines[3].startswith("| vgg16 | 0.5000 |") and "open_set (LOO) | 24 | 23 |" in lines[3]
+    assert "different" not in table

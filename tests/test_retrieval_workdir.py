@@ -1,0 +1,150 @@
+"""The retrieval scripts on a tiny workdir: build_index -> eval_topk -> search -> compare_runs."""
+
+import importlib.util
+import json
+import os
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import load_common_configs, write_image_folder
+from PIL import Image
+
+from facejax.config import to_json
+from facejax.errors import CheckpointError, DataError
+from facejax.retrieval import embed
+from facejax.retrieval import workdir as wd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES = {f"person_{c}": 6 for c in "abcdef"}
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"_script_{name}",
+                                                  os.path.join(ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _json(*parts):
+    return json.loads(pathlib.Path(*parts).read_text())
+
+
+def colour_embedder(params, images_u8):
+    """Mean colour, centred and L2-normalised: classes of distinct colours separate cleanly."""
+    x = images_u8.astype(jnp.float32).mean(axis=(1, 2)) / 255.0 - params["centre"]
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def make_run(tmp_path, root, source="folder", centre=(0.5, 0.5, 0.5)):
+    cfg = load_common_configs().base()
+    cfg.data.source, cfg.data.root = source, root
+    cfg.data.image_size, cfg.data.decode_workers = 16, 1
+    cfg.data.cache_dir = str(tmp_path / "cache")
+    cfg.data.val_fraction = 0.34
+    cfg.eval.ks = (1, 3)
+    cfg.eval.num_figure_queries = 3
+    work = tmp_path / f"run_{source}"
+    (work / "plots").mkdir(parents=True)
+    (work / "config.json").write_text(to_json(cfg))
+    Image.new("RGB", (40, 30), (255, 255, 255)).save(work / "plots" / "loss.png")
+    meta = dict(model="colour", input_size=16, resize_mode="crop", normalization="unit")
+    embed.export_embedder(colour_embedder, {"centre": np.array(centre, np.float32)}, meta,
+                          str(work / "embedder"))
+    return str(work)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("wd")
+    root = str(tmp / "images")
+    write_image_folder(root, CLASSES, size=(20, 16))
+    work = make_run(tmp, root)
+    assert _script("build_index").main(["--workdir", work, "--no_progress"]) == 0
+    assert _script("eval_topk").main(["--workdir", work, "--no_progress"]) == 0
+    return work, root
+
+
+def test_build_and_evaluate(run):
+    work, _ = run
+    assert os.path.isfile(os.path.join(work, "index", "manifest.json"))
+    assert not os.path.exists(os.path.join(work, "index_work"))
+    manifest = _json(work, "index", "manifest.json")
+    assert manifest["backend"] == "exact" and manifest["info"]["protocol"] == "closed_set"
+    report = _json(work, "report", "report.json")
+    assert report["metrics"]["top1"] == 1.0 and report["metrics"]["map@r"] == 1.0
+    assert report["num_queries"] + report["gallery_size"] == 36
+    assert manifest["count"] == report["gallery_size"]
+    assert sorted(os.listdir(os.path.join(work, "report"))) == [
+        "report.html", "report.json", "report.md", "topk_examples.png"]
+    md = pathlib.Path(work, "report", "report.md").read_text()
+    assert "../plots/loss.png" in md and "closed_set" in md
+
+
+def test_search_file_folder_and_errors(run, tmp_path, capsys):
+    work, root = run
+    query = os.path.join(root, "person_c", "person_c_000.png")
+    grid = str(tmp_path / "grid.png")
+    assert _script("search").main(["--workdir", work, "--query", query, "--k", "3",
+                                   "--json", "--out", grid]) == 0
+    out = json.loads(capsys.readouterr().out)
+    results = out["queries"][0]["results"]
+    assert len(results) == 3 and results[0]["name"] == "person_c"
+    assert results[0]["path"].startswith("person_c/") and results[0]["score"] > 0.99
+    assert os.path.getsize(grid) > 0
+    folder = tmp_path / "queries"
+    folder.mkdir()
+    Image.open(query).save(folder / "good.png")
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    res = wd.search_workdir(work, str(folder), 2)
+    assert len(res["queries"]) == 1 and res["skipped"][0]["path"].endswith("broken.jpg")
+    assert "person_c" in wd.format_search_table(res)
+    with pytest.raises(DataError, match="cannot use query image"):
+        wd.search_workdir(work, str(folder / "broken.jpg"), 2)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="has no images"):
+        wd.search_workdir(work, str(empty), 2)
+    with pytest.raises(DataError, match="k=99"):
+        wd.search_workdir(work, query, 99)
+
+
+def test_compare_runs(run, tmp_path, capsys):
+    work, _ = run
+    out = tmp_path / "table.md"
+    assert _script("compare_runs").main([work, work, "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("| Model | Top-1 | Top-5 | Top-10 | Precision@3 | mAP@R | F1@3")
+    assert lines[2].startswith("| colour (run_folder) | 1.0000 | – | – |")
+    with pytest.raises(DataError, match="run scripts/eval_topk.py"):
+        wd.compare_workdirs([str(tmp_path)])
+
+
+def test_index_from_another_embedder_is_refused(run, tmp_path):
+    work, root = run
+    other = make_run(tmp_path, root, centre=(0.4, 0.5, 0.5))
+    os.symlink(os.path.join(work, "index"), os.path.join(other, "index"))
+    with pytest.raises(CheckpointError, match="different embedder: params_hash"):
+        wd.evaluate_workdir(other, wd.load_run_config(other), progress=False)
+
+
+def test_competition_layout(tmp_path):
+    root = tmp_path / "comp"
+    write_image_folder(str(root / "training"), {"x": 3, "y": 3}, size=(20, 16))
+    # Loose query/gallery files: unlabelled, as in a competition.
+    write_image_folder(str(tmp_path / "loose"), {"x": 2, "y": 2}, size=(20, 16), seed=1)
+    for part, names in (("query", ["x/x_000.png"]), ("gallery", ["x/x_001.png", "y/y_000.png",
+                                                                 "y/y_001.png"])):
+        (root / part).mkdir()
+        for n in names:
+            os.replace(tmp_path / "loose" / n, root / part / os.path.basename(n))
+    work = make_run(tmp_path, str(root), source="competition")
+    cfg = wd.load_run_config(work)
+    wd.build_workdir_index(work, cfg, progress=False)
+    result = wd.evaluate_workdir(work, cfg, progress=False)
+    assert result["num_queries"] == 0 and result["num_queries_unlabelled"] == 1
+    mapping = _json(work, "report", wd.COMPETITION_JSON)
+    assert list(mapping) == ["x_000.png"]
+    assert mapping["x_000.png"][0] == "x_001.png" and len(mapping["x_000.png"]) == 3

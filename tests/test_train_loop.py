@@ -1,0 +1,218 @@
+"""train_and_evaluate end to end on a tiny idx dataset: outputs, resume, export, kill-and-resume."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import write_idx
+
+from facejax.config import load_config
+from facejax.train import checkpoint as ckpt_lib
+from facejax.train import loop
+from facejax.train.events import read_scalars
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+CLASSES, PER_CLASS = 4, 40
+
+
+def tiny_idx(directory) -> str:
+    """Fashion-MNIST-shaped idx files: class k is a bright horizontal band at row 6k, + noise."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(CLASSES), PER_CLASS)
+    rng.shuffle(labels)
+    images = rng.integers(0, 60, (len(labels), 28, 28)).astype(np.uint8)
+    for i, k in enumerate(labels):
+        images[i, 4 + 6 * k:8 + 6 * k] = 220
+    write_idx(directory, images, labels)
+    return str(directory)
+
+
+def overrides(idx_dir):
+    # checkpoint_every_steps makes mid-epoch checkpoints: the kill test needs one to appear.
+    return [f"data.root={idx_dir}", "train.checkpoint_every_steps=3"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One uninterrupted 2-epoch run (the reference the other tests compare against)."""
+    base = tmp_path_factory.mktemp("loop")
+    idx_dir = tiny_idx(base / "idx")
+    workdir = str(base / "run")
+    config = load_config(TINY, overrides(idx_dir))
+    summary = loop.train_and_evaluate(config, workdir)
+    return idx_dir, workdir, summary
+
+
+def final_params(workdir):
+    ckpt = ckpt_lib.RunCheckpoints(workdir, "val_accuracy", read_only=True)
+    step = ckpt.latest_step()
+    meta = ckpt.read_meta(step)
+    config = load_config(TINY, overrides("x"))
+    from facejax.train import state as state_lib
+    model = state_lib.build_model(config, meta["num_classes"])
+    _, params, stats, _ = state_lib.split_model(model)
+    arrays = ckpt.restore_model_arrays(step, {"params": ckpt_lib.abstract_like(params),
+                                              "batch_stats": ckpt_lib.abstract_like(stats)})
+    ckpt.close()
+    return step, arrays
+
+
+def test_run_writes_metrics_plots_events_and_a_summary(finished_run):
+    _, workdir, summary = finished_run
+    steps_per_epoch = (CLASSES * PER_CLASS * 3 // 4) // 16
+    assert summary["epochs_run"] == 2 and summary["steps"] == 2 * steps_per_epoch
+    assert summary["best_epoch"] in (1, 2) and 0.0 <= summary["best_value"] <= 1.0
+    assert os.path.isdir(summary["best_checkpoint"])
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_top1",
+                "val_top5", "learning_rate"):
+        assert all(np.isfinite(r[key]) for r in records), key
+    assert records[1]["learning_rate"] == pytest.approx(1e-3 * 0.9)  # per-epoch decay
+    # The band pattern is learnable: retrieval and classification beat chance by far.
+    assert records[-1]["val_top1"] > 0.6
+    for name in ("loss.png", "accuracy.png"):
+        with open(os.path.join(workdir, "plots", name), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    scalars = read_scalars(glob.glob(os.path.join(workdir, "events", "events.out.tfevents.*"))[0])
+    tags = {tag for _, tag, _ in scalars}
+    assert {"epoch/val_accuracy", "epoch/val_top1", "train/loss_running"} <= tags
+    assert json.load(open(os.path.join(workdir, "classes.json"))) == [str(k) for k in
+                                                                     range(CLASSES)]
+    assert json.load(open(os.path.join(workdir, "config.json")))["train"]["batch_size"] == 16
+
+
+def test_rerunning_a_finished_run_resumes_and_does_nothing(finished_run):
+    idx_dir, workdir, summary = finished_run
+    before = final_params(workdir)
+    again = loop.train_and_evaluate(load_config(TINY, overrides(idx_dir)), workdir)
+    assert again["steps"] == summary["steps"] and again["epochs_run"] == 2
+    after = final_params(workdir)
+    assert before[0] == after[0]
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[1]),
+                                                    jax.tree.leaves(after[1])))
+    lines = open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()
+    assert len(lines) == 2
+
+
+def test_resume_refuses_another_model_config(finished_run):
+    idx_dir, workdir, _ = finished_run
+    config = load_config(TINY, overrides(idx_dir) + ["model.embed_dim=8"])
+    with pytest.raises(ckpt_lib.CheckpointError, match="model.embed_dim"):
+        loop.train_and_evaluate(config, workdir)
+
+
+def test_export_matches_the_model(finished_run):
+    from facejax.retrieval.embed import load_embedder
+    from facejax.train.export import export_workdir
+
+    _, workdir, _ = finished_run
+    out = export_workdir(workdir)
+    embedder = load_embedder(out)
+    assert embedder.meta["input_size"] == 24 and embedder.meta["model"] == "scratch_cnn"
+    model, config = ckpt_lib.restore_model(workdir)
+    from facejax.data.augment import preprocess_eval
+    images = np.random.default_rng(0).integers(0, 256, (3, 24, 24, 3), dtype=np.uint8)
+    want = np.asarray(model.embed(preprocess_eval(images, 24, "unit")))
+    np.testing.assert_allclose(embedder(images), want, rtol=1e-4, atol=1e-5)
+
+
+def test_sigkill_partway_then_same_command_finishes_bit_identical(finished_run, tmp_path):
+    idx_dir, reference, _ = finished_run
+    workdir = str(tmp_path / "killed")
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--config", TINY,
+           "--workdir", workdir] + [f"--config.{o}" for o in overrides(idx_dir)]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    log = open(tmp_path / "killed.log", "w+")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # Kill as soon as a second checkpoint starts being written: orbax's temporary folder for
+    # step 6 (or, if that write was too quick to see, step 6 itself) while step 3 is final.
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        names = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+        if any(n.split(".")[0].isdigit() and int(n.split(".")[0]) >= 6 for n in names):
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "training ended before it could be killed:\n" + \
+        open(log.name).read()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "resuming from step" in out.stdout
+    step_ref, ref = final_params(reference)
+    step_got, got = final_params(workdir)
+    assert step_got == step_ref
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+def test_early_stopping_bookkeeping():
+    p = loop.Progress()
+    assert loop._update_best(p, {"epoch": 1, "val_loss": 1.0}, "val_loss", 10)
+    assert not loop._update_best(p, {"epoch": 2, "val_loss": 1.0}, "val_loss", 20)  # a tie
+    assert not loop._update_best(p, {"epoch": 3, "val_loss": 1.5}, "val_loss", 30)
+    assert p.bad_epochs == 2 and p.best_epoch == 1 and p.best_step == 10
+    assert loop._update_best(p, {"epoch": 4, "val_loss": 0.5}, "val_loss", 40)
+    assert p.bad_epochs == 0 and p.best_value == 0.5
+
+
+def test_lr_find_suggestions_on_a_known_curve():
+    from facejax.train.lr_find import suggestions
+
+    lrs = np.geomspace(1e-6, 1.0, 60)
+    # Flat, then falling fastest around 1e-3, then flat again and blowing up at the end.
+    x = np.log10(lrs)
+    losses = 2.0 - 1.5 / (1 + np.exp(-(x + 3) * 3)) + np.where(x > -0.5, (x + 0.5) * 8, 0)
+    s = suggestions(lrs, losses)
+    assert s["suggestion"] == s["steep"]
+    assert 10 ** -3.3 < s["steep"] < 10 ** -2.7
+    assert 1e-5 < s["valley"] < 10 ** -0.5
+    assert s["minimum"] == pytest.approx(lrs[np.argmin(losses[:-5])] / 10)
+
+
+def test_lr_find_sweeps_and_writes_plot(finished_run, tmp_path):
+    from facejax.train.lr_find import lr_find
+
+    idx_dir, _, _ = finished_run
+    config = load_config(TINY, overrides(idx_dir))
+    result = lr_find(config, str(tmp_path), start_lr=1e-5, end_lr=10.0, num_steps=14)
+    assert 2 <= len(result["lrs"]) <= 14
+    assert result["lrs"][0] == pytest.approx(1e-5)
+    assert np.all(np.diff(result["lrs"]) > 0)
+    with open(tmp_path / "lr_find.png", "rb") as f:
+        assert f.read(4) == b"\x89PNG"
+    saved = json.load(open(tmp_path / "lr_find.json"))
+    assert saved["lrs"] == result["lrs"]
+
+
+@pytest.mark.parametrize("name", sorted(
+    os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+    if not p.endswith("common.py")))
+def test_every_config_loads_and_documents_its_command(name):
+    from facejax.errors import ConfigError
+    from facejax.models import get_preset
+    from facejax.train.losses import LossConfig
+    from facejax.train.optim import make_schedule
+
+    path = os.path.join(ROOT, "configs", f"{name}.py")
+    config = load_config(path)
+    source = open(path).read()
+    assert f"scripts/train.py --config configs/{name}.py --workdir" in source.replace(
+        "\\\n        ", "")
+    get_preset(config.model.name, config.model.weights_source)
+    LossConfig.from_config(config)
+    make_schedule(config.train, 10, 10 * config.train.epochs)
+    with pytest.raises(ConfigError, match="did you mean 'epochs'"):
+        load_config(path, ["train.epoch=3"])
+    with pytest.raises(ConfigError, match="expects int"):
+        load_config(path, ["train.batch_size=big"])
