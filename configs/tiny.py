@@ -8,7 +8,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import base  # noqa: E402
+from common import base
 
 
 def get_config():

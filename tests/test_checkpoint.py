@@ -109,3 +109,18 @@ def test_config_mismatches_are_refused_with_the_field_named():
 def test_restore_model_needs_a_training_workdir(tmp_path):
     with pytest.raises(CheckpointError, match="config.json is missing"):
         ckpt_lib.restore_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("monitor,values,best", [
+    ("val_loss", (0.9, 0.5, 0.5, 0.7), 4),      # lower is better; a tie keeps the earlier step
+    ("val_top1", (0.2, 0.6, 0.6, 0.1), 4),
+])
+def test_best_step_follows_the_monitor_direction(tmp_path, tiny_state, monitor, values, best):
+    _, state = tiny_state
+    ckpt = ckpt_lib.RunCheckpoints(str(tmp_path), monitor)
+    for i, v in enumerate(values, start=1):
+        ckpt.save(2 * i, state, meta={}, data_state={}, metrics={monitor: v})
+    ckpt.wait()
+    assert ckpt.best_step() == best and ckpt.latest_step() == 8
+    assert sorted(ckpt.all_steps()) == [best, 8]
+    ckpt.close()

@@ -14,6 +14,7 @@ import pytest
 from conftest import write_idx
 
 from facejax.config import load_config
+from facejax.data.augment import preprocess_eval
 from facejax.train import checkpoint as ckpt_lib
 from facejax.train import loop
 from facejax.train.events import read_scalars
@@ -33,6 +34,11 @@ def tiny_idx(directory) -> str:
         images[i, 4 + 6 * k:8 + 6 * k] = 220
     write_idx(directory, images, labels)
     return str(directory)
+
+
+def read(path) -> str:
+    with open(path) as f:
+        return f.read()
 
 
 def overrides(idx_dir):
@@ -71,7 +77,8 @@ def test_run_writes_metrics_plots_events_and_a_summary(finished_run):
     assert summary["epochs_run"] == 2 and summary["steps"] == 2 * steps_per_epoch
     assert summary["best_epoch"] in (1, 2) and 0.0 <= summary["best_value"] <= 1.0
     assert os.path.isdir(summary["best_checkpoint"])
-    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    records = [json.loads(line) for line in
+               read(os.path.join(workdir, "metrics.jsonl")).splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
     for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_top1",
                 "val_top5", "learning_rate"):
@@ -85,9 +92,9 @@ def test_run_writes_metrics_plots_events_and_a_summary(finished_run):
     scalars = read_scalars(glob.glob(os.path.join(workdir, "events", "events.out.tfevents.*"))[0])
     tags = {tag for _, tag, _ in scalars}
     assert {"epoch/val_accuracy", "epoch/val_top1", "train/loss_running"} <= tags
-    assert json.load(open(os.path.join(workdir, "classes.json"))) == [str(k) for k in
-                                                                     range(CLASSES)]
-    assert json.load(open(os.path.join(workdir, "config.json")))["train"]["batch_size"] == 16
+    classes = json.loads(read(os.path.join(workdir, "classes.json")))
+    assert classes == [str(k) for k in range(CLASSES)]
+    assert json.loads(read(os.path.join(workdir, "config.json")))["train"]["batch_size"] == 16
 
 
 def test_rerunning_a_finished_run_resumes_and_does_nothing(finished_run):
@@ -99,7 +106,7 @@ def test_rerunning_a_finished_run_resumes_and_does_nothing(finished_run):
     assert before[0] == after[0]
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[1]),
                                                     jax.tree.leaves(after[1])))
-    lines = open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()
+    lines = read(os.path.join(workdir, "metrics.jsonl")).splitlines()
     assert len(lines) == 2
 
 
@@ -118,8 +125,7 @@ def test_export_matches_the_model(finished_run):
     out = export_workdir(workdir)
     embedder = load_embedder(out)
     assert embedder.meta["input_size"] == 24 and embedder.meta["model"] == "scratch_cnn"
-    model, config = ckpt_lib.restore_model(workdir)
-    from facejax.data.augment import preprocess_eval
+    model, _ = ckpt_lib.restore_model(workdir)
     images = np.random.default_rng(0).integers(0, 256, (3, 24, 24, 3), dtype=np.uint8)
     want = np.asarray(model.embed(preprocess_eval(images, 24, "unit")))
     np.testing.assert_allclose(embedder(images), want, rtol=1e-4, atol=1e-5)
@@ -132,8 +138,9 @@ def test_sigkill_partway_then_same_command_finishes_bit_identical(finished_run, 
            "--workdir", workdir] + [f"--config.{o}" for o in overrides(idx_dir)]
     env = dict(os.environ, PYTHONPATH=ROOT)
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    log = open(tmp_path / "killed.log", "w+")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    log_path = tmp_path / "killed.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     # Kill as soon as a second checkpoint starts being written: orbax's temporary folder for
     # step 6 (or, if that write was too quick to see, step 6 itself) while step 3 is final.
     deadline = time.time() + 240
@@ -143,12 +150,15 @@ def test_sigkill_partway_then_same_command_finishes_bit_identical(finished_run, 
             break
         time.sleep(0.01)
     assert proc.poll() is None, "training ended before it could be killed:\n" + \
-        open(log.name).read()
+        read(log_path)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    left = os.listdir(ckpt_dir)
+    finished = sorted(int(n) for n in left if n.isdigit())
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "resuming from step" in out.stdout
+    # The resume starts from the newest *finished* step; a temporary folder is never used.
+    assert f"resuming from step {finished[-1]} " in out.stdout, (left, out.stdout)
     step_ref, ref = final_params(reference)
     step_got, got = final_params(workdir)
     assert step_got == step_ref
@@ -191,7 +201,7 @@ def test_lr_find_sweeps_and_writes_plot(finished_run, tmp_path):
     assert np.all(np.diff(result["lrs"]) > 0)
     with open(tmp_path / "lr_find.png", "rb") as f:
         assert f.read(4) == b"\x89PNG"
-    saved = json.load(open(tmp_path / "lr_find.json"))
+    saved = json.loads(read(tmp_path / "lr_find.json"))
     assert saved["lrs"] == result["lrs"]
 
 
@@ -206,7 +216,7 @@ def test_every_config_loads_and_documents_its_command(name):
 
     path = os.path.join(ROOT, "configs", f"{name}.py")
     config = load_config(path)
-    source = open(path).read()
+    source = read(path)
     assert f"scripts/train.py --config configs/{name}.py --workdir" in source.replace(
         "\\\n        ", "")
     get_preset(config.model.name, config.model.weights_source)

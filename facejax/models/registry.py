@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from facejax.errors import ConfigError
+from facejax.models.heads import EmbeddingModel
 
 HEAD_KINDS = ("linear", "cosine")
 
@@ -128,11 +129,10 @@ def create_model(name: str, *, num_classes: int, rngs: nnx.Rngs, embed_dim: int 
       head: 'linear' (logits) or 'cosine' (cosines with normalised class weights).
       dropout: rate applied to the embedding before the classification head.
       dtype: compute dtype (parameters stay float32; logits/embeddings are returned as float32).
-      source: weight source whose preset `arch_kw` apply (e.g. 'keras' -> ResNet v1 layout).
+      source: weight source whose preset `arch_kw` apply (e.g. 'keras' -> ResNet v1 layout;
+        '' = the model's default source).
       **arch_kw: architecture overrides, on top of the variant's and the preset's.
     """
-    from facejax.models.heads import EmbeddingModel  # heads imports nothing from here
-
     spec = get_spec(name)
     if head not in HEAD_KINDS:
         raise ConfigError(f"model.head must be one of {HEAD_KINDS}, got {head!r}")
@@ -142,8 +142,7 @@ def create_model(name: str, *, num_classes: int, rngs: nnx.Rngs, embed_dim: int 
         raise ConfigError(f"embed_dim must be >= 0, got {embed_dim}")
     if not 0.0 <= float(dropout) < 1.0:
         raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
-    preset_kw = dict(get_preset(name, source).arch_kw) if source else {}
-    kw = {**spec.arch_kw, **preset_kw, **arch_kw}
+    kw = {**spec.arch_kw, **get_preset(name, source).arch_kw, **arch_kw}
     try:  # check a config's architecture keywords before building anything
         _signature(spec.backbone).bind(rngs=rngs, dtype=dtype, **kw)
     except TypeError as e:

@@ -42,8 +42,10 @@ RESUMABLE_FIELDS = (
 
 
 def _score(monitor: str):
-    """Orbax best_fn: (metric, -step), so ties keep the earliest epoch, as early stopping does."""
-    return lambda m: (float(m[monitor]), -int(m["step"]))
+    """Orbax best_fn, higher is better: (+-metric, -step), so a tie keeps the earliest epoch,
+    as early stopping does."""
+    sign = 1.0 if MONITORS[monitor] == "max" else -1.0
+    return lambda m: (sign * float(m[monitor]), -int(m["step"]))
 
 
 class RunCheckpoints:
@@ -54,12 +56,11 @@ class RunCheckpoints:
             raise CheckpointError(f"train.monitor must be one of {tuple(MONITORS)}, got {monitor!r}")
         self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
         self.monitor = monitor
-        mode = MONITORS[monitor]
         options = ocp.CheckpointManagerOptions(
-            best_fn=_score(monitor), best_mode=mode,
+            best_fn=_score(monitor), best_mode="max",
             preservation_policy=ocm.AnyPreservationPolicy([
                 ocm.LatestN(n=1),
-                ocm.BestN(get_metric_fn=_score(monitor), reverse=mode == "min", n=1,
+                ocm.BestN(get_metric_fn=_score(monitor), n=1,
                           keep_checkpoints_without_metrics=False),
             ]),
             create=not read_only, read_only=read_only,
@@ -83,9 +84,6 @@ class RunCheckpoints:
     def save(self, step: int, state, *, meta: dict, data_state: Any,
              metrics: dict | None = None) -> None:
         """Saves asynchronously; `metrics` (with the monitor) marks an epoch-end checkpoint."""
-        if step in self._mgr.all_steps():
-            # Only reachable when a run re-does steps after a resume (see `delete_after`).
-            self._mgr.delete(step)
         args = ocp.args.Composite(
             model=ocp.args.StandardSave({"params": state.params,
                                          "batch_stats": state.batch_stats}),
@@ -128,12 +126,6 @@ class RunCheckpoints:
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} does not match this model "
                 f"(or is unreadable): {type(e).__name__}: {str(e)[:500]}") from e
-
-    def delete_after(self, step: int) -> None:
-        """Removes steps newer than `step` (a best checkpoint left by an interrupted epoch)."""
-        for s in self._mgr.all_steps():
-            if s > step:
-                self._mgr.delete(s)
 
     def wait(self) -> None:
         self._mgr.wait_until_finished()

@@ -84,7 +84,7 @@ class EventWriter:
         os.makedirs(logdir, exist_ok=True)
         name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
         self.path = os.path.join(logdir, name)
-        self._f = open(self.path, "ab")
+        self._f = open(self.path, "ab")  # noqa: SIM115  (kept open for the run; see close())
         self._f.write(record(_event(time.time(), 0, file_version="brain.Event:2")))
         self._f.flush()
 

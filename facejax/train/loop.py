@@ -20,7 +20,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -133,36 +132,37 @@ def train_and_evaluate(config, workdir: str, data: PreparedData | None = None) -
     step = int(jax.device_get(state.step))
     stopped_early = progress.bad_epochs >= t.early_stopping_patience > 0
     record: dict[str, Any] = history[-1] if history else {}
+    clock = _Throughput(t.batch_size)
     while progress.epoch < t.epochs and not stopped_early:
-        epoch = progress.epoch
-        bar = tqdm(total=spe, initial=progress.step_in_epoch, desc=f"epoch {epoch + 1}/{t.epochs}",
-                   unit="step", disable=not primary, file=sys.stderr, dynamic_ncols=True,
-                   mininterval=1.0)
+        t_epoch = time.perf_counter()
+        bar = tqdm(total=spe, initial=progress.step_in_epoch,
+                   desc=f"epoch {progress.epoch + 1}/{t.epochs}", unit="step",
+                   disable=not primary, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
         pending: list[dict] = []
-        t_mark, images_mark, images_per_s = None, 0, float("nan")
+        clock.restart()
         while progress.step_in_epoch < spe:
             batch = to_global(next(iterator), mesh)
             state, step_metrics = train_fn(state, batch, run_key)
             pending.append(step_metrics)
             step += 1
             progress.step_in_epoch += 1
+            clock.count()
             bar.update(1)
             last = progress.step_in_epoch == spe
-            if len(pending) >= t.log_every_steps or last or step == 1:
-                _drain(pending, progress)  # waits for the device: a sync point per log interval
-                now = time.perf_counter()
-                if t_mark is not None and images_mark:
-                    images_per_s = images_mark / (now - t_mark)
-                t_mark, images_mark = now, 0  # the interval starts after the first (compiling) step
+            # Reading metrics waits for the device: one sync point per log interval (and after
+            # the first step, so the compile is kept out of the images/s figure).
+            if len(pending) >= t.log_every_steps or last or not clock.started:
+                _drain(pending, progress)
+                clock.mark()
                 running = progress.loss_sum / max(progress.steps_summed, 1)
-                bar.set_postfix(loss=f"{running:.4f}", img_s=f"{images_per_s:.0f}")
+                bar.set_postfix(loss=f"{running:.4f}", img_s=f"{clock.rate:.0f}")
                 if writer:
-                    writer.scalars(step, {"train/loss_running": running,
-                                          "train/learning_rate": float(schedule(step - 1)),
-                                          "train/images_per_s": images_per_s})
-            else:
-                images_mark += t.batch_size
-            if (t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 and not last):
+                    scalars = {"train/loss_running": running,
+                               "train/learning_rate": float(schedule(step - 1))}
+                    if not math.isnan(clock.rate):
+                        scalars["train/images_per_s"] = clock.rate
+                    writer.scalars(step, scalars)
+            if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 and not last:
                 _drain(pending, progress)
                 save(step, None)
         bar.close()
@@ -173,7 +173,8 @@ def train_and_evaluate(config, workdir: str, data: PreparedData | None = None) -
                       train_loss=progress.loss_sum / max(progress.steps_summed, 1),
                       train_accuracy=progress.acc_sum / max(progress.steps_summed, 1),
                       learning_rate=float(schedule(step - 1)),
-                      images_per_s=None if math.isnan(images_per_s) else images_per_s)
+                      images_per_s=None if math.isnan(clock.rate) else clock.rate,
+                      epoch_time_s=time.perf_counter() - t_epoch)
         record.update(evaluate(eval_fn, state, data, gallery, t.batch_size, mesh))
         progress.step_in_epoch = progress.loss_sum = progress.acc_sum = 0
         progress.steps_summed = 0
@@ -201,6 +202,30 @@ def train_and_evaluate(config, workdir: str, data: PreparedData | None = None) -
     if primary:
         _print_summary(summary)
     return summary
+
+
+class _Throughput:
+    """Training images/s between sync points, excluding the first (compiling) step."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.started = False
+        self.rate = float("nan")
+        self._images = 0
+        self._since = 0.0
+
+    def count(self) -> None:
+        self._images += self.batch_size
+
+    def restart(self) -> None:
+        """Starts a new interval without a rate (after evaluation and checkpointing)."""
+        self._since, self._images = time.perf_counter(), 0
+
+    def mark(self) -> None:
+        now = time.perf_counter()
+        if self.started and now > self._since:
+            self.rate = self._images / (now - self._since)
+        self.started, self._since, self._images = True, now, 0
 
 
 def _validate(config) -> None:

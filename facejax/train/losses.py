@@ -29,7 +29,7 @@ class LossConfig:
     cosine_head: bool = False
 
     @classmethod
-    def from_config(cls, config) -> "LossConfig":
+    def from_config(cls, config) -> LossConfig:
         t = config.train
         if t.loss not in LOSSES:
             raise ConfigError(f"train.loss must be one of {LOSSES}, got {t.loss!r}")

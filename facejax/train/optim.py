@@ -19,7 +19,8 @@ Weight decay applies to parameters with ndim >= 2 (kernels) only: biases and nor
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +53,7 @@ def make_schedule(t, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
     total = max(1, int(total_steps))
     if t.schedule == "one_cycle":
         return _cos_cycle(lr / ONE_CYCLE_DIV, lr, lr / ONE_CYCLE_DIV_FINAL, total)
-    warmup = int(round(float(t.warmup_epochs) * spe))
+    warmup = round(float(t.warmup_epochs) * spe)
     if not 0 <= warmup < total:
         raise ConfigError(f"train.warmup_epochs={t.warmup_epochs} must be >= 0 and shorter "
                           f"than the run ({total} steps)")
@@ -175,9 +176,7 @@ def param_labels(params, t, *, layer_order: list[tuple[str, ...]],
             label = FROZEN
         elif path[:1] != (BACKBONE,):
             label = TRAINABLE
-        elif t.finetune == "frozen_backbone":
-            label = FROZEN
-        elif open_layers is not None and layer not in open_layers:
+        elif t.finetune == "frozen_backbone" or open_layers is not None and layer not in open_layers:
             label = FROZEN
         else:
             label = slow

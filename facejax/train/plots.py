@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
+import matplotlib.pyplot as plt
 
 CURVES = {
     "loss.png": ("Loss", (("train_loss", "train"), ("val_loss", "validation"))),

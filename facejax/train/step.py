@@ -35,6 +35,7 @@ def forward(model: nnx.Module, x: jax.Array, *, train: bool, backbone_train: boo
     (BatchNorm on running statistics: the freeze_bn policy) while the head still trains."""
     if backbone_train == train:
         return model(x, train=train)
+    # EmbeddingModel.__call__ (models/heads.py) with separate flags for backbone and head.
     z = model.embedding(model.backbone(x, train=backbone_train))
     if model.dropout is not None:
         z = model.dropout(z, deterministic=not train)

@@ -1,0 +1,244 @@
+"""Training throughput (images/s: augment + forward + backward + Adam update) vs torchvision.
+
+  .venv/bin/python bench/train_throughput.py                    # CPU: ResNet18/50 x 112/224, batch 32
+  .venv/bin/python bench/train_throughput.py --models resnet18 --sizes 112 --rounds 2
+  .venv/bin/python bench/train_throughput.py --gpu              # what bench/gpu.sh runs
+
+CPU mode times facejax's jitted train step (the real one: on-device random affine + flip +
+normalisation, float32, Adam) and torchvision's model + torch.optim.Adam with an equivalent
+batched augmentation (per-image random affine through `affine_grid`/`grid_sample`, flip,
+normalisation) on the same batch size and resolution, in the same process. Rounds alternate
+between the two so a busy machine slows both alike; each figure is the median over rounds.
+
+GPU mode: ResNet50 at 224 px with bfloat16 compute at the largest batch of --gpu-batches that
+fits, plus input-pipeline headroom (grain iterator over a uint8 array -> sharded device batch
+-> jitted augmentation, no model), so the two can be compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from facejax import cli
+from facejax.config import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "bench", "out")
+CLASSES = 100
+
+
+def _config(model: str, size: int, batch: int, dtype: str = "float32"):
+    return load_config(os.path.join(ROOT, "configs", "resnet18.py"), [
+        f"model.name={model}", "model.pretrained=", "model.weights_source=torchvision",
+        f"model.input_size={size}", f"data.image_size={size}", f"train.batch_size={batch}",
+        "train.schedule=constant", "train.finetune=all", f"train.compute_dtype={dtype}"])
+
+
+def jax_stepper(model: str, size: int, batch: int, dtype: str = "float32"):
+    """A function running one facejax train step on a fixed uint8 batch (blocks until done)."""
+    import jax
+
+    from facejax.data.pipeline import make_data_mesh, to_global
+    from facejax.train import state as state_lib
+    from facejax.train.losses import LossConfig
+    from facejax.train.mesh import replicate
+    from facejax.train.step import jit_train_step
+
+    config = _config(model, size, batch, dtype)
+    mesh = make_data_mesh()
+    net = state_lib.build_model(config, CLASSES, dtype=state_lib.compute_dtype(dtype))
+    state, bundle, tx, _ = state_lib.create_train_state(config, net, steps_per_epoch=100,
+                                                        total_steps=100)
+    fn = jit_train_step(mesh, bundle=bundle, tx=tx, loss_cfg=LossConfig.from_config(config),
+                        augment_cfg=config.augment, freeze_bn=False)
+    holder = {"state": replicate(state, mesh)}
+    key = replicate(jax.random.key_data(jax.random.key(0)), mesh)
+    rng = np.random.default_rng(0)
+    batch_np = dict(image=rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+                    label=rng.integers(0, CLASSES, batch).astype(np.int32))
+    device_batch = to_global(batch_np, mesh)
+
+    def step():
+        holder["state"], metrics = fn(holder["state"], device_batch, key)
+        metrics["loss"].block_until_ready()
+
+    return step
+
+
+def torch_stepper(model: str, size: int, batch: int):
+    """The torchvision + torch.optim peer, with an equivalent batched augmentation."""
+    import torch
+    import torch.nn.functional as F
+    import torchvision
+
+    net = getattr(torchvision.models, model)(weights=None, num_classes=CLASSES)
+    net.train()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 256, (batch, 3, size, size), dtype=np.uint8))
+    labels = torch.from_numpy(rng.integers(0, CLASSES, batch))
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+    def augment(x):
+        # Rotation +-10 deg, zoom +-10 %, shift +-5 %, horizontal flip: one warp per image.
+        n = x.shape[0]
+        angle = (torch.rand(n) * 2 - 1) * np.deg2rad(10)
+        scale = 1 + (torch.rand(n, 2) * 2 - 1) * 0.1
+        flip = torch.where(torch.rand(n) < 0.5, -1.0, 1.0)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        theta = torch.stack([torch.stack([cos * scale[:, 1] * flip, -sin * scale[:, 0],
+                                          (torch.rand(n) * 2 - 1) * 0.1], 1),
+                             torch.stack([sin * scale[:, 1] * flip, cos * scale[:, 0],
+                                          (torch.rand(n) * 2 - 1) * 0.1], 1)], 1)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection",
+                             align_corners=False)
+
+    def step():
+        x = (augment(images.float() / 255.0) - mean) / std
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(net(x), labels)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def _time(step, n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    return time.perf_counter() - t0
+
+
+def compare(models, sizes, batch: int, rounds: int, steps: int) -> list[dict]:
+    import jax
+    import torch
+
+    rows = []
+    for model in models:
+        for size in sizes:
+            peers = {"facejax": jax_stepper(model, size, batch), "torch": torch_stepper(
+                model, size, batch)}
+            for step in peers.values():  # compile / warm up
+                step()
+            rates = {name: [] for name in peers}
+            for _ in range(rounds):
+                for name, step in peers.items():
+                    rates[name].append(steps * batch / _time(step, steps))
+            row = dict(model=model, size=size, batch=batch,
+                       facejax=statistics.median(rates["facejax"]),
+                       torch=statistics.median(rates["torch"]),
+                       load=os.getloadavg()[0])
+            row["ratio"] = row["facejax"] / row["torch"]
+            rows.append(row)
+            print(f"  {model} {size}px: facejax {row['facejax']:.1f} img/s, torch "
+                  f"{row['torch']:.1f} img/s ({row['ratio']:.2f}x), load {row['load']:.1f}",
+                  flush=True)
+    print(f"\njax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), {len(os.sched_getaffinity(0))} cores")
+    print("\n| model | px | batch | facejax img/s | torch img/s | ratio |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['size']} | {r['batch']} | {r['facejax']:.1f} | "
+              f"{r['torch']:.1f} | {r['ratio']:.2f}x |")
+    return rows
+
+
+def gpu(batches, steps: int, model: str = "resnet50", size: int = 224,
+        pipeline_seconds: float = 10.0) -> dict:
+    """`model` at `size` px, bf16, at the largest batch that fits, plus input-pipeline headroom."""
+    import jax
+
+    from facejax.data import augment as aug
+    from facejax.data import pipeline
+
+    out = dict(device=str(jax.devices()[0].device_kind), devices=jax.device_count(),
+               jax=jax.__version__, model=model, size=size, compute_dtype="bfloat16")
+    for batch in batches:
+        try:
+            step = jax_stepper(model, size, batch, dtype="bfloat16")
+            t0 = time.perf_counter()
+            step()
+            compile_s = time.perf_counter() - t0
+            _time(step, 3)
+            dt = _time(step, steps)
+        except Exception as e:
+            if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+                raise
+            print(f"  batch {batch}: out of memory, trying a smaller one", flush=True)
+            continue
+        out.update(train_batch=batch, train_images_per_s=steps * batch / dt,
+                   compile_s=compile_s)
+        print(f"  {model} {size}px bf16 batch {batch}: {steps * batch / dt:,.0f} images/s "
+              f"(first step incl. compile {compile_s:.0f}s)", flush=True)
+        break
+    batch = out.get("train_batch", batches[-1])
+    n = max(4 * batch, 4096)
+    images = np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    cfg = _config(model, size, batch).augment
+    it = pipeline.TrainIterator(images, np.arange(n), np.zeros(n, np.int32), batch_size=batch,
+                                seed=0)
+    mesh = pipeline.make_data_mesh()
+    fn = jax.jit(lambda k, x: aug.preprocess_train(k, x, cfg, size, "torch"))
+    key = jax.random.key(0)
+    for _ in range(3):
+        fn(key, pipeline.to_global(next(it), mesh)["image"]).block_until_ready()
+    count, t0, pending = 0, time.perf_counter(), None
+    while time.perf_counter() - t0 < pipeline_seconds:
+        x = fn(jax.random.fold_in(key, count), pipeline.to_global(next(it), mesh)["image"])
+        if pending is not None:
+            pending.block_until_ready()
+        pending, count = x, count + 1
+    pending.block_until_ready()
+    out["pipeline_images_per_s"] = count * batch / (time.perf_counter() - t0)
+    it.close()
+    if "train_images_per_s" in out:
+        out["pipeline_headroom"] = out["pipeline_images_per_s"] / out["train_images_per_s"]
+    print(f"  input pipeline (grain -> device -> augment, batch {batch}): "
+          f"{out['pipeline_images_per_s']:,.0f} images/s"
+          + (f", {out['pipeline_headroom']:.1f}x the training rate"
+             if "pipeline_headroom" in out else ""), flush=True)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[112, 224])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
+    parser.add_argument("--steps", type=int, default=2, help="steps per round (CPU mode)")
+    parser.add_argument("--gpu", action="store_true", help="ResNet50 bf16 + pipeline headroom")
+    parser.add_argument("--gpu-batches", type=int, nargs="+", default=[256, 128])
+    parser.add_argument("--gpu-steps", type=int, default=20)
+    parser.add_argument("--gpu-model", default="resnet50", help=argparse.SUPPRESS)  # smoke tests
+    parser.add_argument("--gpu-size", type=int, default=224, help=argparse.SUPPRESS)
+    parser.add_argument("--pipeline-seconds", type=float, default=10.0)
+    args = parser.parse_args(argv)
+    os.makedirs(OUT, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%d")
+    if args.gpu:
+        result = gpu(args.gpu_batches, args.gpu_steps, args.gpu_model, args.gpu_size,
+                     args.pipeline_seconds)
+        path = os.path.join(OUT, "train_throughput_gpu.json")
+    else:
+        result = compare(args.models, args.sizes, args.batch, args.rounds, args.steps)
+        path = os.path.join(OUT, "train_throughput_cpu.json")
+    with open(path, "w") as f:
+        json.dump(dict(date=stamp, result=result), f, indent=1)
+    print(f"written {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
