@@ -85,6 +85,7 @@ def train() -> ml_collections.ConfigDict:
         log_every_steps=20,
         checkpoint_every_steps=0,  # 0 -> end of each epoch only
         max_steps_per_epoch=0,   # 0 = full epoch
+        eval_gallery_max=5000,   # per-epoch retrieval eval: training images in the gallery (0 = all)
     ))
 
 

@@ -199,14 +199,16 @@ def create_train_iterator(images: np.ndarray, subset, config) -> TrainIterator:
                          seed=config.seed, workers=config.data.workers)
 
 
-def eval_batches(images: np.ndarray, indices, batch_size: int,
-                 mesh: Mesh | None = None) -> Iterator[dict[str, Any]]:
-    """Yields `images[indices]` in order as fixed-shape batches `dict(image, mask)`.
+def eval_batches(images: np.ndarray, indices, batch_size: int, mesh: Mesh | None = None,
+                 labels: np.ndarray | None = None) -> Iterator[dict[str, Any]]:
+    """Yields `images[indices]` in order as fixed-shape batches `dict(image, mask[, label])`.
 
     The global batch is `batch_size` rounded up to a multiple of the device count, and the last
     batch is zero-padded with `mask` False, so one compiled function serves every batch. Each
     process gets its slice; with `mesh` the batches are global jax.Arrays (`to_global`),
-    otherwise numpy. Concatenating outputs and keeping `mask` rows restores `indices` order.
+    otherwise numpy. Concatenating outputs and keeping `mask` rows restores `indices` order;
+    globally the valid rows of each batch are its first `min(size, remaining)` rows.
+    `labels` (aligned with `indices`) adds a zero-padded `label` entry.
     """
     indices, _ = _check_subset(images, indices)
     n_dev = mesh.devices.size if mesh is not None else jax.device_count()
@@ -222,4 +224,8 @@ def eval_batches(images: np.ndarray, indices, batch_size: int,
         image[:len(rows)] = images[rows]
         mask = np.arange(local) < len(rows)
         batch = {"image": image, "mask": mask}
+        if labels is not None:
+            label = np.zeros((local,), np.int32)
+            label[:len(rows)] = labels[start:start + size][lo:lo + local]
+            batch["label"] = label
         yield to_global(batch, mesh) if mesh is not None else batch

@@ -29,6 +29,20 @@ from facejax.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
+
+class _QuietExpected(logging.Filter):
+    """Drops orbax notes about things this module does on purpose (mid-epoch checkpoints carry
+    no metric; export opens the folder read-only)."""
+
+    EXPECTED = ("did not provide metrics", "Given directory is read only",
+                "setting save_interval_steps=0")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(e in record.getMessage() for e in self.EXPECTED)
+
+
+logging.getLogger("absl").addFilter(_QuietExpected())
+
 CHECKPOINT_DIR = "checkpoints"
 MONITORS = {"val_accuracy": "max", "val_top1": "max", "val_loss": "min"}
 
@@ -70,7 +84,12 @@ class RunCheckpoints:
         )
         if read_only and not os.path.isdir(self.directory):
             raise CheckpointError(f"no checkpoints in {workdir} ({self.directory} is missing)")
-        self._mgr = ocp.CheckpointManager(self.directory, options=options)
+        # Handlers named up front, so a reopened folder can describe its items (shape checks).
+        handlers = dict(model=ocp.StandardCheckpointHandler(),
+                        train=ocp.StandardCheckpointHandler(),
+                        meta=ocp.JsonCheckpointHandler(), data=ocp.JsonCheckpointHandler())
+        self._mgr = ocp.CheckpointManager(self.directory, options=options,
+                                          item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self._mgr.latest_step()
@@ -95,11 +114,34 @@ class RunCheckpoints:
             metrics = {"step": int(step), self.monitor: float(metrics[self.monitor])}
         self._mgr.save(int(step), args=args, metrics=metrics, force=True)
 
+    def check_model_shapes(self, step: int, abstract_model: dict) -> None:
+        """Raises CheckpointError naming the parameters whose shapes differ from the model's
+        (another architecture, class count or embedding size), before any array is read."""
+        try:
+            saved = self._mgr.item_metadata(step)["model"]
+        except (KeyError, TypeError, ValueError, FileNotFoundError):
+            return  # no readable metadata: the restore itself reports a mismatch
+        if saved is None:
+            return
+        saved = _shapes(getattr(saved, "tree", saved))
+        want = _shapes(abstract_model)
+        problems = [f"{k}: checkpoint {saved[k]}, model {want[k]}"
+                    for k in sorted(saved.keys() & want.keys()) if saved[k] != want[k]]
+        problems += [f"{k}: only in the checkpoint" for k in sorted(saved.keys() - want.keys())]
+        problems += [f"{k}: only in the model" for k in sorted(want.keys() - saved.keys())]
+        if problems:
+            shown = "; ".join(problems[:6]) + (f"; ... ({len(problems)} in all)"
+                                               if len(problems) > 6 else "")
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} does not match "
+                                  f"this model: {shown}")
+
     def read_meta(self, step: int) -> dict:
         return self._restore(step, meta=ocp.args.JsonRestore())["meta"]
 
     def restore(self, step: int, abstract_state) -> tuple[Any, dict, Any]:
         """(state, meta, iterator state) at `step`, arrays placed as `abstract_state` says."""
+        self.check_model_shapes(step, {"params": abstract_state.params,
+                                       "batch_stats": abstract_state.batch_stats})
         items = self._restore(
             step,
             model=ocp.args.StandardRestore({"params": abstract_state.params,
@@ -117,6 +159,7 @@ class RunCheckpoints:
 
     def restore_model_arrays(self, step: int, abstract_model: dict) -> dict:
         """{params, batch_stats} at `step` (the optimizer state is not read)."""
+        self.check_model_shapes(step, abstract_model)
         return self._restore(step, model=ocp.args.StandardRestore(abstract_model))["model"]
 
     def _restore(self, step: int, **items) -> dict:
@@ -132,6 +175,12 @@ class RunCheckpoints:
 
     def close(self) -> None:
         self._mgr.close()
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
+            for path, leaf in flat}
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:

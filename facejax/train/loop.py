@@ -2,8 +2,8 @@
 
 Each epoch ends with an evaluation on the validation split: loss, accuracy, and retrieval
 Top-1/Top-5 — each validation image queries, by exact search over the model's embeddings, a
-gallery of training images (a seeded sample of at most `GALLERY_MAX` of them, so the cost stays
-bounded on big datasets), and counts a hit when a top-k result has its class. Then come the
+gallery of training images (a seeded sample of at most `train.eval_gallery_max` of them, so
+the cost stays bounded on big datasets), and counts a hit when a top-k result has its class. Then come the
 metrics line (`metrics.jsonl`), TensorBoard scalars (`events/`), refreshed plots (`plots/`),
 early stopping and a checkpoint. Running the same command again resumes from the latest
 checkpoint (params, optimizer, iterator position; the RNG is a function of the step).
@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from facejax.config import to_json
-from facejax.data.pipeline import create_train_iterator, make_data_mesh, to_global
+from facejax.data.pipeline import create_train_iterator, eval_batches, make_data_mesh, to_global
 from facejax.data.prepare import PreparedData, prepare_data
 from facejax.errors import ConfigError, DataError
 from facejax.retrieval.index import ExactSearcher
@@ -37,7 +37,6 @@ from facejax.train.mesh import is_primary, replicate, replicated
 from facejax.train.plots import plot_history
 from facejax.train.step import jit_eval_step, jit_train_step
 
-GALLERY_MAX = 5000  # training images embedded as the retrieval gallery at each evaluation
 TOPK = (1, 5)
 
 
@@ -119,7 +118,7 @@ def train_and_evaluate(config, workdir: str, data: PreparedData | None = None) -
     train_fn = jit_train_step(mesh, bundle=bundle, tx=tx, loss_cfg=loss_cfg,
                               augment_cfg=config.augment, freeze_bn=bool(t.freeze_bn))
     eval_fn = jit_eval_step(mesh, bundle=bundle, loss_cfg=loss_cfg)
-    gallery = _gallery_sample(data, config.seed)
+    gallery = _gallery_sample(data, config.seed, config.train.eval_gallery_max)
     meta_base = dict(model=config.model.name, num_classes=int(data.num_classes),
                      classes=list(data.class_names), config=config_dict,
                      rng=np.asarray(jax.random.key_data(jax.random.key(config.seed))).tolist(),
@@ -267,45 +266,24 @@ def _drain(pending: list[dict], progress: Progress) -> None:
     pending.clear()
 
 
-def _gallery_sample(data: PreparedData, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _gallery_sample(data: PreparedData, seed: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
     """(image rows, labels) of the training images used as the retrieval gallery."""
     n = len(data.train)
-    if n <= GALLERY_MAX:
+    if limit <= 0 or n <= limit:
         pick = np.arange(n)
     else:
-        pick = np.sort(np.random.default_rng(seed).choice(n, GALLERY_MAX, replace=False))
+        pick = np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
     return data.train.indices[pick], data.train.labels[pick]
-
-
-def labelled_batches(images: np.ndarray, indices: np.ndarray, labels: np.ndarray,
-                     batch_size: int, mesh):
-    """As `pipeline.eval_batches`, with labels: yields (global batch dict(image, label, mask),
-    the batch's global validity mask as host booleans). The last batch is zero-padded; each
-    process holds its consecutive slice of every global batch."""
-    n_dev = mesh.devices.size
-    size = -(-batch_size // n_dev) * n_dev
-    pc = jax.process_count()
-    local = size // pc
-    lo = jax.process_index() * local
-    for start in range(0, len(indices), size):
-        n = min(size, len(indices) - start)
-        rows = indices[start:start + size][lo:lo + local]
-        labs = labels[start:start + size][lo:lo + local]
-        image = np.zeros((local,) + images.shape[1:], np.uint8)
-        image[:len(rows)] = images[rows]
-        label = np.zeros((local,), np.int32)
-        label[:len(labs)] = labs
-        mask = np.arange(local) < len(rows)
-        global_mask = np.concatenate([np.arange(local) < np.clip(n - p * local, 0, local)
-                                      for p in range(pc)])
-        yield to_global(dict(image=image, label=label, mask=mask), mesh), global_mask
 
 
 def _embed_split(eval_fn, state, images, indices, labels, batch_size, mesh):
     """(loss sum, correct, count, embeddings [N,D] in `indices` order)."""
     loss = correct = count = 0.0
     chunks = []
-    for batch, valid in labelled_batches(images, indices, labels, batch_size, mesh):
+    size = -(-batch_size // mesh.devices.size) * mesh.devices.size  # eval_batches' global size
+    for start, batch in zip(range(0, len(indices), size),
+                            eval_batches(images, indices, batch_size, mesh, labels=labels)):
+        valid = np.arange(size) < len(indices) - start
         out = jax.device_get(eval_fn(state, batch))
         loss += float(out["loss_sum"])
         correct += float(out["correct"])
