@@ -115,3 +115,15 @@ def base() -> ml_collections.ConfigDict:
     c.index = index()
     c.eval = evaluate()
     return c
+
+
+def keras_transfer(model_name: str) -> ml_collections.ConfigDict:
+    """The seed's Keras transfer-learning recipe: ImageNet weights without the top, the backbone
+    frozen except its last 4 parameterised layers, a new softmax head; the rest as `base()`."""
+    c = base()
+    c.model.name = model_name
+    c.model.pretrained = "imagenet"
+    c.model.weights_source = "keras_notop"  # include_top=False, as transfer learning does
+    c.train.finetune = "last_n"
+    c.train.trainable_last_n = 4
+    return c

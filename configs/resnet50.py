@@ -17,14 +17,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import base
+from common import keras_transfer
 
 
 def get_config():
-    c = base()
-    c.model.name = "resnet50"
-    c.model.pretrained = "imagenet"
-    c.model.weights_source = "keras_notop"  # include_top=False, as transfer learning does
-    c.train.finetune = "last_n"
-    c.train.trainable_last_n = 4
-    return c
+    return keras_transfer("resnet50")

@@ -20,6 +20,11 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
     except FacejaxError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError,
+            PermissionError) as e:
+        # A path the user gave (or its parent) is missing, of the wrong kind, or not writable.
+        print(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

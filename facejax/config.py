@@ -32,7 +32,15 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
         raise ConfigError(f"could not load config {path}: {type(e).__name__}: {e}") from e
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path} has no get_config() function")
-    config = module.get_config(arg) if arg else module.get_config()
+    try:
+        config = module.get_config(arg) if arg else module.get_config()
+    except Exception as e:  # a user's get_config can fail in any way (or reject its argument)
+        raise ConfigError(f"get_config() in {path} failed"
+                          f"{f' for argument {arg!r}' if arg else ''}: "
+                          f"{type(e).__name__}: {e}") from e
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"get_config() in {path} must return an ml_collections.ConfigDict, "
+                          f"got {type(config).__name__}")
     for item in overrides:
         apply_override(config, item)
     return config
@@ -102,10 +110,20 @@ def _coerce(key: str, raw: str, old):
         raise ConfigError(f"{key} expects {type(old).__name__}, got {raw!r}") from None
     if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if isinstance(old, (tuple, list)) and isinstance(value, (tuple, list)):
-        return type(old)(value)
-    if isinstance(old, (tuple, list)) and isinstance(value, (int, float, str)):
-        return type(old)([value])
+    if isinstance(old, (tuple, list)):
+        items = list(value) if isinstance(value, (tuple, list)) else [value]
+        kinds = {type(v) for v in old}
+        if len(kinds) == 1 and items:
+            (kind,) = kinds
+            if kind is float:
+                items = [float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+                         for v in items]
+            bad = [v for v in items if type(v) is not kind]
+            if bad:
+                raise ConfigError(f"{key} expects a sequence of {kind.__name__}, got {raw!r}")
+        if len(old) and len(items) != len(old) and len(kinds) > 1:
+            raise ConfigError(f"{key} expects {len(old)} values, got {raw!r}")
+        return type(old)(items)
     if type(value) is not type(old):
         raise ConfigError(f"{key} expects {type(old).__name__}, got {raw!r}")
     return value

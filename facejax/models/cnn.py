@@ -12,20 +12,25 @@ from flax import nnx
 from facejax.errors import ConfigError
 from facejax.models.registry import ModelSpec, Preset
 
+# MOMENTUM_COMMENT
+BN_MOMENTUM = 0.9
+
 
 class ScratchCNN(nnx.Module):
     """Table 1 of the seed, for a square `input_size` RGB input.
 
     Each block is Conv3x3 'same' (ReLU) -> BatchNorm -> Conv3x3 'valid' (ReLU) -> MaxPool 2x2.
     The order follows the seed's Keras model, where the ReLU lives inside `Conv2D(activation=
-    'relu')` and BatchNormalization comes after it; BN uses Keras' defaults (momentum 0.99,
-    eps 1e-3). Features are the Flatten, so `num_features` depends on `input_size`
+    'relu')` and BatchNormalization comes after it; BN uses Keras' epsilon 1e-3 and momentum
+    `bn_momentum` (MOMENTUM_PLACEHOLDER). Features are the Flatten, so `num_features` depends on `input_size`
     (128 -> 14*14*128 = 25088); the Dropout and Dense(num_classes) of Table 1 are the shared
     head's (`EmbeddingModel`).
     """
 
     def __init__(self, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, input_size: int = 128,
-                 filters: Sequence[int] = (32, 64, 128)):
+                 filters: Sequence[int] = (32, 64, 128), bn_momentum: float = BN_MOMENTUM):
+        if not 0.0 <= float(bn_momentum) < 1.0:
+            raise ConfigError(f"scratch_cnn: bn_momentum must be in [0, 1), got {bn_momentum}")
         side = int(input_size)
         for _ in filters:
             side = (side - 2) // 2  # 'valid' 3x3 conv, then 2x2 pool (floor, as Keras)
@@ -40,8 +45,8 @@ class ScratchCNN(nnx.Module):
         for i, f in enumerate(filters, start=1):
             conv = {"kernel_size": (3, 3), "dtype": dtype, "rngs": rngs}
             setattr(self, f"block{i}_conv1", nnx.Conv(cin, f, padding="SAME", **conv))
-            setattr(self, f"block{i}_bn", nnx.BatchNorm(f, momentum=0.99, epsilon=1e-3,
-                                                        dtype=dtype, rngs=rngs))
+            setattr(self, f"block{i}_bn", nnx.BatchNorm(
+                f, momentum=float(bn_momentum), epsilon=1e-3, dtype=dtype, rngs=rngs))
             setattr(self, f"block{i}_conv2", nnx.Conv(f, f, padding="VALID", **conv))
             cin = f
 

@@ -232,7 +232,7 @@ def read_embedder_meta(path: str) -> dict:
     meta_path = os.path.join(path, _JSON)
     if not os.path.isdir(path):
         raise CheckpointError(f"no exported embedder at {path}; export one first "
-                              f"(scripts/train.py exports it at the end of training)")
+                              f"(run scripts/export.py --workdir WORKDIR after training)")
     try:
         with open(meta_path) as f:
             meta = json.load(f)
