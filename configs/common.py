@@ -16,7 +16,9 @@ def data() -> ml_collections.ConfigDict:
         cache_dir="",            # '' -> $FACEJAX_CACHE or ~/.cache/facejax
         decode_workers=0,        # 0 -> one per core
         protocol="closed_set",   # closed_set | open_set
-        val_fraction=0.2,        # per-class fraction held out (closed-set queries)
+        val_fraction=0.2,        # per-class fraction held out to select the model (early stop)
+        test_fraction=0.2,       # closed_set: per-class fraction held out as the queries (gallery =
+                                 # train); 0 = the seed's setup, queries = val (optimistic scores)
         split_seed=0,
         min_images_per_class=2,  # classes with fewer are excluded from splits (and reported)
         open_set_holdout=0.2,    # open_set: fraction of identities never trained on
@@ -55,6 +57,7 @@ def model() -> ml_collections.ConfigDict:
         l2_normalize=True,
         head="linear",           # linear (softmax) | cosine (ArcFace/CosFace)
         dropout=0.0,
+        bn_momentum=0.0,         # 0 = the architecture's default (scratch_cnn: 0.9; Keras: 0.99)
     ))
 
 
@@ -85,7 +88,7 @@ def train() -> ml_collections.ConfigDict:
         log_every_steps=20,
         checkpoint_every_steps=0,  # 0 -> end of each epoch only
         max_steps_per_epoch=0,   # 0 = full epoch
-        eval_gallery_max=5000,   # per-epoch retrieval eval: training images in the gallery (0 = all)
+        eval_gallery_max=5000,   # per-epoch retrieval eval: gallery size cap (0 = all)
     ))
 
 

@@ -22,10 +22,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--backend", choices=BACKENDS, default=None,
                         help="default: the run's index.backend")
     parser.add_argument("--target_recall", type=float, default=None,
-                        help="tune ScaNN to this recall@k against exact search")
+                        help="in (0, 1]: tune ScaNN to this recall@k against exact search "
+                             "(no effect with exact search, whose recall is 1)")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(rest)
-    cfg = wd.load_run_config(args.workdir)
+    cfg = wd.read_run_config(args.workdir)
     for item in overrides:
         config.apply_override(cfg, item)
     index = wd.build_workdir_index(args.workdir, cfg, backend=args.backend,

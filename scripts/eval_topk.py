@@ -23,17 +23,24 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--workdir", required=True, help="training run folder with an index")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(rest)
-    cfg = wd.load_run_config(args.workdir)
+    cfg = wd.read_run_config(args.workdir)
     for item in overrides:
         config.apply_override(cfg, item)
     result = wd.evaluate_workdir(args.workdir, cfg, progress=not args.no_progress)
-    print(report.setting_line(result).replace("**", ""))
-    header, rows = report.metric_rows(result)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    for line in [header] + rows:
-        print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
+    report_dir = os.path.join(args.workdir, wd.REPORT_DIR)
+    if result.get("competition_json"):
+        print(f"wrote the top-k ranking of {result['num_queries_total']} queries "
+              f"({result['num_queries_unlabelled']} unlabelled) to "
+              f"{os.path.join(report_dir, result['competition_json'])}")
+    if report.scored(result):
+        print(report.setting_line(result).replace("**", ""))
+        header, rows = report.metric_rows(result)
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+        for line in [header] + rows:
+            print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
+    # Without scored queries this says why, instead of a table of NaNs.
     print(result_summary(result))
-    print(f"report: {os.path.join(args.workdir, wd.REPORT_DIR, 'report.html')}")
+    print(f"report: {os.path.join(report_dir, 'report.html')}")
     return 0
 
 

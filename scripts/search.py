@@ -1,27 +1,49 @@
 """Search a run's index with a query image (or a folder of them): top-k gallery images.
 
   python scripts/search.py --workdir runs/demo --query face.jpg [--k 10] [--json] [--out grid.png]
+      [--config.data.max_pixels=100000000]
+
+Query images larger than the run's data.max_pixels are refused, as in training. `--out` may
+name a folder: the grid is then written there as search.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
-from facejax import cli
+from facejax import cli, config
 from facejax.retrieval import workdir as wd
+
+DEFAULT_GRID = "search.png"
+
+
+def grid_path(out: str) -> str:
+    """`--out` as a PNG path: a folder (existing, or ending in a slash) gets search.png."""
+    if out.endswith(("/", os.sep)) or os.path.isdir(out):
+        return os.path.join(out, DEFAULT_GRID)
+    return out
 
 
 def main(argv: list[str]) -> int:
+    overrides, rest = config.split_override_args(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="training run folder with an index")
     parser.add_argument("--query", required=True, help="an image file or a folder of images")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--out", default=None, help="write a PNG grid of queries and results")
-    args = parser.parse_args(argv)
-    result = wd.search_workdir(args.workdir, args.query, args.k, grid_png=args.out)
+    parser.add_argument("--out", default=None,
+                        help=f"write a PNG grid of queries and results (a folder: {DEFAULT_GRID})")
+    args = parser.parse_args(rest)
+    cfg = wd.read_run_config(args.workdir)
+    for item in overrides:
+        config.apply_override(cfg, item)
+    out = grid_path(args.out) if args.out else None
+    result = wd.search_workdir(args.workdir, args.query, args.k, grid_png=out, config=cfg)
     print(json.dumps(result, indent=1) if args.json else wd.format_search_table(result))
+    if out and not args.json:
+        print(f"grid: {out}")
     return 0
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from facejax import cli, config
 from facejax.errors import DataError
 
+DEFAULT_OUT = "augment.png"
 _COMMON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                        "common.py")
 
@@ -36,6 +37,13 @@ def _load_config(spec: str | None, overrides: list[str]):
     for item in overrides:
         config.apply_override(cfg, item)
     return cfg
+
+
+def out_path(out: str) -> str:
+    """`--out` as a PNG path: a folder (existing, or ending in a slash) gets augment.png."""
+    if out.endswith(("/", os.sep)) or os.path.isdir(out):
+        return os.path.join(out, DEFAULT_OUT)
+    return out
 
 
 def synthetic_pattern(size: int) -> np.ndarray:
@@ -107,7 +115,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config",
                         help="config file (path.py or path.py:arg); default: the schema's base()")
-    parser.add_argument("--out", required=True, help="PNG file to write")
+    parser.add_argument("--out", required=True,
+                        help=f"PNG file to write (a folder: {DEFAULT_OUT} in it)")
     parser.add_argument("--images", help="folder of images to sample from instead of the dataset")
     parser.add_argument("--num", type=int, default=6, help="images per row")
     parser.add_argument("--rows", type=int, default=4, help="augmented rows")
@@ -137,9 +146,10 @@ def main(argv: list[str]) -> int:
              f"shift ±{a.translate}  hflip {a.hflip}  fill {a.fill_mode}  "
              f"rrc {a.random_resized_crop}  "
              f"brightness ±{a.brightness}  contrast ±{a.contrast}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    _grid(images, augmented, title, args.out)
-    print(f"wrote {args.out} ({len(images)} images x {args.rows} draws)")
+    out = out_path(args.out)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    _grid(images, augmented, title, out)
+    print(f"wrote {out} ({len(images)} images x {args.rows} draws)")
     return 0
 
 

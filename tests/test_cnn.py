@@ -115,3 +115,21 @@ def test_train_mode_dropout_and_batch_stats(small):
     a, b = fwd(small, x, True), fwd(small, x, True)               # dropout before the Dense
     assert not np.allclose(a, b)
     assert not np.allclose(small.backbone.block1_bn.mean[...], mean0)  # BN stats updated
+
+
+def test_batchnorm_momentum_is_an_architecture_argument():
+    from facejax.models.cnn import BN_MOMENTUM
+
+    def momenta(model):
+        return {getattr(model.backbone, f"block{i}_bn").momentum for i in (1, 2, 3)}
+
+    default = nnx.eval_shape(lambda: create_model("scratch_cnn", num_classes=2,
+                                                  rngs=nnx.Rngs(0), input_size=32))
+    assert momenta(default) == {BN_MOMENTUM} and BN_MOMENTUM == 0.9
+    keras_like = nnx.eval_shape(lambda: create_model("scratch_cnn", num_classes=2,
+                                                     rngs=nnx.Rngs(0), input_size=32,
+                                                     bn_momentum=0.99))
+    assert momenta(keras_like) == {0.99}
+    with pytest.raises(ConfigError, match=r"bn_momentum must be in \[0, 1\)"):
+        create_model("scratch_cnn", num_classes=2, rngs=nnx.Rngs(0), input_size=32,
+                     bn_momentum=1.5)

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from facejax.errors import DataError
+from facejax.errors import ConfigError, DataError
 from facejax.retrieval import competition
 from facejax.retrieval import evaluate as E
 from facejax.retrieval.index import SearchIndex
@@ -134,3 +134,35 @@ def test_competition_json(tmp_path):
     assert json.loads(out.read_text()) == mapping
     with pytest.raises(DataError, match="k=4"):
         competition.competition_topk(["query/q1.jpg"], unit([80]), index, 4)
+
+
+@pytest.mark.parametrize("ks", [(0, 5), ("a", 5), (1.5, 5), (), (True,), 3, None])
+def test_bad_ks_are_config_errors(ks):
+    index = SearchIndex.build(unit(G_DEG), G_PATHS, G_LAB, META, backend="exact")
+    with pytest.raises(ConfigError, match="eval.ks must be"):
+        E.evaluate_embeddings(unit([5]), np.array([0]), index, ks=ks)
+    # evaluate() refuses before it embeds anything.
+    with pytest.raises(ConfigError, match="eval.ks must be"):
+        E.evaluate(None, fake_data(False), ks=ks)
+
+
+def test_ks_accept_numpy_ints_and_duplicates():
+    assert E.check_ks([np.int64(5), 1, 5]) == [1, 5]
+
+
+@pytest.mark.parametrize("num", [-2, 1.5, True, "3"])
+def test_bad_num_figure_queries(num):
+    index = SearchIndex.build(unit(G_DEG), G_PATHS, G_LAB, META, backend="exact")
+    with pytest.raises(ConfigError, match="num_figure_queries must be"):
+        E.evaluate_embeddings(unit([5]), np.array([0]), index, ks=(1,), num_examples=num,
+                              query_paths=["x/q"])
+    with pytest.raises(ConfigError, match="num_figure_queries must be"):
+        E.evaluate(None, fake_data(False), ks=(1,), num_examples=num)
+
+
+def test_nothing_scored_summary_has_no_nan():
+    index = SearchIndex.build(unit(G_DEG), G_PATHS, G_LAB, META, backend="exact")
+    r = E.evaluate_embeddings(unit([0, 90]), np.array([-1, -1]), index, ks=(1,))
+    line = E.result_summary(r)
+    assert "nan" not in line.lower()
+    assert "none of the 2 queries could be scored (2 unlabelled" in line

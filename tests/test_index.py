@@ -191,3 +191,27 @@ def test_scann_rebuilds_after_large_growth(data):
     assert idx.built_count == 6000 and idx.scann_params["num_leaves"] > leaves_before
     truth, _ = idx.search(q, 10, exact=True)
     assert ann_recall_at_k(idx.search(q, 10)[0], truth, 10) >= 0.9
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.5])
+def test_k_below_one_says_so(data, k):
+    x, y, q = data
+    idx = I.SearchIndex.build(x[:20], paths_for(20), y[:20], META, backend="exact")
+    with pytest.raises(DataError, match="k must be a whole number of at least 1"):
+        idx.search(q, k)
+
+
+@pytest.mark.parametrize("backend", ["exact", "auto"])
+@pytest.mark.parametrize("target", [1.5, -0.2, float("nan"), True])
+def test_target_recall_range_checked_for_exact_too(data, backend, target):
+    x, y, _ = data
+    with pytest.raises(ConfigError, match=r"target_recall must be in \(0, 1\]"):
+        I.SearchIndex.build(x[:50], paths_for(50), y[:50], META, backend=backend,
+                            target_recall=target)
+
+
+def test_target_recall_with_exact_is_a_noop(data):
+    x, y, _ = data
+    idx = I.SearchIndex.build(x[:50], paths_for(50), y[:50], META, backend="auto",
+                              target_recall=0.9)
+    assert idx.backend == "exact" and idx.tuning is None

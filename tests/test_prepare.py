@@ -3,6 +3,7 @@
 import importlib.util
 import os
 
+import ml_collections
 import numpy as np
 import pytest
 from conftest import CORPUS_BAD, class_colour, make_tiny_tfds, write_corpus, write_idx
@@ -42,13 +43,16 @@ def test_folder_closed_set(image_folder, data_config, capsys):
     assert data.class_names == ["a", "b", "d"] and data.num_classes == 3
     assert data.images.shape == (16, 16, 16, 3) and data.images.dtype == np.uint8
     assert len(data.paths) == 16 and data.paths[0] == "a/a_000.png"
-    assert set(data.train.indices).isdisjoint(data.val.indices)
-    assert len(data.train) + len(data.val) == 15  # all but the single image of 'c'
+    sides = [set(x.indices.tolist()) for x in (data.train, data.val, data.query)]
+    assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
+    assert len(set.union(*sides)) == 15  # all but the single image of 'c'
     assert data.train.indices.dtype == np.int64 and data.train.labels.dtype == np.int32
-    assert data.query is data.val and data.gallery is data.train
+    # Closed-set queries are the test side (gallery = train); val only selects the model.
+    assert len(data.query) > 0 and data.gallery is data.train
+    assert set(data.query.labels.tolist()) == {0, 1, 2}  # 4+ images: every class has a query
     all_names = ["a", "b", "c", "d"]
-    _assert_labels_match_pixels(data, data.train, data.class_names, all_names)
-    _assert_labels_match_pixels(data, data.val, data.class_names, all_names)
+    for subset in (data.train, data.val, data.query):
+        _assert_labels_match_pixels(data, subset, data.class_names, all_names)
     reasons = dict(data.skipped)
     assert reasons["empty/"] == "empty class folder"
     assert reasons["c"] == "class with < 2 images (min_images_per_class)"
@@ -57,6 +61,26 @@ def test_folder_closed_set(image_folder, data_config, capsys):
     out = capsys.readouterr().out
     assert "skipped 5 (" in out and "classes: 1 class with < 2 images" in out
     assert "training classes" in data.summary()
+
+
+def test_closed_set_test_fraction_zero_queries_val(image_folder, data_config, capsys):
+    root, _ = image_folder({"a": 6, "b": 5}, size=(4, 4))
+    data_config.root = root
+    with_test = prepare_data(data_config)
+    data_config.test_fraction = 0.0
+    data = prepare_data(data_config)
+    assert data.query is data.val and data.gallery is data.train
+    assert len(data.train) + len(data.val) == 11
+    assert "retrieval scores are optimistic" in capsys.readouterr().out
+    # val does not depend on test_fraction: the test side comes out of train.
+    np.testing.assert_array_equal(data.val.indices, with_test.val.indices)
+    assert set(with_test.query.indices) <= set(data.train.indices)
+    # A run's config.json from before test_fraction existed reproduces the split it trained on.
+    old = data_config.to_dict()
+    del old["test_fraction"]
+    legacy = prepare_data(ml_collections.ConfigDict(old))
+    assert legacy.query.indices.tolist() == data.val.indices.tolist()
+    np.testing.assert_array_equal(legacy.train.indices, data.train.indices)
 
 
 def test_folder_open_set(image_folder, data_config):
@@ -73,6 +97,8 @@ def test_folder_open_set(image_folder, data_config):
     assert held_out and trained and not (trained & held_out)
     assert all(counts[n] >= 5 for n in held_out)
     assert data.num_classes == len(trained)
+    # test_fraction does not apply: every image of a trained identity is train or val.
+    assert len(data.train) + len(data.val) + len(data.query) == len(data.images)
     names = sorted(counts)
     _assert_labels_match_pixels(data, data.query, data.identity_names, names)
     _assert_labels_match_pixels(data, data.train, data.class_names, names)
@@ -111,7 +137,7 @@ def test_competition_layout(tmp_path, data_config, image_folder):
     data = prepare_data(data_config)
     assert data.protocol == "competition" and data.root == root
     assert data.class_names == ["a", "b"] and data.identity_names == ["a", "b", "new"]
-    assert len(data.train) + len(data.val) == 7
+    assert len(data.train) + len(data.val) == 7  # no test side: query/ and gallery/ are it
     assert [data.paths[i] for i in data.query.indices] == [
         "query/q_000.png", "query/q_001.png", "query/q_002.png"]
     assert data.query.labels.tolist() == [-1, -1, -1]
@@ -126,7 +152,8 @@ def test_competition_layout(tmp_path, data_config, image_folder):
 
 def test_idx_source(tmp_path, data_config, capsys):
     directory = tmp_path / "fashion-mnist"
-    images = np.repeat(np.arange(20, dtype=np.uint8)[:, None, None] * 10, 28 * 28).reshape(20, 28, 28)
+    images = np.repeat(np.arange(20, dtype=np.uint8)[:, None, None] * 10, 28 * 28)
+    images = images.reshape(20, 28, 28)
     write_idx(directory, images, np.arange(20) % 4)
     write_idx(directory, images[:3], [0, 1, 2], split="test")
     data_config.source = "idx"
@@ -165,7 +192,8 @@ def test_tfds_source(tmp_path, data_config):
 
 
 def test_bad_configs_and_unusable_data(tmp_path, data_config):
-    for field, value, match in [("source", "s3", "data.source"), ("protocol", "x", "data.protocol")]:
+    for field, value, match in [("source", "s3", "data.source"),
+                                ("protocol", "x", "data.protocol")]:
         cfg = data_config.copy_and_resolve_references()
         cfg[field] = value
         cfg.root = str(tmp_path)
@@ -182,6 +210,30 @@ def test_bad_configs_and_unusable_data(tmp_path, data_config):
         prepare_data(data_config)
 
 
+@pytest.mark.parametrize("field, value, match", [
+    ("max_images", -3, "max_images must be an integer >= 0"),
+    ("max_classes", -1, "max_classes must be an integer >= 0"),
+    ("max_classes", 1, "max_classes=1"),
+    ("val_fraction", 1.0, "val_fraction must be in"),
+    ("test_fraction", -0.1, "test_fraction must be in"),
+    ("test_fraction", 0.8, "val_fraction . data.test_fraction must be below 1"),
+    ("open_set_holdout", 1.0, "open_set_holdout must be in"),
+    ("min_images_per_class", 0, "min_images_per_class must be >= 1"),
+])
+def test_bad_caps_and_fractions_fail_before_decoding(tmp_path, data_config, field, value, match):
+    data_config.root = str(tmp_path / "missing")  # never scanned: the check comes first
+    data_config[field] = value
+    with pytest.raises(ConfigError, match=match):
+        prepare_data(data_config)
+
+
+def test_fewer_than_two_training_classes_is_a_data_error(image_folder, data_config):
+    root, _ = image_folder({"a": 5, "b": 1}, size=(4, 4))
+    data_config.root = root
+    with pytest.raises(DataError, match=r"at least 2 classes with >= 2 images .* only 1 of the 2"):
+        prepare_data(data_config)
+
+
 def _script():
     spec = importlib.util.spec_from_file_location(
         "prepare_data_script", os.path.join(ROOT, "scripts", "prepare_data.py"))
@@ -195,7 +247,8 @@ def test_prepare_data_script(image_folder, tmp_path, capsys):
     config = tmp_path / "cfg.py"
     config.write_text(
         "import importlib.util\n"
-        f"spec = importlib.util.spec_from_file_location('c', {os.path.join(ROOT, 'configs', 'common.py')!r})\n"
+        "spec = importlib.util.spec_from_file_location("
+        f"'c', {os.path.join(ROOT, 'configs', 'common.py')!r})\n"
         "common = importlib.util.module_from_spec(spec); spec.loader.exec_module(common)\n"
         "def get_config():\n"
         "    c = common.base()\n"

@@ -4,8 +4,10 @@ import json
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
+from facejax.errors import ConfigError
 from facejax.retrieval import report as R
 from facejax.retrieval.evaluate import evaluate_embeddings
 from facejax.retrieval.index import SearchIndex
@@ -78,3 +80,33 @@ def test_compare_table():
     assert lines[2].startswith(f"| resnet50 | {a['metrics']['top1']:.4f} |")
     assert lines[3].startswith("| vgg16 | 0.5000 |") and "open_set (LOO) | 24 | 23 |" in lines[3]
     assert "different" not in table
+
+
+def test_grid_creates_missing_folders_and_refuses_a_folder(tmp_path):
+    rows = [dict(image=_loader("Person_1/x"), caption="q", results=[
+        dict(image=_loader("Person_2/y"), caption="y", correct=False)])]
+    out = tmp_path / "not" / "there" / "grid.png"
+    R.draw_grid(rows, str(out))
+    assert out.stat().st_size > 0
+    for folder in (str(tmp_path), str(tmp_path / "new") + "/"):
+        with pytest.raises(ConfigError, match="is a folder"):
+            R.draw_grid(rows, folder)
+    assert not (tmp_path / "new").exists() and not (tmp_path / ".png").exists()
+
+
+def test_report_without_scored_queries_has_no_nan_table(tmp_path):
+    labels = np.array([0, 0, 1], np.int32)
+    x = np.array([[1, 0], [0.8, 0.6], [0, 1]], np.float32)
+    index = SearchIndex.build(x, ["a/0", "a/1", "b/0"], labels, META, backend="exact")
+    result = evaluate_embeddings(x[:2], np.array([-1, -1]), index, ks=(1, 2),
+                                 query_paths=["q/0", "q/1"], protocol="competition")
+    result["competition_json"] = "competition_topk.json"
+    R.write_report(result, str(tmp_path))
+    md = (tmp_path / "report.md").read_text()
+    page = (tmp_path / "report.html").read_text()
+    for text in (md, page):
+        assert "No query could be scored: 2 of 2 queries are unlabelled" in text
+        assert "competition_topk.json" in text
+        assert "nan" not in text.lower() and "–" not in text and "Top-k (hit@k)" not in text
+    loaded = json.loads((tmp_path / "report.json").read_text())
+    assert loaded["metrics"]["top1"] is None

@@ -12,7 +12,7 @@ from conftest import load_common_configs, write_image_folder
 from PIL import Image
 
 from facejax.config import to_json
-from facejax.errors import CheckpointError, DataError
+from facejax.errors import CheckpointError, ConfigError, DataError
 from facejax.retrieval import embed
 from facejax.retrieval import workdir as wd
 
@@ -75,7 +75,8 @@ def test_build_and_evaluate(run):
     assert manifest["backend"] == "exact" and manifest["info"]["protocol"] == "closed_set"
     report = _json(work, "report", "report.json")
     assert report["metrics"]["top1"] == 1.0 and report["metrics"]["map@r"] == 1.0
-    assert report["num_queries"] + report["gallery_size"] == 36
+    # Queries and gallery are disjoint parts of the 36 images (validation images sit out).
+    assert report["num_queries"] > 0 and report["num_queries"] + report["gallery_size"] <= 36
     assert manifest["count"] == report["gallery_size"]
     assert sorted(os.listdir(os.path.join(work, "report"))) == [
         "report.html", "report.json", "report.md", "topk_examples.png"]
@@ -127,10 +128,10 @@ def test_index_from_another_embedder_is_refused(run, tmp_path):
     other = make_run(tmp_path, root, centre=(0.4, 0.5, 0.5))
     os.symlink(os.path.join(work, "index"), os.path.join(other, "index"))
     with pytest.raises(CheckpointError, match="different embedder: params_hash"):
-        wd.evaluate_workdir(other, wd.load_run_config(other), progress=False)
+        wd.evaluate_workdir(other, wd.read_run_config(other), progress=False)
 
 
-def test_competition_layout(tmp_path):
+def test_competition_layout(tmp_path, capsys):
     root = tmp_path / "comp"
     write_image_folder(str(root / "training"), {"x": 3, "y": 3}, size=(20, 16))
     # Loose query/gallery files: unlabelled, as in a competition.
@@ -141,10 +142,106 @@ def test_competition_layout(tmp_path):
         for n in names:
             os.replace(tmp_path / "loose" / n, root / part / os.path.basename(n))
     work = make_run(tmp_path, str(root), source="competition")
-    cfg = wd.load_run_config(work)
-    wd.build_workdir_index(work, cfg, progress=False)
-    result = wd.evaluate_workdir(work, cfg, progress=False)
+    assert _script("build_index").main(["--workdir", work, "--no_progress"]) == 0
+    capsys.readouterr()
+    assert _script("eval_topk").main(["--workdir", work, "--no_progress"]) == 0
+    out = capsys.readouterr().out
+    path = os.path.join(work, "report", wd.COMPETITION_JSON)
+    # No labelled query: one clear line about the ranking file, no table of NaNs.
+    assert f"ranking of 1 queries (1 unlabelled) to {path}" in out
+    assert "none of the 1 queries could be scored" in out
+    assert "nan" not in out.lower() and "Top-k" not in out
+    result = _json(work, "report", "report.json")
     assert result["num_queries"] == 0 and result["num_queries_unlabelled"] == 1
+    assert result["competition_json"] == wd.COMPETITION_JSON
+    assert "nan" not in pathlib.Path(work, "report", "report.md").read_text().lower()
     mapping = _json(work, "report", wd.COMPETITION_JSON)
     assert list(mapping) == ["x_000.png"]
     assert mapping["x_000.png"][0] == "x_001.png" and len(mapping["x_000.png"]) == 3
+
+
+@pytest.mark.parametrize("override, match", [
+    ("--config.eval.ks=(0,5)", "eval.ks must be"),
+    ("--config.eval.num_figure_queries=-2", "num_figure_queries must be"),
+])
+def test_eval_topk_bad_settings_are_config_errors(run, override, match):
+    work, _ = run
+    with pytest.raises(ConfigError, match=match):
+        _script("eval_topk").main(["--workdir", work, "--no_progress", override])
+
+
+def test_bad_ks_reach_evaluate_as_config_errors(run):
+    # Whatever the override parser lets through, evaluation refuses non-integer or < 1 ks.
+    work, _ = run
+    for ks in [("a", 5), (1.5, 5), (0, 5)]:
+        cfg = wd.read_run_config(work)
+        cfg.eval.ks = ks
+        with pytest.raises(ConfigError, match="eval.ks must be"):
+            wd.evaluate_workdir(work, cfg, progress=False)
+        with pytest.raises(ConfigError, match="eval.ks must be"):
+            wd.build_workdir_index(work, cfg, progress=False)
+
+
+def test_build_index_target_recall(run, capsys):
+    work, _ = run
+    with pytest.raises(ConfigError, match=r"target_recall must be in \(0, 1\]"):
+        _script("build_index").main(["--workdir", work, "--no_progress",
+                                     "--target_recall", "1.5"])
+    with pytest.raises(ConfigError, match="index.backend must be one of"):
+        _script("build_index").main(["--workdir", work, "--no_progress",
+                                     "--config.index.backend=faiss"])
+    capsys.readouterr()
+    assert _script("build_index").main(["--workdir", work, "--no_progress", "--backend",
+                                        "exact", "--target_recall", "0.9"]) == 0
+    out = capsys.readouterr().out
+    assert "note: target_recall=0.9 does not apply: the index uses exact search" in out
+
+
+def test_compare_runs_refuses_incomplete_reports(tmp_path):
+    bad = tmp_path / "bad"
+    (bad / "report").mkdir(parents=True)
+    path = str(bad / "report" / "report.json")
+    for content, match in [({}, "is incomplete .no ks, metrics, protocol"),
+                           ({"ks": [1], "metrics": {}}, "is incomplete .no protocol"),
+                           ([1, 2], "is not a report"),
+                           (dict(ks=["a"], metrics={}, protocol="p", num_queries=1,
+                                 gallery_size=2), "'ks' must be"),
+                           (dict(ks=[1], metrics={"top1": "x"}, protocol="p", num_queries=1,
+                                 gallery_size=2), "'metrics' must map")]:
+        pathlib.Path(path).write_text(json.dumps(content))
+        with pytest.raises(DataError, match=match) as e:
+            _script("compare_runs").main([str(bad)])
+        assert path in str(e.value)
+
+
+def test_search_out_paths_k_and_pixel_limit(run, tmp_path, capsys):
+    work, root = run
+    query = os.path.join(root, "person_a", "person_a_000.png")
+    grid = tmp_path / "new" / "deeper" / "g.png"
+    assert _script("search").main(["--workdir", work, "--query", query, "--k", "2",
+                                   "--out", str(grid)]) == 0
+    assert grid.stat().st_size > 0
+    folder = tmp_path / "grids"
+    assert _script("search").main(["--workdir", work, "--query", query, "--k", "2",
+                                   "--out", str(folder) + "/"]) == 0
+    assert (folder / "search.png").stat().st_size > 0
+    capsys.readouterr()
+    with pytest.raises(DataError, match="k must be a whole number of at least 1, got 0"):
+        _script("search").main(["--workdir", work, "--query", query, "--k", "0"])
+    # The query images are 20x16 = 320 pixels: the run's pixel limit applies to them.
+    with pytest.raises(DataError, match="cannot use query image"):
+        _script("search").main(["--workdir", work, "--query", query,
+                                "--config.data.max_pixels=100"])
+    cfg = wd.read_run_config(work)
+    cfg.data.max_pixels = 100
+    with pytest.raises(DataError, match="cannot use query image"):
+        wd.search_workdir(work, query, 2, config=cfg)
+
+
+def test_read_run_config_refuses_foreign_files(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="expected a JSON object"):
+        wd.read_run_config(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"seed": 0, "data": {"source": "folder"}}))
+    with pytest.raises(CheckpointError, match="lacks model.name, data.root"):
+        wd.read_run_config(str(tmp_path))

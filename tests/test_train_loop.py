@@ -72,8 +72,11 @@ def final_params(workdir):
 
 
 def test_run_writes_metrics_plots_events_and_a_summary(finished_run):
-    _, workdir, summary = finished_run
-    steps_per_epoch = (CLASSES * PER_CLASS * 3 // 4) // 16
+    from facejax.data.prepare import prepare_data
+
+    idx_dir, workdir, summary = finished_run
+    train_images = len(prepare_data(load_config(TINY, overrides(idx_dir)).data).train)
+    steps_per_epoch = train_images // 16
     assert summary["epochs_run"] == 2 and summary["steps"] == 2 * steps_per_epoch
     assert summary["best_epoch"] in (1, 2) and 0.0 <= summary["best_value"] <= 1.0
     assert os.path.isdir(summary["best_checkpoint"])
@@ -164,6 +167,57 @@ def test_sigkill_partway_then_same_command_finishes_bit_identical(finished_run, 
     assert step_got == step_ref
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+def test_resuming_from_a_damaged_checkpoint_is_one_error(finished_run, tmp_path, monkeypatch):
+    import shutil
+
+    idx_dir, reference, _ = finished_run
+    workdir = str(tmp_path / "damaged")
+    shutil.copytree(reference, workdir)
+    latest = max(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+    data_dir = os.path.join(workdir, "checkpoints", str(latest), "model", "ocdbt.process_0", "d")
+    for name in os.listdir(data_dir):  # orbax raises a bare Exception for these
+        with open(os.path.join(data_dir, name), "r+b") as f:
+            f.truncate(10)
+    closed = []
+    real_close = ckpt_lib.RunCheckpoints.close
+    monkeypatch.setattr(ckpt_lib.RunCheckpoints, "close",
+                        lambda self: closed.append(1) or real_close(self))
+    config = load_config(TINY, overrides(idx_dir) + ["train.epochs=3"])
+    with pytest.raises(ckpt_lib.CheckpointError,
+                       match=rf"checkpoints/{latest}: it is damaged.*Delete that folder"):
+        loop.train_and_evaluate(config, workdir)
+    assert closed == [1]  # an open manager's threads print tracebacks at exit
+
+
+def test_a_failed_start_leaves_no_folders(finished_run, tmp_path):
+    from facejax.errors import ConfigError, WeightsError
+
+    idx_dir, _, _ = finished_run
+    workdir = tmp_path / "run"
+    for bad, error in (("train.compute_dtype=float16", ConfigError),
+                       (f"model.pretrained={tmp_path / 'missing.pth'}", WeightsError)):
+        with pytest.raises(error, match="compute_dtype|no such file"):
+            loop.train_and_evaluate(load_config(TINY, overrides(idx_dir) + [bad]), str(workdir))
+        assert not workdir.exists()
+    # This one fails after the checkpoint folder was opened: what it created is removed.
+    junk = tmp_path / "weights.pth"
+    junk.write_bytes(b"not weights")
+    with pytest.raises(WeightsError, match="has no converter"):
+        loop.train_and_evaluate(load_config(TINY, overrides(idx_dir) + [
+            f"model.pretrained={junk}"]), str(workdir))
+    assert not workdir.exists()
+
+
+def test_data_paths_are_saved_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config(TINY, ["data.root=faces", "data.cache_dir=~/cache"])
+    resolved = loop.with_absolute_paths(config)
+    assert resolved.data.root == str(tmp_path / "faces")
+    assert resolved.data.cache_dir == os.path.expanduser("~/cache")
+    assert resolved.data.tfds_data_dir == ""  # unset stays unset
+    assert config.data.root == "faces"  # the caller's config is not changed
 
 
 def test_early_stopping_bookkeeping():

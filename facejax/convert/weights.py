@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from facejax.convert.merge import flatten, load_weights, model_weights, unflatten
-from facejax.errors import WeightsError
+from facejax.errors import ConfigError, WeightsError
 from facejax.models.registry import Preset, get_preset, get_spec
 
 log = logging.getLogger(__name__)
@@ -260,14 +260,30 @@ def default_dont_load(model, tree: dict) -> tuple[str, ...]:
     return tuple(patterns)
 
 
+def check_out_dir(out_dir: str | os.PathLike) -> Path:
+    """The absolute output folder for converted weights; refuses a file in the way and a
+    folder that already holds converted weights."""
+    out = Path(out_dir).absolute()
+    probe = out
+    while not probe.exists():  # ends at the root folder at the latest
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is a file" if probe == out else f"is inside {probe}, which is a file"
+        raise ConfigError(f"output {out_dir} {where}; give a folder (it is created if missing)")
+    if (out / "params").exists():
+        raise WeightsError(f"{out / 'params'} already exists; choose another --out")
+    return out
+
+
 def save_converted(out_dir: str | os.PathLike, tree: dict, meta: dict) -> Path:
     """Writes `tree` as an orbax checkpoint `out_dir/params` plus `out_dir/facejax_weights.json`."""
     import orbax.checkpoint as ocp
 
-    out = Path(out_dir).absolute()
-    if (out / "params").exists():
-        raise WeightsError(f"{out / 'params'} already exists; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_out_dir(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the output folder {out}: {e}") from e
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(out / "params", tree)
     ckptr.wait_until_finished()
@@ -290,7 +306,36 @@ def load_converted(directory: str | os.PathLike) -> tuple[dict, dict]:
     except Exception as e:  # orbax raises many types for a damaged directory; report one line
         raise WeightsError(f"cannot read converted weights in {d}: {type(e).__name__}: {e}") \
             from e
+    missing = [k for k in ("model", "source", "normalization", "input_size")
+               if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise WeightsError(f"{meta_path} lacks {', '.join(missing)}: convert the weights again "
+                           "with scripts/convert_weights.py")
     return tree, meta
+
+
+def check_converted_matches(meta: dict, name: str, source: str, directory) -> None:
+    """Raises WeightsError when converted weights were made for another model or another
+    weights source than the run's: their preprocessing (normalisation, input size) or
+    architecture variant would silently differ from what the run feeds them."""
+    if meta["model"] != name:
+        raise WeightsError(f"{directory} holds converted weights for {meta['model']!r}, "
+                           f"not {name!r}")
+    preset = get_preset(name, source)
+    run_source = source or get_spec(name).default_source
+    file_source = meta["source"]
+    file_arch = (dict(get_preset(name, file_source).arch_kw)
+                 if file_source in get_spec(name).presets else None)
+    differs = [f"{what} {have!r} vs the run's {want!r}" for what, have, want in (
+        ("normalization", meta["normalization"], preset.normalization),
+        ("input size", int(meta["input_size"]), int(preset.input_size)),
+        ("architecture", file_arch, dict(preset.arch_kw)),
+    ) if have != want]
+    if differs:
+        raise WeightsError(
+            f"{directory} holds {name} weights converted from source {file_source!r}, but the "
+            f"run uses source {run_source!r} ({'; '.join(differs)}): set "
+            f"--config.model.weights_source={file_source}")
 
 
 def convert_to_checkpoint(name: str, source: str, input_path: str | os.PathLike,
@@ -310,6 +355,10 @@ def convert_to_checkpoint(name: str, source: str, input_path: str | os.PathLike,
     preset = get_preset(name, source)
     if not preset.converter:
         raise WeightsError(f"model {name!r} source {source or '(default)'!r} has no converter")
+    if int(num_classes) < 0:
+        raise ConfigError(f"num_classes must be >= 0 (0: keep the file's classifier), got "
+                          f"{num_classes}")
+    check_out_dir(out_dir)  # before the (slow) conversion
     digest = file_digest(input_path) if Path(input_path).is_file() else ""
     tree = convert_file(input_path, preset.converter)
     file_classes = int(np.shape(tree["head"]["kernel"])[-1]) if "head" in tree else 0
@@ -344,9 +393,7 @@ def load_pretrained(model, name: str, source: str = "", path: str | os.PathLike 
     preset = get_preset(name, source)
     if path is not None and Path(path).is_dir():
         tree, meta = load_converted(path)
-        if meta.get("model") != name:
-            raise WeightsError(f"{path} holds converted weights for {meta.get('model')!r}, "
-                               f"not {name!r}")
+        check_converted_matches(meta, name, source, path)
     else:
         file = resolve_weights(name, source) if path is None else Path(path)
         if not preset.converter:
@@ -357,24 +404,32 @@ def load_pretrained(model, name: str, source: str = "", path: str | os.PathLike 
     return load_weights(model, tree, dont_load)
 
 
-def load_from_config(model, model_cfg) -> bool:
-    """Applies `config.model.pretrained` ('' | 'imagenet' | file | converted dir) to `model`."""
+def pretrained_path(model_cfg) -> str | None:
+    """The local path `config.model.pretrained` names (None for '' and 'imagenet'); raises
+    WeightsError when it does not exist (cheap: callers check it before preparing data)."""
     spec = str(model_cfg.pretrained or "")
-    if not spec:
-        return False
-    path = None if spec == "imagenet" else spec
-    if path is not None and not os.path.exists(path):
+    if spec in ("", "imagenet"):
+        return None
+    if not os.path.exists(spec):
         raise WeightsError(f"config.model.pretrained={spec!r}: no such file or directory "
                            "(use 'imagenet' for the preset's weights)")
-    load_pretrained(model, model_cfg.name, model_cfg.weights_source, path=path)
+    return spec
+
+
+def load_from_config(model, model_cfg) -> bool:
+    """Applies `config.model.pretrained` ('' | 'imagenet' | file | converted dir) to `model`."""
+    if not model_cfg.pretrained:
+        return False
+    load_pretrained(model, model_cfg.name, model_cfg.weights_source,
+                    path=pretrained_path(model_cfg))
     return True
 
 
 resolve = resolve_weights  # the name docs/CONTRACTS.md uses
 
 
-__all__ = ["CONVERTERS", "candidates", "convert_cached", "convert_file", "default_dont_load",
-           "download", "file_digest", "keras_cache", "load_converted", "load_from_config",
-           "load_pretrained", "resolve", "resolve_weights", "save_converted", "torch_cache",
+__all__ = ["CONVERTERS", "candidates", "check_converted_matches", "check_out_dir",
+           "convert_cached", "convert_file", "default_dont_load", "download", "file_digest",
+           "keras_cache", "load_converted", "load_from_config", "load_pretrained",
+           "pretrained_path", "resolve", "resolve_weights", "save_converted", "torch_cache",
            "verify"]
-

@@ -251,7 +251,8 @@ def _decode_all(reader, n: int, workers: int):
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_init_worker, initargs=(reader,))
     try:
-        yield from pool.map(_read_in_worker, range(n), chunksize=max(1, min(64, n // (workers * 8))))
+        chunk = max(1, min(64, n // (workers * 8)))
+        yield from pool.map(_read_in_worker, range(n), chunksize=chunk)
     except BrokenProcessPool:
         raise DataError("a decode worker process died (a crashing decoder or out of memory); "
                         "rerun with --config.data.decode_workers=1 to see which file") from None
@@ -333,7 +334,8 @@ def cache_listing(listing: Listing, *, image_size: int, resize_mode: str = "crop
       DataError: when no image of the listing can be decoded, or the cache folder is unusable.
     """
     if resize_mode not in decode.RESIZE_MODES:
-        raise DataError(f"data.resize_mode must be one of {decode.RESIZE_MODES}, got {resize_mode!r}")
+        raise DataError(f"data.resize_mode must be one of {decode.RESIZE_MODES}, "
+                        f"got {resize_mode!r}")
     if image_size < 1:
         raise DataError(f"data.image_size must be positive, got {image_size}")
     if len(listing) == 0:

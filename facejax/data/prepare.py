@@ -28,7 +28,8 @@ class PreparedData:
     `images` [N, S, S, 3] uint8 (memory-mapped) and `paths` (relative to `root`) share row
     order; subsets hold rows into them. train/val labels index `class_names`; query/gallery
     labels index `identity_names` (-1 = unlabelled) and `gallery is None` means leave-one-out.
-    `protocol` is closed_set, open_set or competition.
+    `protocol` is closed_set, open_set or competition. `val` only selects the model; the
+    queries never overlap it, except closed_set with data.test_fraction=0 (query is val).
     """
     images: np.ndarray
     paths: list[str]
@@ -59,6 +60,25 @@ class PreparedData:
         return "\n".join(lines)
 
 
+def _test_fraction(cfg) -> float:
+    # A run's config.json from before data.test_fraction existed trained on that split with
+    # no test side: 0 reproduces its train set, so evaluation never queries training images.
+    return cfg.get("test_fraction", 0.0)
+
+
+def _check_config(cfg) -> None:
+    """Bad settings fail here, before any scanning or decoding."""
+    if cfg.source not in SOURCES:
+        raise ConfigError(f"data.source must be one of {SOURCES}, got {cfg.source!r}")
+    if cfg.source != "competition" and cfg.protocol not in PROTOCOLS:
+        raise ConfigError(f"data.protocol must be one of {PROTOCOLS}, got {cfg.protocol!r}")
+    splits.check_fractions(cfg.val_fraction, _test_fraction(cfg), cfg.open_set_holdout)
+    splits.check_caps(max_classes=cfg.max_classes, max_per_class=cfg.max_per_class,
+                      max_images=cfg.max_images)
+    if cfg.min_images_per_class < 1:
+        raise ConfigError(f"data.min_images_per_class must be >= 1, got {cfg.min_images_per_class}")
+
+
 def _limited(listing: Listing, cfg) -> Listing:
     rows = splits.limit_rows(listing.paths, listing.labels, listing.class_names,
                              max_classes=cfg.max_classes, max_per_class=cfg.max_per_class,
@@ -87,7 +107,8 @@ def _scan(cfg) -> Listing:
         directory = cfg.root or sources.ensure_fashion_mnist()
         return sources.scan_idx(directory, IDX_SPLIT)
     if not cfg.tfds_name:
-        raise ConfigError("data.source=tfds needs data.tfds_name (e.g. --config.data.tfds_name=mnist)")
+        raise ConfigError("data.source=tfds needs data.tfds_name "
+                          "(e.g. --config.data.tfds_name=mnist)")
     return sources.scan_tfds(cfg.tfds_name, cfg.get("tfds_split", TFDS_SPLIT), cfg.tfds_data_dir)
 
 
@@ -102,9 +123,11 @@ def _prepare_competition(cfg) -> PreparedData:
     paths = [union.paths[r] for r in cached.rows]
     labels = union.labels[cached.rows]
     kept_part = part_of[cached.rows]
-    # training/ is split like closed-set, only to monitor training; retrieval uses the folders.
-    split = splits.closed_set(paths, labels, comp.identity_names, rows=np.flatnonzero(kept_part == 0),
-                              val_fraction=cfg.val_fraction, seed=cfg.split_seed,
+    # training/ is split train/val only, to select the model; retrieval queries query/ against
+    # gallery/, so a test side would only take images away from training.
+    split = splits.closed_set(paths, labels, comp.identity_names,
+                              rows=np.flatnonzero(kept_part == 0), val_fraction=cfg.val_fraction,
+                              test_fraction=0.0, seed=cfg.split_seed,
                               min_images=cfg.min_images_per_class)
     _report_excluded(split.excluded)
     query, gallery = (np.flatnonzero(kept_part == k) for k in (1, 2))
@@ -126,27 +149,30 @@ def prepare_data(cfg) -> PreparedData:
     Sources: folder (class sub-folders), competition (training/ + query/ + gallery/), idx
     (Fashion-MNIST idx files; its 'train' split), tfds (a prepared array_record dataset; its
     'train' split). max_classes / max_per_class / max_images pick seeded, stable subsets
-    before decoding (of training/ only, for competition). Protocols: closed_set or open_set (ignored for competition, which always
-    queries query/ against gallery/).
+    before decoding (of training/ only, for competition). Protocols: closed_set (per class:
+    train / val / test; test queries train) or open_set (held-out identities, leave-one-out);
+    competition always queries query/ against gallery/. In every protocol val (model selection)
+    is disjoint from the queries, except closed_set with test_fraction=0 (the seed's setup).
 
     Raises:
-      ConfigError: unknown source/protocol or missing settings.
-      DataError: missing or unusable data (nothing decodes, too few images per class, ...).
+      ConfigError: unknown source/protocol, missing settings, negative caps or fractions
+        outside [0, 1).
+      DataError: missing or unusable data (nothing decodes, fewer than 2 training classes, ...).
     """
-    if cfg.source not in SOURCES:
-        raise ConfigError(f"data.source must be one of {SOURCES}, got {cfg.source!r}")
+    _check_config(cfg)
     if cfg.source == "competition":
         return _prepare_competition(cfg)
-    if cfg.protocol not in PROTOCOLS:
-        raise ConfigError(f"data.protocol must be one of {PROTOCOLS}, got {cfg.protocol!r}")
     listing = _limited(_scan(cfg), cfg)
     cached = _cache(listing, cfg)
     paths = [listing.paths[r] for r in cached.rows]
     labels = listing.labels[cached.rows]
     if cfg.protocol == "closed_set":
         split = splits.closed_set(paths, labels, listing.class_names,
-                                  val_fraction=cfg.val_fraction, seed=cfg.split_seed,
-                                  min_images=cfg.min_images_per_class)
+                                  val_fraction=cfg.val_fraction, test_fraction=_test_fraction(cfg),
+                                  seed=cfg.split_seed, min_images=cfg.min_images_per_class)
+        if not _test_fraction(cfg):
+            print("note: data.test_fraction=0: closed-set queries are the validation images "
+                  "that selected the checkpoint, so retrieval scores are optimistic", flush=True)
     else:
         split = splits.open_set(paths, labels, listing.class_names,
                                 holdout=cfg.open_set_holdout,

@@ -207,8 +207,8 @@ def _open_idx(path: str):
 def _idx_header(f, path: str, ndim: int) -> tuple[int, ...]:
     head = f.read(4)
     if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != _IDX_UBYTE or head[3] != ndim:
-        raise DataError(f"{path} is not an idx{ndim} ubyte file (magic bytes {head.hex() or 'missing'}, "
-                        f"expected 0000080{ndim})")
+        raise DataError(f"{path} is not an idx{ndim} ubyte file (magic bytes "
+                        f"{head.hex() or 'missing'}, expected 0000080{ndim})")
     dims = f.read(4 * ndim)
     if len(dims) < 4 * ndim:
         raise DataError(f"{path}: idx header is truncated")
@@ -296,13 +296,15 @@ def ensure_fashion_mnist(directory: str | None = None) -> str:
     apt = shutil.which("apt-get")
     if apt is None or os.geteuid() != 0:
         raise DataError(f"Fashion-MNIST is not installed ({directory} is missing); {how}")
-    print(f"Fashion-MNIST not found; running: apt-get install -y {FASHION_MNIST_PACKAGE}", flush=True)
+    print(f"Fashion-MNIST not found; running: apt-get install -y {FASHION_MNIST_PACKAGE}",
+          flush=True)
     for cmd in ([apt, "install", "-y", FASHION_MNIST_PACKAGE],
                 [apt, "update"], [apt, "install", "-y", FASHION_MNIST_PACKAGE]):
         subprocess.run(cmd, check=False, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
         if cmd[1] == "install" and _has_idx(directory):
             return directory
-    raise DataError(f"`apt-get install -y {FASHION_MNIST_PACKAGE}` did not provide {directory}; {how}")
+    raise DataError(f"`apt-get install -y {FASHION_MNIST_PACKAGE}` did not provide {directory}; "
+                    f"{how}")
 
 
 # ----------------------------------------------------------------------------- tfds
@@ -317,7 +319,8 @@ def tfds_source(name: str, split: str = "train", data_dir: str = "", *,
     try:
         import tensorflow_datasets as tfds
     except ImportError:
-        raise DataError("source=tfds needs tensorflow-datasets: pip install tensorflow-datasets") from None
+        raise DataError("source=tfds needs tensorflow-datasets: "
+                        "pip install tensorflow-datasets") from None
     where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
 
     def open_source(decoders):

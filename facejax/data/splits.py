@@ -1,22 +1,34 @@
-"""Seeded, stable (hash-based) subsets and splits: closed-set, open-set and leave-one-out.
+"""Seeded, stable (hash-based) subsets and splits for the closed-set and open-set protocols.
 
 Every decision hashes (seed, purpose, class name[, relative path]) to a uniform number in
 [0, 1) and compares it with a threshold, so a file's side does not depend on which other files
-exist: rerunning gives the same split and adding files never moves old ones. The one exception
-is the guarantee of at least one image on each side of a class with 2+ images (and at least
-one held-out identity): when a class had no file under the threshold, its lowest-hash file is
-forced to the other side, and it moves back once a newly added file lands there on its own.
+exist: rerunning gives the same split and adding files never moves old ones.
+
+The train/val/test split ranks each class's files by hash: val takes those under
+`val_fraction`, test those at or above `1 - test_fraction`, train the rest (so val does not
+depend on test_fraction, and test_fraction=0 is the plain train/val split). Small classes get
+minimum counts, in priority order: train >= 1 always; then test >= 1 and val >= 1 (when their
+fraction is > 0), each only by taking a file from a side that has 2 or more. Hence a 1-image
+class is train only, a 2-image class is one train image plus one val *or* test image, and a
+class with 3+ images fills every side. A forced fill keeps the hash ranking (val lowest, test
+highest), so it is the one exception to stability: a class whose sides were not all filled by
+hash, before or after files are added, can reshuffle its files.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
 
 from facejax.errors import ConfigError, DataError
+
+# Side codes of `split_sides`.
+NONE, TRAIN, VAL, TEST = -1, 0, 1, 2
+MIN_TRAIN_CLASSES = 2  # a softmax over one class learns nothing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,32 +71,71 @@ def _hashes(seed: int, purpose: str, class_names: Sequence[str], labels: np.ndar
                      for l, p in zip(labels, paths)], np.float64)
 
 
-def _check_fraction(name: str, value: float) -> None:
-    if not 0.0 < value < 1.0:
-        raise ConfigError(f"data.{name} must be between 0 and 1 (exclusive), got {value}")
+def check_fractions(val_fraction: float = 0.0, test_fraction: float = 0.0,
+                    open_set_holdout: float = 0.0) -> None:
+    """Raises ConfigError unless each fraction is in [0, 1) and val + test leaves train some."""
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction),
+                        ("open_set_holdout", open_set_holdout)):
+        if not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+            raise ConfigError(f"data.{name} must be in [0, 1), got {value!r}")
+    if val_fraction + test_fraction >= 1.0:
+        raise ConfigError(f"data.val_fraction + data.test_fraction must be below 1 (got "
+                          f"{val_fraction} + {test_fraction}): nothing would be left to train on")
 
 
-def split_val(paths: Sequence[str], labels: np.ndarray, class_names: Sequence[str],
-              val_fraction: float, seed: int) -> np.ndarray:
-    """Stratified, stable train/val split: returns is_val (bool [N]).
+def check_caps(*, max_classes: int = 0, max_per_class: int = 0, max_images: int = 0) -> None:
+    """Raises ConfigError for a negative cap, or max_classes=1 (training needs 2 classes)."""
+    for name, value in (("max_classes", max_classes), ("max_per_class", max_per_class),
+                        ("max_images", max_images)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ConfigError(f"data.{name} must be an integer >= 0 (0 = no cap), got {value!r}")
+    if max_classes == 1:
+        raise ConfigError(f"data.max_classes=1 leaves a single class; training needs at least "
+                          f"{MIN_TRAIN_CLASSES} (0 = all classes)")
 
-    A file is val when its hash is below `val_fraction`; each class with 2+ files keeps at
-    least one file on each side. Rows with label -1 are never val.
-    """
-    _check_fraction("val_fraction", val_fraction)
+
+def _side_counts(u_sorted: np.ndarray, val_fraction: float,
+                 test_fraction: float) -> tuple[int, int]:
+    """(val count, test count) of one class from its sorted hashes, after the minimums."""
+    n = len(u_sorted)
+    k_val = int(np.searchsorted(u_sorted, val_fraction, side="left"))            # u < val
+    k_test = n - int(np.searchsorted(u_sorted, 1.0 - test_fraction, side="left"))  # u >= 1 - test
+    k = {VAL: k_val, TRAIN: n - k_val - k_test, TEST: k_test}
+    wanted = [TRAIN] + [TEST] * (test_fraction > 0) + [VAL] * (val_fraction > 0)
+    for side in wanted:
+        if k[side]:
+            continue
+        donors = [s for s in k if s != side and k[s] > 1]
+        if donors:  # the fullest side gives one file (train on ties)
+            donor = max(donors, key=lambda s: (k[s], s == TRAIN))
+        elif side == TRAIN:  # n <= 2 with no train file: train still gets one
+            donor = VAL if k[VAL] else TEST
+        else:
+            continue
+        k[donor] -= 1
+        k[side] += 1
+    return k[VAL], k[TEST]
+
+
+def split_sides(paths: Sequence[str], labels: np.ndarray, class_names: Sequence[str], *,
+                val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
+    """Stratified, stable train/val/test split (see the module docstring): returns side codes
+    int8 [N] (TRAIN, VAL, TEST; NONE for rows with label -1)."""
+    check_fractions(val_fraction, test_fraction)
     labels = np.asarray(labels)
     u = _hashes(seed, "split", class_names, labels, paths)
-    is_val = (u < val_fraction) & (labels >= 0)
-    for c in np.unique(labels[labels >= 0]):
-        rows = np.flatnonzero(labels == c)
-        if len(rows) < 2:
-            is_val[rows] = False
+    sides = np.full(len(labels), NONE, np.int8)
+    rows = np.flatnonzero(labels >= 0)
+    rows = rows[np.lexsort((u[rows], labels[rows]))]  # by class, then by hash
+    starts = np.flatnonzero(np.r_[True, np.diff(labels[rows]) != 0])
+    for group in np.split(rows, starts[1:]):
+        if len(group) == 0:
             continue
-        if not is_val[rows].any():
-            is_val[rows[np.argmin(u[rows])]] = True
-        if is_val[rows].all():
-            is_val[rows[np.argmax(u[rows])]] = False
-    return is_val
+        k_val, k_test = _side_counts(u[group], val_fraction, test_fraction)
+        sides[group] = TRAIN
+        sides[group[:k_val]] = VAL
+        sides[group[len(group) - k_test:]] = TEST
+    return sides
 
 
 def limit_rows(paths: Sequence[str], labels: np.ndarray, class_names: Sequence[str], *,
@@ -95,7 +146,11 @@ def limit_rows(paths: Sequence[str], labels: np.ndarray, class_names: Sequence[s
     max_classes picks among classes with at least `min_images` files; max_per_class and
     max_images keep each class's / the whole set's lowest-hash files. The hash purpose differs
     from the split's, so a capped class still gets a representative val side.
+
+    Raises:
+      ConfigError: a negative cap, or max_classes=1.
     """
+    check_caps(max_classes=max_classes, max_per_class=max_per_class, max_images=max_images)
     labels = np.asarray(labels)
     keep = np.ones(len(labels), bool)
     counts = np.bincount(labels[labels >= 0], minlength=len(class_names))
@@ -117,10 +172,12 @@ def limit_rows(paths: Sequence[str], labels: np.ndarray, class_names: Sequence[s
     return np.flatnonzero(keep).astype(np.int64)
 
 
-def _train_val(rows: np.ndarray, paths: Sequence[str], labels: np.ndarray,
-               class_names: Sequence[str], *, val_fraction: float, seed: int,
-               min_images: int) -> tuple[list[str], Subset, Subset, list[tuple[str, str]]]:
-    """Splits `rows` (global indices) per class; returns kept class names, train, val, excluded."""
+def _split_classes(rows: np.ndarray, paths: Sequence[str], labels: np.ndarray,
+                   class_names: Sequence[str], *, val_fraction: float, test_fraction: float,
+                   seed: int, min_images: int, what: str = "classes"
+                   ) -> tuple[list[str], Subset, Subset, Subset, list[tuple[str, str]]]:
+    """Splits `rows` (global indices) per class; returns kept class names, train, val, test
+    and the excluded classes. Raises DataError unless 2+ classes have `min_images` images."""
     if min_images < 1:
         raise ConfigError(f"data.min_images_per_class must be >= 1, got {min_images}")
     labels = np.asarray(labels)
@@ -130,45 +187,61 @@ def _train_val(rows: np.ndarray, paths: Sequence[str], labels: np.ndarray,
     excluded = [(class_names[c], f"class with < {min_images} images (min_images_per_class)")
                 for c in present if counts[c] < min_images]
     excluded += [(class_names[c], "class with 1 image: train only") for c in kept if counts[c] == 1]
-    if not kept:
-        raise DataError(f"no class has at least min_images_per_class={min_images} images "
-                        f"(largest has {counts.max() if len(counts) else 0})")
+    if len(kept) < MIN_TRAIN_CLASSES:
+        raise DataError(
+            f"training needs at least {MIN_TRAIN_CLASSES} classes with >= {min_images} images "
+            f"(data.min_images_per_class), but only {len(kept)} of the {len(present)} {what} "
+            f"({len(rows)} images, after caps and decoding) qualify; largest class: "
+            f"{counts.max() if len(counts) else 0} images. Add classes or relax data.max_classes / "
+            f"data.min_images_per_class")
     remap = np.full(len(class_names), -1, np.int32)
     remap[kept] = np.arange(len(kept), dtype=np.int32)
     rows = rows[remap[labels[rows]] >= 0]
-    is_val = split_val([paths[r] for r in rows], labels[rows], class_names, val_fraction, seed)
+    sides = split_sides([paths[r] for r in rows], labels[rows], class_names,
+                        val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     new = remap[labels[rows]]
-    train = Subset(rows[~is_val], new[~is_val])
-    val = Subset(rows[is_val], new[is_val])
-    return [class_names[c] for c in kept], train, val, excluded
+    train, val, test = (Subset(rows[sides == s], new[sides == s]) for s in (TRAIN, VAL, TEST))
+    return [class_names[c] for c in kept], train, val, test, excluded
 
 
 def closed_set(paths: Sequence[str], labels: np.ndarray, class_names: Sequence[str], *,
-               val_fraction: float, seed: int, min_images: int = 2,
+               val_fraction: float, test_fraction: float, seed: int, min_images: int = 2,
                rows: np.ndarray | None = None) -> Split:
-    """Per class, images split into train and val; retrieval queries val against train."""
+    """Per class, images split into train, val and test; retrieval queries test against train.
+
+    val only selects the model (early stopping, best checkpoint). With test_fraction=0 there is
+    no test side and val doubles as the query set, as in the seed: those scores are optimistic,
+    since the checkpoint was picked on the same images.
+    """
     labels = np.asarray(labels)
     rows = np.flatnonzero(labels >= 0) if rows is None else np.asarray(rows, np.int64)
-    names, train, val, excluded = _train_val(rows, paths, labels, class_names,
-                                             val_fraction=val_fraction, seed=seed,
-                                             min_images=min_images)
-    if len(val) == 0:
-        raise DataError("no class has 2 or more images, so there is nothing to validate or "
-                        "query with; add images or use more classes")
-    return Split("closed_set", names, train, val, val, train, names, excluded)
+    names, train, val, test, excluded = _split_classes(
+        rows, paths, labels, class_names, val_fraction=val_fraction,
+        test_fraction=test_fraction, seed=seed, min_images=min_images)
+    query = test if test_fraction > 0 else val
+    if len(query) == 0:
+        side = "test" if test_fraction > 0 else "val"
+        raise DataError(f"no image landed in the {side} split (every class is too small: a class "
+                        f"needs 2 images for one query, 3 to fill both val and test), so there "
+                        f"is nothing to query with; add images")
+    return Split("closed_set", names, train, val, query, train, names, excluded)
 
 
 def open_set(paths: Sequence[str], labels: np.ndarray, class_names: Sequence[str], *,
              holdout: float, min_eval_images: int, val_fraction: float, seed: int,
              min_images: int = 2) -> Split:
     """Identity-disjoint: held-out identities are never trained on and are evaluated
-    leave-one-out (gallery=None); the rest split train/val like closed-set.
+    leave-one-out (gallery=None); the rest split train/val (no test side: the held-out
+    identities are the test).
 
     Only identities with at least `min_eval_images` (and 2) images can be held out, since
     the others could not be evaluated; each such identity is held out when its hash is below
-    `holdout`.
+    `holdout`. At least one identity is held out, and held-out identities go back to training
+    (highest hash first) while fewer than 2 identities would be left to train on.
     """
-    _check_fraction("open_set_holdout", holdout)
+    check_fractions(val_fraction, 0.0, holdout)
+    if holdout <= 0:
+        raise ConfigError("data.protocol=open_set needs data.open_set_holdout > 0")
     labels = np.asarray(labels)
     counts = np.bincount(labels[labels >= 0], minlength=len(class_names))
     need = max(min_eval_images, 2)
@@ -180,15 +253,15 @@ def open_set(paths: Sequence[str], labels: np.ndarray, class_names: Sequence[str
     held = eligible & (u < holdout)
     if not held.any():
         held[np.flatnonzero(eligible)[np.argmin(u[eligible])]] = True
-    if not (counts[~held] > 0).any():
-        if held.sum() < 2:
-            raise DataError("open_set needs at least two identities (one to train, one to hold out)")
-        held[np.flatnonzero(held)[np.argmax(u[held])]] = False
+    trainable = counts >= max(min_images, 1)
+    while (trainable & ~held).sum() < MIN_TRAIN_CLASSES and (held & trainable).sum() > 1:
+        back = np.flatnonzero(held & trainable)
+        held[back[np.argmax(u[back])]] = False
     row_held = (labels >= 0) & held[np.maximum(labels, 0)]
     train_rows = np.flatnonzero((labels >= 0) & ~row_held)
-    names, train, val, excluded = _train_val(train_rows, paths, labels, class_names,
-                                             val_fraction=val_fraction, seed=seed,
-                                             min_images=min_images)
+    names, train, val, _, excluded = _split_classes(
+        train_rows, paths, labels, class_names, val_fraction=val_fraction, test_fraction=0.0,
+        seed=seed, min_images=min_images, what="identities left after the holdout")
     q = np.flatnonzero(row_held)
     query = Subset(q, labels[q])
     return Split("open_set", names, train, val, query, None, list(class_names), excluded)
@@ -200,25 +273,3 @@ def check_disjoint(split: Split) -> None:
     query_ids = {split.identity_names[l] for l in np.unique(split.query.labels) if l >= 0}
     if split.protocol == "open_set" and train_ids & query_ids:
         raise DataError(f"open_set identities overlap: {sorted(train_ids & query_ids)[:5]}")
-
-
-def eval_sets(query: Subset, gallery: Subset | None) -> tuple[Subset, Subset, bool]:
-    """(queries, gallery, exclude_self): leave-one-out when `gallery` is None, i.e. every
-    query searches all queries and its own hit must be dropped (see `drop_self`)."""
-    if gallery is None:
-        return query, query, True
-    return query, gallery, False
-
-
-def drop_self(neighbors: np.ndarray, query_rows: np.ndarray, gallery_rows: np.ndarray,
-              k: int) -> np.ndarray:
-    """Leave-one-out: removes each query's own row from its neighbour list.
-
-    `neighbors` [Q, K'] are positions in the gallery (search K' = k + 1); returns
-    [Q, min(k, K' - 1)] positions in their original order, minus the query's own row.
-    """
-    neighbors = np.asarray(neighbors)
-    width = min(k, neighbors.shape[1] - 1)  # a row may hold its self-match last
-    is_self = np.asarray(gallery_rows)[neighbors] == np.asarray(query_rows)[:, None]
-    order = np.argsort(is_self, axis=1, kind="stable")
-    return np.take_along_axis(neighbors, order, axis=1)[:, :width]

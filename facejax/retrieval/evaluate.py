@@ -8,13 +8,34 @@ from typing import Any
 
 import numpy as np
 
-from facejax.errors import DataError
+from facejax.errors import ConfigError, DataError
 from facejax.retrieval import metrics as M
 from facejax.retrieval.index import SearchIndex, drop_self
 
 # mAP@R needs R results per query; past this many, AP is computed on a truncated list (noted).
 MAP_R_CAP = 1000
 FIGURE_TOPK = 5
+
+
+def check_ks(ks) -> list[int]:
+    """`eval.ks` as a sorted list of distinct whole numbers >= 1; ConfigError otherwise."""
+    try:
+        items = list(ks)
+    except TypeError:
+        items = None
+    # bool is an int subclass and a float like 1.5 would silently truncate: refuse both.
+    if not items or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1
+                        for k in items):
+        raise ConfigError(f"eval.ks must be a non-empty list of whole numbers >= 1, "
+                          f"got {ks!r}")
+    return sorted({int(k) for k in items})
+
+
+def check_num_examples(num) -> int:
+    """`eval.num_figure_queries` as an int >= 0; ConfigError otherwise."""
+    if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 0:
+        raise ConfigError(f"eval.num_figure_queries must be a whole number >= 0, got {num!r}")
+    return int(num)
 
 
 def evaluate_embeddings(query_emb: np.ndarray, query_labels: np.ndarray, index: SearchIndex,
@@ -33,7 +54,8 @@ def evaluate_embeddings(query_emb: np.ndarray, query_labels: np.ndarray, index: 
     q = len(query_labels)
     if len(query_emb) != q:
         raise DataError(f"{len(query_emb)} query embeddings but {q} labels")
-    ks = sorted({int(k) for k in ks})
+    ks = check_ks(ks)
+    num_examples = check_num_examples(num_examples)
     loo = self_rows is not None
     self_rows = np.full(q, -1, np.int64) if self_rows is None else np.asarray(self_rows, np.int64)
     has_self = (self_rows >= 0)
@@ -135,6 +157,9 @@ def evaluate(embedder, data, *, ks: Sequence[int] = (1, 5, 10), index: SearchInd
     built over the gallery with `backend`; a given index must hold the gallery's paths.
     `query_emb` reuses query embeddings the caller already has.
     """
+    # Checked before any embedding work, so a bad setting fails in a second, not an hour.
+    ks = check_ks(ks)
+    num_examples = check_num_examples(num_examples)
     loo = data.gallery is None
     gallery = data.query if loo else data.gallery
     g_paths = [data.paths[i] for i in gallery.indices]
@@ -169,9 +194,14 @@ def evaluate(embedder, data, *, ks: Sequence[int] = (1, 5, 10), index: SearchInd
 
 
 def result_summary(result: Mapping[str, Any]) -> str:
-    """One line: protocol, counts and the headline metrics."""
+    """One line: protocol, counts and the headline metrics (or why nothing was scored)."""
     m = result["metrics"]
+    setting = f"{result['protocol']}{' (leave-one-out)' if result['leave_one_out'] else ''}"
+    if not result["num_queries"]:
+        return (f"{setting}: none of the {result['num_queries_total']} queries could be scored "
+                f"({result['num_queries_unlabelled']} unlabelled, "
+                f"{result['num_queries_without_relevant']} without an image of their identity "
+                f"in the gallery)")
     tops = " ".join(f"Top-{k}={m[f'top{k}']:.4f}" for k in result["ks"])
-    return (f"{result['protocol']}{' (leave-one-out)' if result['leave_one_out'] else ''}: "
-            f"{result['num_queries']} queries, gallery {result['gallery_size']}: {tops} "
-            f"mAP@R={m['map@r']:.4f}")
+    return (f"{setting}: {result['num_queries']} queries, gallery {result['gallery_size']}: "
+            f"{tops} mAP@R={m['map@r']:.4f}")

@@ -205,6 +205,7 @@ class SearchIndex:
             raise DataError(f"{n} embeddings but labels of shape {labels.shape}")
         if backend not in BACKENDS:
             raise ConfigError(f"index backend must be one of {BACKENDS}, got {backend!r}")
+        check_target_recall(target_recall)
         if backend == "auto":
             backend = "exact" if n <= exact_max_items else "scann"
         params = None
@@ -215,6 +216,9 @@ class SearchIndex:
                     backend, scann_params=params, info=info)
         if backend == "scann" and target_recall > 0:
             index.tune(target_recall, k=k, queries=tune_queries, seed=seed)
+        elif target_recall > 0:
+            # Exact search has recall 1 by construction: there is nothing to tune.
+            log.info("target_recall=%s does not apply: the index uses exact search", target_recall)
         return index
 
     # -- queries
@@ -237,9 +241,7 @@ class SearchIndex:
         queries = np.asarray(queries, np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise DataError(f"queries must be [Q, {self.dim}]; got shape {queries.shape}")
-        if not 1 <= k <= self.size:
-            raise DataError(f"k={k} but the gallery has {self.size} items; "
-                            f"ask for at most {self.size}")
+        check_k(k, self.size)
         if len(queries) == 0:
             return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
         if exact or self.backend == "exact":
@@ -270,8 +272,9 @@ class SearchIndex:
         """
         if self.backend != "scann":
             raise ConfigError("target_recall tuning applies to the scann backend only")
-        if not 0 < target_recall <= 1:
-            raise ConfigError(f"target_recall must be in (0, 1], got {target_recall}")
+        if not target_recall:
+            raise ConfigError("target_recall must be in (0, 1], got 0")
+        check_target_recall(target_recall)
         if queries is None:
             k = min(k, self.size - 1)
             rng = np.random.default_rng(seed)
@@ -451,6 +454,24 @@ class SearchIndex:
                    info=manifest.get("info"), next_id=manifest.get("next_id"),
                    built_count=manifest.get("built_count", n), searcher=searcher,
                    scann_order=order)
+
+
+def check_k(k, size: int | None = None) -> None:
+    """Raises DataError unless k is a whole number >= 1 and (given `size`) k <= size."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise DataError(f"k must be a whole number of at least 1, got {k!r}")
+    if size is not None and k > size:
+        raise DataError(f"k={k} but the gallery has {size} items; ask for at most {size}")
+
+
+def check_target_recall(target_recall) -> None:
+    """Raises ConfigError unless `target_recall` is 0 (off) or in (0, 1]."""
+    ok = (isinstance(target_recall, (int, float, np.integer, np.floating))
+          and not isinstance(target_recall, bool)
+          and (target_recall == 0 or 0 < target_recall <= 1))
+    if not ok:
+        raise ConfigError(f"target_recall must be in (0, 1] (or 0 for no tuning), "
+                          f"got {target_recall!r}")
 
 
 def read_manifest(path: str) -> dict:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from facejax.errors import ConfigError
 from facejax.retrieval.atomic import write_file_atomic
 
 FIGURE = "topk_examples.png"
@@ -25,8 +26,12 @@ def draw_grid(rows: Sequence[Mapping[str, Any]], out_png: str, *, title: str = "
     """One row per query: the query, then its results with a coloured border.
 
     `rows[i]` = {image, caption, results: [{image, caption, correct: bool | None}]};
-    green = correct identity, red = wrong, grey = unknown (no labels).
+    green = correct identity, red = wrong, grey = unknown (no labels). The folder of
+    `out_png` is created; a path naming a folder is a ConfigError.
     """
+    if out_png.endswith(("/", os.sep)) or os.path.isdir(out_png):
+        raise ConfigError(f"{out_png} is a folder; give the PNG file to write, e.g. "
+                          f"{os.path.join(out_png, 'grid.png')}")
     # The Figure API without pyplot: no global backend switch, no GUI, safe in threads.
     from matplotlib.figure import Figure
 
@@ -66,6 +71,7 @@ def draw_grid(rows: Sequence[Mapping[str, Any]], out_png: str, *, title: str = "
                             fontweight="bold")
     if title:
         fig.suptitle(title, fontsize=10, y=1 - 0.1 / height, va="top")
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
     tmp = out_png + ".tmp.png"
     fig.savefig(tmp, dpi=110)
     os.replace(tmp, out_png)
@@ -114,6 +120,22 @@ def setting_line(result: Mapping[str, Any]) -> str:
     if skipped:
         line += (f" {skipped} of {result['num_queries_total']} queries were not scored "
                  f"(unlabelled, or no image of their identity in the gallery).")
+    return line
+
+
+def scored(result: Mapping[str, Any]) -> bool:
+    """Whether any query could be scored; if not, every metric is NaN and no table is shown."""
+    return bool(result["num_queries"])
+
+
+def no_score_line(result: Mapping[str, Any]) -> str:
+    """Why there are no metrics, and where the competition ranking went (if there is one)."""
+    line = (f"No query could be scored: {result['num_queries_unlabelled']} of "
+            f"{result['num_queries_total']} queries are unlabelled and "
+            f"{result['num_queries_without_relevant']} have no image of their identity in the "
+            f"gallery.")
+    if result.get("competition_json"):
+        line += f" The top-k ranking of every query is in {result['competition_json']}."
     return line
 
 
@@ -176,9 +198,13 @@ def _markdown(result, title, figure, curves) -> str:
     m = result["metrics"]
     out = [f"# {title}", "", setting_line(result), "",
            (f"Model: `{emb.get('model')}` (embedder {str(emb.get('params_hash'))[:12]}, "
-            f"dim {emb.get('embed_dim')})."), "",
-           _md_table(*metric_rows(result)), "",
-           f"mAP@R (R = the query's number of relevant gallery images): **{_fmt(m['map@r'])}**"]
+            f"dim {emb.get('embed_dim')})."), ""]
+    if scored(result):
+        out += [_md_table(*metric_rows(result)), "",
+                f"mAP@R (R = the query's number of relevant gallery images): "
+                f"**{_fmt(m['map@r'])}**"]
+    else:
+        out.append(no_score_line(result))
     if result.get("map_r_truncated"):
         out.append(f"({result['map_r_truncated']} queries had R above the retrieved depth; "
                    f"their AP@R counts unretrieved items as misses.)")
@@ -217,9 +243,11 @@ def _html(result, title, figure, curves) -> str:
     m = result["metrics"]
     parts = [(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
               f"</title><style>{_CSS}</style></head><body>"),
-             f"<h1>{html.escape(title)}</h1><p>{setting}</p>",
-             _html_table(*metric_rows(result)),
-             f"<p>mAP@R: <b>{_fmt(m['map@r'])}</b></p>"]
+             f"<h1>{html.escape(title)}</h1><p>{setting}</p>"]
+    if scored(result):
+        parts += [_html_table(*metric_rows(result)), f"<p>mAP@R: <b>{_fmt(m['map@r'])}</b></p>"]
+    else:
+        parts.append(f"<p>{html.escape(no_score_line(result))}</p>")
     ann = _ann_line(result)
     if ann:
         parts.append(f"<p class='note'>{html.escape(ann)}</p>")

@@ -15,27 +15,57 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 
-from facejax.errors import CheckpointError, DataError
+from facejax.errors import CheckpointError, ConfigError, DataError
 from facejax.retrieval import competition, report
 from facejax.retrieval.embed import Embedder, embed_to_shards, load_embedder
-from facejax.retrieval.evaluate import evaluate
-from facejax.retrieval.index import SearchIndex, load_index
+from facejax.retrieval.evaluate import check_ks, check_num_examples, evaluate
+from facejax.retrieval.index import (BACKENDS, SearchIndex, check_k, check_target_recall,
+                                     load_index)
 
 EMBEDDER_DIR, INDEX_DIR, WORK_DIR, REPORT_DIR = "embedder", "index", "index_work", "report"
 COMPETITION_JSON = "competition_topk.json"
 _GRID_MAX_QUERIES = 16
+# The run settings these steps read (prepare_data checks the rest of `data` itself).
+_RUN_KEYS = ("seed", "model.name", "data.source", "data.root", "data.image_size",
+             "data.resize_mode", "data.max_pixels", "index.backend", "index.exact_max_items",
+             "index.target_recall", "index.batch_size", "eval.ks", "eval.num_figure_queries")
+# The report.json fields compare_workdirs reads.
+_REPORT_KEYS = ("ks", "metrics", "protocol", "num_queries", "gallery_size")
 
 
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The resolved config that training saved as `workdir/config.json`."""
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config that training saved as `workdir/config.json`, and nothing else.
+
+    Unlike `facejax.train.checkpoint.load_run_config`, which returns (config, class names)
+    for restoring a model, this needs only config.json: retrieval never imports the training
+    code and never needs classes.json. Raises CheckpointError if the file is missing,
+    unreadable or lacks a setting that retrieval reads.
+    """
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} is missing: is {workdir} a training workdir?")
     try:
         with open(path) as f:
-            return ml_collections.ConfigDict(json.load(f))
+            raw = json.load(f)
+        if not isinstance(raw, dict):
+            raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
+        config = ml_collections.ConfigDict(raw)
     except (OSError, ValueError, TypeError) as e:
         raise CheckpointError(f"cannot read {path}: {e}") from e
+    missing = [key for key in _RUN_KEYS if not _has(config, key)]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}: it was not written by this "
+                              f"version of facejax; add the missing settings or retrain")
+    return config
+
+
+def _has(config, dotted: str) -> bool:
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def _prepare(config, embedder: Embedder):
@@ -60,7 +90,15 @@ def build_workdir_index(workdir: str, config, *, backend: str | None = None,
     """Embeds the gallery (resumably, in shards) and saves `workdir/index/`.
 
     The gallery is the protocol's gallery subset, or the query subset for leave-one-out.
+    `backend` and `target_recall` default to the run's `index` settings.
     """
+    backend = backend or config.index.backend
+    target = config.index.target_recall if target_recall is None else target_recall
+    # Checked before the (long) embedding pass.
+    if backend not in BACKENDS:
+        raise ConfigError(f"index.backend must be one of {BACKENDS}, got {backend!r}")
+    check_target_recall(target)
+    ks = check_ks(config.eval.ks)
     embedder = load_embedder(os.path.join(workdir, EMBEDDER_DIR))
     data = _prepare(config, embedder)
     loo = data.gallery is None
@@ -71,21 +109,30 @@ def build_workdir_index(workdir: str, config, *, backend: str | None = None,
     work = os.path.join(workdir, WORK_DIR)
     emb = embed_to_shards(embedder, data.images, gallery.indices, paths, work,
                           batch_size=config.index.batch_size, progress=progress)
-    backend = backend or config.index.backend
-    target = config.index.target_recall if target_recall is None else target_recall
     info = dict(root=data.root, source=config.data.source, protocol=data.protocol,
                 leave_one_out=loo, label_names=_names(data))
     index = SearchIndex.build(emb, paths, gallery.labels, embedder.meta, backend=backend,
                               exact_max_items=config.index.exact_max_items,
-                              target_recall=target, k=max(config.eval.ks), info=info,
+                              target_recall=target, k=ks[-1], info=info,
                               seed=config.seed)
+    if target and index.backend == "exact":
+        print(f"note: target_recall={target} does not apply: the index uses exact search "
+              f"(recall 1 by construction; {index.size} items, backend {backend!r}, "
+              f"exact_max_items={config.index.exact_max_items})", flush=True)
     index.save(os.path.join(workdir, INDEX_DIR))
     shutil.rmtree(work, ignore_errors=True)  # the saved index holds every embedding now
     return index
 
 
 def evaluate_workdir(workdir: str, config, *, progress: bool = True) -> dict:
-    """Evaluates the saved index with the run's queries; writes `workdir/report/`."""
+    """Evaluates the saved index with the run's queries; writes `workdir/report/`.
+
+    For the competition layout it also writes `report/competition_topk.json` and names it in
+    the result's `competition_json` (relative to the report folder).
+    """
+    # Checked before the index, data and embeddings are loaded.
+    ks = check_ks(config.eval.ks)
+    num_examples = check_num_examples(config.eval.num_figure_queries)
     embedder = load_embedder(os.path.join(workdir, EMBEDDER_DIR))
     index = load_index(os.path.join(workdir, INDEX_DIR), expect=embedder.meta)
     data = _prepare(config, embedder)
@@ -95,15 +142,17 @@ def evaluate_workdir(workdir: str, config, *, progress: bool = True) -> dict:
         q_emb = embedder.embed_array(data.images, batch_size=config.index.batch_size,
                                      progress=progress, indices=data.query.indices)
         q_paths = [data.paths[i] for i in data.query.indices]
-        k = min(max(config.eval.ks), index.size)
+        k = min(ks[-1], index.size)
         os.makedirs(out_dir, exist_ok=True)
         competition.write_competition_json(
             competition.competition_topk(q_paths, q_emb, index, k),
             os.path.join(out_dir, COMPETITION_JSON))
-    result = evaluate(embedder, data, ks=tuple(config.eval.ks), index=index,
+    result = evaluate(embedder, data, ks=ks, index=index,
                       batch_size=config.index.batch_size,
-                      num_examples=config.eval.num_figure_queries, seed=config.seed,
+                      num_examples=num_examples, seed=config.seed,
                       progress=progress, query_emb=q_emb)
+    if data.protocol == "competition":
+        result["competition_json"] = COMPETITION_JSON
     model = embedder.meta.get("model") or config.model.name
     result["run"] = dict(workdir=os.path.abspath(workdir), model=model,
                          source=config.data.source, root=data.root)
@@ -127,6 +176,8 @@ def list_query_images(query: str) -> list[str]:
 
     if os.path.isfile(query):
         return [query]
+    if not os.path.exists(query):
+        raise DataError(f"query {query} not found")
     if not os.path.isdir(query):
         raise DataError(f"query {query} is neither an image file nor a folder")
     found = []
@@ -141,18 +192,22 @@ def list_query_images(query: str) -> list[str]:
 
 
 def search_workdir(workdir: str, query: str, k: int = 10, *, grid_png: str | None = None,
-                   max_pixels: int = 50_000_000) -> dict:
+                   config: ml_collections.ConfigDict | None = None) -> dict:
     """Top-k gallery images for a query image or folder: {queries: [...], skipped: [...]}.
 
     In a folder, undecodable files are skipped and listed; a single bad file is an error.
+    Images above the run's `data.max_pixels` are refused like in training; `config`
+    defaults to `read_run_config(workdir)`.
     """
     from facejax.data.decode import BadImage, decode_image
 
+    check_k(k)  # 1 <= k now; k <= the gallery size once the index is loaded
+    if config is None:
+        config = read_run_config(workdir)
+    max_pixels = int(config.data.max_pixels)
     embedder = load_embedder(os.path.join(workdir, EMBEDDER_DIR))
     index = load_index(os.path.join(workdir, INDEX_DIR), expect=embedder.meta)
-    if not 1 <= k <= index.size:
-        raise DataError(f"k={k} but the gallery has {index.size} items; "
-                        f"ask for at most {index.size}")
+    check_k(k, index.size)
     size, mode = int(embedder.meta["input_size"]), embedder.meta["resize_mode"]
     files = list_query_images(query)
     images, kept, skipped = [], [], []
@@ -184,11 +239,12 @@ def search_workdir(workdir: str, query: str, k: int = 10, *, grid_png: str | Non
     result = dict(k=k, gallery_size=index.size, root=index.info.get("root", ""), queries=out,
                   skipped=[dict(path=p, reason=r) for p, r in skipped])
     if grid_png:
-        _search_grid(result, dict(zip(kept, images)), size, mode, grid_png)
+        _search_grid(result, dict(zip(kept, images)), size, mode, max_pixels, grid_png)
     return result
 
 
-def _search_grid(result: dict, query_images: dict, size: int, mode: str, out_png: str) -> None:
+def _search_grid(result: dict, query_images: dict, size: int, mode: str, max_pixels: int,
+                 out_png: str) -> None:
     from facejax.data.decode import BadImage, decode_image
 
     root = result["root"]
@@ -196,7 +252,7 @@ def _search_grid(result: dict, query_images: dict, size: int, mode: str, out_png
     def gallery_image(path: str):
         full = os.path.join(root, path)
         try:
-            return decode_image(full, size, mode)
+            return decode_image(full, size, mode, max_pixels)
         except BadImage:
             return None  # the gallery moved or is not made of files (idx/tfds): a blank tile
 
@@ -237,6 +293,30 @@ def compare_workdirs(workdirs: Sequence[str]) -> str:
                 from None
         except (OSError, ValueError) as e:
             raise DataError(f"cannot read {path}: {e}") from e
+        _check_report(res, path, w)
         name = (res.get("run") or {}).get("model") or (res.get("embedder") or {}).get("model")
         runs.append((f"{name} ({os.path.basename(os.path.normpath(w))})", res))
     return report.compare_table(runs)
+
+
+def _check_report(res, path: str, workdir: str) -> None:
+    """DataError naming `path` unless it holds the report fields the comparison reads."""
+    again = f"run scripts/eval_topk.py --workdir {workdir} again"
+    if not isinstance(res, dict):
+        raise DataError(f"{path} is not a report (a JSON object expected): {again}")
+    missing = [key for key in _REPORT_KEYS if key not in res]
+    if missing:
+        raise DataError(f"{path} is incomplete (no {', '.join(missing)}): {again}")
+    ks, metrics = res["ks"], res["metrics"]
+    if (not isinstance(ks, list) or not ks
+            or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks)):
+        raise DataError(f"{path}: 'ks' must be a non-empty list of whole numbers >= 1, "
+                        f"got {ks!r}: {again}")
+    # A metric may be null (NaN when no query could be scored), never text or a list.
+    if not isinstance(metrics, dict) or not all(
+            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+            for v in metrics.values()):
+        raise DataError(f"{path}: 'metrics' must map names to numbers: {again}")
+    for key in ("num_queries", "gallery_size"):
+        if not isinstance(res[key], int) or isinstance(res[key], bool):
+            raise DataError(f"{path}: {key!r} must be a whole number, got {res[key]!r}: {again}")

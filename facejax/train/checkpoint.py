@@ -15,7 +15,6 @@ next start). Retention: the latest step (resume) and the best by the monitored m
 from __future__ import annotations
 
 import json
-import logging
 import os
 from typing import Any
 
@@ -26,22 +25,9 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from facejax.errors import CheckpointError
+from facejax.train import orbax_noise
 
-log = logging.getLogger(__name__)
-
-
-class _QuietExpected(logging.Filter):
-    """Drops orbax notes about things this module does on purpose (mid-epoch checkpoints carry
-    no metric; export opens the folder read-only)."""
-
-    EXPECTED = ("did not provide metrics", "Given directory is read only",
-                "setting save_interval_steps=0")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(e in record.getMessage() for e in self.EXPECTED)
-
-
-logging.getLogger("absl").addFilter(_QuietExpected())
+orbax_noise.quiet_expected_notes()
 
 CHECKPOINT_DIR = "checkpoints"
 MONITORS = {"val_accuracy": "max", "val_top1": "max", "val_loss": "min"}
@@ -49,7 +35,7 @@ MONITORS = {"val_accuracy": "max", "val_top1": "max", "val_loss": "min"}
 # Config fields that may change between a run and its resume: they do not change what the
 # checkpoint means (where data lives, how long to run, logging, evaluation-only settings).
 RESUMABLE_FIELDS = (
-    "data.root", "data.cache_dir", "data.decode_workers", "data.workers",
+    "data.root", "data.cache_dir", "data.tfds_data_dir", "data.decode_workers", "data.workers",
     "train.epochs", "train.early_stopping_patience", "train.log_every_steps",
     "train.checkpoint_every_steps", "index", "eval",
 )
@@ -67,7 +53,8 @@ class RunCheckpoints:
 
     def __init__(self, workdir: str, monitor: str = "val_top1", *, read_only: bool = False):
         if monitor not in MONITORS:
-            raise CheckpointError(f"train.monitor must be one of {tuple(MONITORS)}, got {monitor!r}")
+            raise CheckpointError(f"train.monitor must be one of {tuple(MONITORS)}, "
+                                  f"got {monitor!r}")
         self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
         self.monitor = monitor
         options = ocp.CheckpointManagerOptions(
@@ -84,12 +71,18 @@ class RunCheckpoints:
         )
         if read_only and not os.path.isdir(self.directory):
             raise CheckpointError(f"no checkpoints in {workdir} ({self.directory} is missing)")
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise CheckpointError(f"{self.directory} is a file, not a checkpoint folder")
         # Handlers named up front, so a reopened folder can describe its items (shape checks).
         handlers = dict(model=ocp.StandardCheckpointHandler(),
                         train=ocp.StandardCheckpointHandler(),
                         meta=ocp.JsonCheckpointHandler(), data=ocp.JsonCheckpointHandler())
-        self._mgr = ocp.CheckpointManager(self.directory, options=options,
-                                          item_handlers=handlers)
+        try:
+            self._mgr = ocp.CheckpointManager(self.directory, options=options,
+                                              item_handlers=handlers)
+        except OSError as e:
+            raise CheckpointError(f"cannot open the checkpoint folder {self.directory}: "
+                                  f"{e}") from e
 
     def latest_step(self) -> int | None:
         return self._mgr.latest_step()
@@ -118,9 +111,10 @@ class RunCheckpoints:
         """Raises CheckpointError naming the parameters whose shapes differ from the model's
         (another architecture, class count or embedding size), before any array is read."""
         try:
-            saved = self._mgr.item_metadata(step)["model"]
-        except (KeyError, TypeError, ValueError, FileNotFoundError):
-            return  # no readable metadata: the restore itself reports a mismatch
+            with orbax_noise.quiet_failed_restore():
+                saved = self._mgr.item_metadata(step)["model"]
+        except Exception:  # noqa: BLE001 - unreadable metadata: the restore reports the damage
+            return
         if saved is None:
             return
         saved = _shapes(getattr(saved, "tree", saved))
@@ -164,17 +158,38 @@ class RunCheckpoints:
 
     def _restore(self, step: int, **items) -> dict:
         try:
-            return self._mgr.restore(step, args=ocp.args.Composite(**items))
-        except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+            with orbax_noise.quiet_failed_restore():
+                return self._mgr.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise bare Exception (and
+            # ValueError, KeyError, ...) for damaged files: the checkpoint is the user's file.
+            step_dir = os.path.join(self.directory, str(step))
             raise CheckpointError(
-                f"checkpoint step {step} in {self.directory} does not match this model "
-                f"(or is unreadable): {type(e).__name__}: {str(e)[:500]}") from e
+                f"cannot restore checkpoint {step_dir}: it is damaged or does not match this "
+                f"model ({_reason(e)}). Delete that folder to fall back to the run's other "
+                f"checkpoint (if any), or train again in a new --workdir") from e
 
     def wait(self) -> None:
         self._mgr.wait_until_finished()
 
     def close(self) -> None:
+        """Waits for pending saves and orbax's background threads; call on every exit path
+        (a thread still running at interpreter exit prints a traceback)."""
+        # orbax's close() does not wait for the start-up cleanup of half-written steps.
+        await_cleanup = getattr(self._mgr, "_maybe_await_cleanup_tmp_directory", None)
+        if await_cleanup is not None:
+            await_cleanup()
         self._mgr.close()
+
+
+def _reason(e: BaseException, limit: int = 300) -> str:
+    """The innermost cause's first line (tensorstore appends kilobytes of spec to the outer
+    exception)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    lines = str(e).strip().splitlines()
+    text = lines[0] if lines else ""
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _shapes(tree) -> dict[str, tuple]:
@@ -226,21 +241,45 @@ def abstract_like(tree, sharding=None):
                         tree)
 
 
+# The run settings that restoring and exporting a model read from config.json.
+RESTORE_KEYS = ("seed", "train.monitor", "model.name", "model.weights_source",
+                "model.input_size", "model.embed_dim", "model.l2_normalize", "model.head",
+                "model.dropout", "data.image_size", "data.resize_mode")
+
+
+def _has(config, dotted: str) -> bool:
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 def load_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, list[str]]:
-    """(config, class names) from a workdir's config.json and classes.json."""
-    paths = [os.path.join(workdir, n) for n in ("config.json", "classes.json")]
-    for p in paths:
-        if not os.path.isfile(p):
-            raise CheckpointError(f"{p} is missing: is {workdir} a training workdir?")
+    """(config, class names) from a workdir's config.json and classes.json.
+
+    config.json is read by `retrieval.workdir.read_run_config` (one reader for both sides);
+    restoring a model also needs the training classes, for the classifier's size.
+    """
+    from facejax.retrieval.workdir import read_run_config
+
+    config = read_run_config(workdir)
+    missing = [key for key in RESTORE_KEYS if not _has(config, key)]
+    if missing:
+        raise CheckpointError(f"{os.path.join(workdir, 'config.json')} lacks "
+                              f"{', '.join(missing)}: it was not written by this version of "
+                              "facejax")
+    path = os.path.join(workdir, "classes.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is missing: is {workdir} a training workdir?")
     try:
-        with open(paths[0]) as f:
-            config = ml_collections.ConfigDict(json.load(f))
-        with open(paths[1]) as f:
+        with open(path) as f:
             classes = json.load(f)
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read the run files in {workdir}: {e}") from e
+        raise CheckpointError(f"cannot read {path}: {e}") from e
     if not isinstance(classes, list) or not classes:
-        raise CheckpointError(f"{paths[1]} must hold a non-empty list of class names")
+        raise CheckpointError(f"{path} must hold a non-empty list of class names")
     return config, classes
 
 
@@ -249,24 +288,30 @@ def restore_model(workdir: str, which: str = "best"):
 
     'best' falls back to the latest step when no epoch finished (no metric was recorded).
     """
+    from flax import nnx
+
     from facejax.train import state as state_lib  # models are only needed here
 
     if which not in ("best", "latest"):
         raise CheckpointError(f"which must be 'best' or 'latest', got {which!r}")
     config, classes = load_run_config(workdir)
-    ckpt = RunCheckpoints(workdir, config.train.monitor, read_only=True)
-    step = ckpt.best_step() if which == "best" else None
-    step = step if step is not None else ckpt.latest_step()
-    if step is None:
-        raise CheckpointError(f"no finished checkpoint in {ckpt.directory}")
-    meta = ckpt.read_meta(step)
-    check_compatible(meta, config.to_dict(), len(classes), ckpt.directory)
+    if config.train.monitor not in MONITORS:
+        raise CheckpointError(f"{workdir}/config.json: train.monitor must be one of "
+                              f"{tuple(MONITORS)}, got {config.train.monitor!r}")
+    # Everything that can be refused from the config is refused before orbax opens the folder.
     model = state_lib.build_model(config, len(classes))
     _, params, stats, _ = state_lib.split_model(model)
-    arrays = ckpt.restore_model_arrays(
-        step, {"params": abstract_like(params), "batch_stats": abstract_like(stats)})
-    ckpt.close()
-    from flax import nnx
-
+    ckpt = RunCheckpoints(workdir, config.train.monitor, read_only=True)
+    try:
+        step = ckpt.best_step() if which == "best" else None
+        step = step if step is not None else ckpt.latest_step()
+        if step is None:
+            raise CheckpointError(f"no finished checkpoint in {ckpt.directory}")
+        meta = ckpt.read_meta(step)
+        check_compatible(meta, config.to_dict(), len(classes), ckpt.directory)
+        arrays = ckpt.restore_model_arrays(
+            step, {"params": abstract_like(params), "batch_stats": abstract_like(stats)})
+    finally:
+        ckpt.close()
     nnx.update(model, nnx.State(arrays["params"]), nnx.State(arrays["batch_stats"]))
     return model, config

@@ -3,14 +3,15 @@
 Each epoch ends with an evaluation on the validation split: loss, accuracy, and retrieval
 Top-1/Top-5 — each validation image queries, by exact search over the model's embeddings, a
 gallery of training images (a seeded sample of at most `train.eval_gallery_max` of them, so
-the cost stays bounded on big datasets), and counts a hit when a top-k result has its class. Then come the
-metrics line (`metrics.jsonl`), TensorBoard scalars (`events/`), refreshed plots (`plots/`),
-early stopping and a checkpoint. Running the same command again resumes from the latest
+the cost stays bounded on big datasets), and counts a hit when a top-k result has its class.
+Then come the metrics line (`metrics.jsonl`), TensorBoard scalars (`events/`), refreshed plots
+(`plots/`), early stopping and a checkpoint. Running the same command again resumes from the latest
 checkpoint (params, optimizer, iterator position; the RNG is a function of the step).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -24,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from facejax.config import to_json
+from facejax.convert.weights import load_from_config, pretrained_path
 from facejax.data.pipeline import create_train_iterator, eval_batches, make_data_mesh, to_global
 from facejax.data.prepare import PreparedData, prepare_data
 from facejax.errors import ConfigError, DataError
@@ -61,10 +63,10 @@ def train_and_evaluate(config, workdir: str, data: PreparedData | None = None) -
     `data`: already prepared data (tests); by default `prepare_data(config.data)`.
     """
     t_start = time.time()
-    workdir = os.path.abspath(workdir)
+    workdir = check_workdir(workdir)
+    config = with_absolute_paths(config)
     t = config.train
-    _validate(config)
-    primary = is_primary()
+    validate_config(config)
     data = data if data is not None else prepare_data(config.data)
     if len(data.train) == 0:
         raise DataError("the training split is empty")
@@ -73,51 +75,112 @@ def train_and_evaluate(config, workdir: str, data: PreparedData | None = None) -
     if t.batch_size % n_dev:
         raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of the "
                           f"{n_dev} devices of the 'data' mesh")
-
-    config_dict = json.loads(to_json(config))
-    ckpt = ckpt_lib.RunCheckpoints(workdir, t.monitor)
-    latest = ckpt.latest_step()
-    if latest is not None:  # refuse another run's checkpoint before building anything
-        meta = ckpt.read_meta(latest)
-        ckpt_lib.check_compatible(meta, config_dict, data.num_classes, ckpt.directory)
-        if meta.get("classes") != list(data.class_names):
-            raise ckpt_lib.CheckpointError(
-                f"the checkpoint in {ckpt.directory} was trained on other classes than the "
-                f"data now has: use another --workdir")
-    dtype = state_lib.compute_dtype(t.compute_dtype)
-    model = state_lib.build_model(config, data.num_classes, dtype=dtype)
-    if config.model.pretrained and latest is None:  # a resumed run restores its own weights
-        _load_pretrained(model, config)
+    # The model, iterator and optimizer refuse what the config gets wrong before the
+    # checkpoint folder is created (a failed start leaves nothing behind).
+    model = state_lib.build_model(config, data.num_classes,
+                                  dtype=state_lib.compute_dtype(t.compute_dtype))
     iterator = create_train_iterator(data.images, data.train, config)
     spe = iterator.steps_per_epoch
     if t.max_steps_per_epoch:
         spe = min(spe, int(t.max_steps_per_epoch))
     state, bundle, tx, schedule = state_lib.create_train_state(
         config, model, steps_per_epoch=spe, total_steps=spe * t.epochs)
-    del model
+    run = _Run(config=config, workdir=workdir, data=data, mesh=mesh, model=model,
+               iterator=iterator, steps_per_epoch=spe, state=state, bundle=bundle, tx=tx,
+               schedule=schedule, primary=is_primary())
+    del model, state
+    created = make_workdir(workdir)
+    ckpt = ckpt_lib.RunCheckpoints(workdir, t.monitor)
+    ok = False
+    try:
+        summary = _train(run, ckpt)
+        ok = True
+    finally:
+        # Closing waits for orbax's threads: one left running at exit prints a traceback.
+        ckpt.close()
+        if not ok:
+            _remove_empty(ckpt.directory)
+            if created:
+                _remove_empty(workdir)
+    summary["train_time_s"] = time.time() - t_start
+    if run.primary:
+        _print_summary(summary)
+    return summary
+
+
+@dataclasses.dataclass
+class _Run:
+    """What `train_and_evaluate` built and checked before opening the checkpoint folder."""
+
+    config: Any
+    workdir: str
+    data: PreparedData
+    mesh: Any
+    model: Any  # the nnx model `state` was split from (pretrained weights are loaded into it)
+    iterator: Any
+    steps_per_epoch: int
+    state: state_lib.TrainState
+    bundle: state_lib.ModelBundle
+    tx: Any
+    schedule: Any
+    primary: bool
+
+
+def _train(run: _Run, ckpt: ckpt_lib.RunCheckpoints):
+    """Resumes or starts, then runs the epochs; returns the summary (without the total time)."""
+    config, data, mesh = run.config, run.data, run.mesh
+    config_dict = json.loads(to_json(config))
+    state = run.state
+    latest = ckpt.latest_step()
+    if latest is not None:  # refuse another run's checkpoint before reading its arrays
+        meta = ckpt.read_meta(latest)
+        ckpt_lib.check_compatible(meta, config_dict, data.num_classes, ckpt.directory)
+        if meta.get("classes") != list(data.class_names):
+            raise ckpt_lib.CheckpointError(
+                f"the checkpoint in {ckpt.directory} was trained on other classes than the "
+                f"data now has: use another --workdir")
+    elif config.model.pretrained:  # a resumed run restores its own weights instead
+        load_from_config(run.model, config.model)
+        _, params, stats, _ = state_lib.split_model(run.model)
+        state = state.replace(params=params, batch_stats=stats, opt_state=run.tx.init(params))
+    run.model = run.state = None  # the arrays live in `state` from here on
     repl = replicated(mesh)
     state = replicate(state, mesh)
     run_key = replicate(jax.random.key_data(jax.random.key(config.seed)), mesh)
 
     progress = Progress()
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    metrics_path = os.path.join(run.workdir, "metrics.jsonl")
     if latest is not None:
-        state, meta, iterator_state = ckpt.restore(latest, _abstract(state, repl))
-        iterator.set_state(iterator_state)
+        state, meta, iterator_state = ckpt.restore(latest, ckpt_lib.abstract_like(state, repl))
+        run.iterator.set_state(iterator_state)
         progress = Progress(**meta["progress"])
         history = _read_history(metrics_path, max_step=latest)
         print(f"resuming from step {latest} (epoch {progress.epoch}, "
               f"{progress.step_in_epoch} steps into the next)", flush=True)
     else:
         history = []
-    if primary:
-        _write_run_files(workdir, config, data.class_names, history, metrics_path)
-    writer = EventWriter(os.path.join(workdir, "events")) if primary else None
+    if run.primary:
+        _write_run_files(run.workdir, config, data.class_names, history, metrics_path)
+    writer = EventWriter(os.path.join(run.workdir, "events")) if run.primary else None
+    try:
+        return _epochs(run, ckpt, writer, state, run_key, progress, history, metrics_path,
+                       config_dict)
+    finally:
+        if writer:
+            writer.close()
 
+
+def _epochs(run: _Run, ckpt, writer, state, run_key, progress: Progress, history: list,
+            metrics_path: str, config_dict: dict) -> dict:
+    """The epoch loop, from `progress` on; returns the summary (without the total time)."""
+    config, data, mesh, iterator, spe = (run.config, run.data, run.mesh, run.iterator,
+                                         run.steps_per_epoch)
+    t = config.train
+    schedule = run.schedule
     loss_cfg = LossConfig.from_config(config)
-    train_fn = jit_train_step(mesh, bundle=bundle, tx=tx, loss_cfg=loss_cfg,
+    train_fn = jit_train_step(mesh, bundle=run.bundle, tx=run.tx, loss_cfg=loss_cfg,
                               augment_cfg=config.augment, freeze_bn=bool(t.freeze_bn))
-    eval_fn = jit_eval_step(mesh, bundle=bundle, loss_cfg=loss_cfg)
+    eval_fn = jit_eval_step(mesh, bundle=run.bundle, loss_cfg=loss_cfg)
     gallery = _gallery_sample(data, config.seed, config.train.eval_gallery_max)
     meta_base = dict(model=config.model.name, num_classes=int(data.num_classes),
                      classes=list(data.class_names), config=config_dict,
@@ -136,7 +199,8 @@ def train_and_evaluate(config, workdir: str, data: PreparedData | None = None) -
         t_epoch = time.perf_counter()
         bar = tqdm(total=spe, initial=progress.step_in_epoch,
                    desc=f"epoch {progress.epoch + 1}/{t.epochs}", unit="step",
-                   disable=not primary, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+                   disable=not run.primary, file=sys.stderr, dynamic_ncols=True,
+                   mininterval=1.0)
         pending: list[dict] = []
         clock.restart()
         while progress.step_in_epoch < spe:
@@ -180,8 +244,8 @@ def train_and_evaluate(config, workdir: str, data: PreparedData | None = None) -
         improved = _update_best(progress, record, t.monitor, step)
         record["best"] = improved
         history.append(record)
-        if primary:
-            _log_epoch(record, metrics_path, writer, history, workdir, config.model.name)
+        if run.primary:
+            _log_epoch(record, metrics_path, writer, history, run.workdir, config.model.name)
         save(step, record if t.monitor in record else None)
         stopped_early = progress.bad_epochs >= t.early_stopping_patience > 0
         if stopped_early:
@@ -189,18 +253,12 @@ def train_and_evaluate(config, workdir: str, data: PreparedData | None = None) -
                   f"epochs", flush=True)
     ckpt.wait()
     best_step = ckpt.best_step()
-    ckpt.close()
-    if writer:
-        writer.close()
-    summary = dict(
-        workdir=workdir, epochs_run=progress.epoch, steps=step, stopped_early=stopped_early,
+    return dict(
+        workdir=run.workdir, epochs_run=progress.epoch, steps=step, stopped_early=stopped_early,
         monitor=t.monitor, best_value=progress.best_value, best_epoch=progress.best_epoch,
         best_checkpoint=(os.path.join(ckpt.directory, str(best_step))
                          if best_step is not None else None),
-        final=record, train_time_s=time.time() - t_start)
-    if primary:
-        _print_summary(summary)
-    return summary
+        final=record)
 
 
 class _Throughput:
@@ -227,12 +285,10 @@ class _Throughput:
         self.started, self._since, self._images = True, now, 0
 
 
-def _validate(config) -> None:
+def validate_config(config) -> None:
+    """Refuses bad train/model settings (and a missing weights file) before any data is read."""
     t = config.train
-    for name in ("batch_size", "epochs"):
-        if int(t[name]) <= 0:
-            raise ConfigError(f"train.{name} must be > 0, got {t[name]}")
-    for name in ("log_every_steps",):
+    for name in ("batch_size", "epochs", "log_every_steps"):
         if int(t[name]) <= 0:
             raise ConfigError(f"train.{name} must be > 0, got {t[name]}")
     for name in ("checkpoint_every_steps", "max_steps_per_epoch", "early_stopping_patience"):
@@ -241,17 +297,57 @@ def _validate(config) -> None:
     if t.monitor not in ckpt_lib.MONITORS:
         raise ConfigError(f"train.monitor must be one of {tuple(ckpt_lib.MONITORS)}, "
                           f"got {t.monitor!r}")
+    state_lib.compute_dtype(t.compute_dtype)
+    state_lib.resolve_input(config)  # model name, weights source, input size
+    LossConfig.from_config(config)
+    pretrained_path(config.model)
 
 
-def _abstract(tree, sharding):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+def check_workdir(workdir: str) -> str:
+    """The absolute path of a run folder; ConfigError when a file is in the way."""
+    path = os.path.abspath(workdir)
+    probe = path
+    while not os.path.exists(probe):  # ends at the root folder at the latest
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        what = "is a file" if probe == path else f"is inside {probe}, which is a file"
+        raise ConfigError(f"--workdir {workdir} {what}; give a folder (it is created if "
+                          "missing)")
+    return path
 
 
-def _load_pretrained(model, config) -> None:
-    """config.model.pretrained ('imagenet' | weights file | converted folder) into `model`."""
-    from facejax.convert.weights import load_from_config
+def make_workdir(path: str) -> bool:
+    """Creates the run folder (checked by `check_workdir`); True when it did not exist."""
+    if os.path.isdir(path):
+        return False
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the run folder {path}: {e}") from e
+    return True
 
-    load_from_config(model, config.model)
+
+def _remove_empty(path: str) -> None:
+    """Removes `path` if it is an empty folder (what a run that failed to start created)."""
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass  # missing or not empty: nothing of ours to tidy
+
+
+# Config paths that the trainer resolves, so later steps (build_index, eval) work from any
+# current directory.
+PATH_FIELDS = ("root", "cache_dir", "tfds_data_dir")
+
+
+def with_absolute_paths(config):
+    """A copy of `config` whose non-empty local data paths are absolute."""
+    config = copy.deepcopy(config)
+    for name in PATH_FIELDS:
+        value = config.data[name]
+        if isinstance(value, str) and value and "://" not in value:
+            config.data[name] = os.path.abspath(os.path.expanduser(value))
+    return config
 
 
 def _drain(pending: list[dict], progress: Progress) -> None:

@@ -42,7 +42,8 @@ class LossConfig:
         if cosine and t.margin_scale <= 0:
             raise ConfigError(f"train.margin_scale must be > 0, got {t.margin_scale}")
         if t.loss == "arcface" and not 0.0 <= t.margin < math.pi / 2:
-            raise ConfigError(f"train.margin (ArcFace, radians) must be in [0, pi/2), got {t.margin}")
+            raise ConfigError(f"train.margin (ArcFace, radians) must be in [0, pi/2), "
+                              f"got {t.margin}")
         return cls(kind=t.loss, label_smoothing=float(t.label_smoothing),
                    scale=float(t.margin_scale), margin=float(t.margin), cosine_head=cosine)
 

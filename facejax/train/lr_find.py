@@ -19,10 +19,12 @@ import os
 import jax
 import numpy as np
 
+from facejax.convert.weights import load_from_config
 from facejax.data.pipeline import create_train_iterator, make_data_mesh, to_global
 from facejax.data.prepare import PreparedData, prepare_data
 from facejax.errors import ConfigError
 from facejax.train import state as state_lib
+from facejax.train.loop import check_workdir, make_workdir, validate_config
 from facejax.train.losses import LossConfig
 from facejax.train.mesh import is_primary, replicate
 from facejax.train.step import jit_train_step
@@ -39,17 +41,17 @@ def lr_find(config, out_dir: str, *, start_lr: float = 1e-7, end_lr: float = 10.
         raise ConfigError(f"need 0 < start_lr < end_lr, got {start_lr}, {end_lr}")
     if num_steps < 2 * SKIP_END + 2:
         raise ConfigError(f"num_steps must be >= {2 * SKIP_END + 2}, got {num_steps}")
+    out_dir = check_workdir(out_dir)
     config = copy.deepcopy(config)
     config.train.schedule = "constant"  # no one-cycle momentum: the sweep owns the LR
     config.train.warmup_epochs = 0.0
+    validate_config(config)
     data = data if data is not None else prepare_data(config.data)
     mesh = make_data_mesh()
     model = state_lib.build_model(config, data.num_classes,
                                   dtype=state_lib.compute_dtype(config.train.compute_dtype))
     if config.model.pretrained:
-        from facejax.train.loop import _load_pretrained
-
-        _load_pretrained(model, config)
+        load_from_config(model, config.model)
     ratio = end_lr / start_lr
 
     def sweep(count):
@@ -77,7 +79,7 @@ def lr_find(config, out_dir: str, *, start_lr: float = 1e-7, end_lr: float = 10.
             break
     result = dict(lrs=lrs, losses=raw, smoothed=smooth, **suggestions(lrs, smooth))
     if is_primary():
-        os.makedirs(out_dir, exist_ok=True)
+        make_workdir(out_dir)
         with open(os.path.join(out_dir, "lr_find.json"), "w") as f:
             json.dump(result, f, indent=1)
         plot(result, os.path.join(out_dir, "lr_find.png"))

@@ -176,7 +176,8 @@ def param_labels(params, t, *, layer_order: list[tuple[str, ...]],
             label = FROZEN
         elif path[:1] != (BACKBONE,):
             label = TRAINABLE
-        elif t.finetune == "frozen_backbone" or open_layers is not None and layer not in open_layers:
+        elif t.finetune == "frozen_backbone" or (open_layers is not None
+                                                  and layer not in open_layers):
             label = FROZEN
         else:
             label = slow

@@ -1,4 +1,4 @@
-"""Per-epoch training curves as PNGs (the seed's loss and accuracy figures), refreshed each epoch."""
+"""Per-epoch training curves as PNGs (the seed's loss and accuracy figures), redrawn each epoch."""
 
 from __future__ import annotations
 

@@ -77,8 +77,14 @@ def build_model(config, num_classes: int, *, dtype=jnp.float32, seed: int | None
     # Backbones whose layer sizes depend on the input (the scratch CNN's Flatten) take it here.
     backbone = get_spec(m.name).backbone
     init = backbone.__init__ if inspect.isclass(backbone) else backbone
-    if "input_size" in inspect.signature(init).parameters:
+    accepted = inspect.signature(init).parameters
+    if "input_size" in accepted:
         arch_kw["input_size"] = size
+    if m.get("bn_momentum", 0.0):
+        if "bn_momentum" not in accepted:
+            raise ConfigError(f"model.bn_momentum: model {m.name!r} has no configurable "
+                              "BatchNorm momentum (only scratch_cnn has); leave it at 0")
+        arch_kw["bn_momentum"] = float(m.bn_momentum)
     seed = config.seed if seed is None else seed
     rngs = nnx.Rngs(params=seed, dropout=seed + 1)
     return create_model(m.name, num_classes=num_classes, rngs=rngs, embed_dim=m.embed_dim,

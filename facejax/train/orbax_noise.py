@@ -1,0 +1,70 @@
+"""Silences orbax output that is expected: notes about what facejax does on purpose, and the
+leftovers of a restore that failed (reported once, as a CheckpointError, instead)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+
+
+class _QuietExpected(logging.Filter):
+    """Drops orbax notes about things facejax does on purpose (mid-epoch checkpoints carry no
+    metric; export opens the folder read-only)."""
+
+    EXPECTED = ("did not provide metrics", "Given directory is read only",
+                "setting save_interval_steps=0")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(e in record.getMessage() for e in self.EXPECTED)
+
+
+class _QuietAbandonedReads(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for orbax's array reads: when one
+    read of a damaged checkpoint fails, orbax abandons its sibling reads, whose failures are
+    the same damage."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not ("Task exception was never retrieved" in msg and "orbax" in msg)
+
+
+def _drop_abandoned_reads(previous):
+    """An unraisablehook that drops what orbax's abandoned reads leave behind (tensorstore
+    callbacks into the event loop orbax already closed, read coroutines collected with their
+    error); everything else goes to `previous`."""
+
+    def hook(unraisable):
+        exc, obj = unraisable.exc_value, unraisable.object
+        closed_loop = isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+        code = getattr(obj, "cr_code", None)
+        orbax_read = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+        if not (closed_loop or orbax_read):
+            previous(unraisable)
+
+    return hook
+
+
+def quiet_expected_notes() -> None:
+    """Installs the filter for orbax's expected notes (idempotent)."""
+    absl_log = logging.getLogger("absl")
+    if not any(isinstance(f, _QuietExpected) for f in absl_log.filters):
+        absl_log.addFilter(_QuietExpected())
+
+
+@contextlib.contextmanager
+def quiet_failed_restore() -> Iterator[None]:
+    """Around an orbax restore: if it fails, its abandoned reads stay silent for the rest of
+    the process (they finish, or are collected, after the error is raised); if it succeeds,
+    nothing stays installed. The reads print while the restore is still failing, so the hooks
+    go in first."""
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = _drop_abandoned_reads(previous_hook)
+    log_filter = _QuietAbandonedReads()
+    asyncio_log = logging.getLogger("asyncio")
+    asyncio_log.addFilter(log_filter)
+    yield  # a failure propagates from here, leaving both installed for what is still to come
+    asyncio_log.removeFilter(log_filter)
+    sys.unraisablehook = previous_hook

@@ -1,0 +1,182 @@
+"""Bad input to training, export, the LR finder and weight conversion: one clear error each."""
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from facejax.config import load_config, to_json
+from facejax.errors import CheckpointError, ConfigError, WeightsError
+from facejax.train import checkpoint as ckpt_lib
+from facejax.train import state as state_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+STEP = 2
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory) -> str:
+    """A workdir as training leaves it (config, classes, one best checkpoint), made directly."""
+    workdir = str(tmp_path_factory.mktemp("run"))
+    config = load_config(TINY, ["data.root=/nowhere"])  # restoring never reads the data
+    config_dict = json.loads(to_json(config))
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(to_json(config))
+    with open(os.path.join(workdir, "classes.json"), "w") as f:
+        json.dump(["a", "b", "c"], f)
+    model = state_lib.build_model(config, 3)
+    state, _, _, _ = state_lib.create_train_state(config, model, steps_per_epoch=2,
+                                                  total_steps=4)
+    ckpt = ckpt_lib.RunCheckpoints(workdir, config.train.monitor)
+    ckpt.save(STEP, state, meta={"model": "scratch_cnn", "num_classes": 3,
+                                 "config": config_dict},
+              data_state={}, metrics={"val_accuracy": 0.5})
+    ckpt.wait()
+    ckpt.close()
+    return workdir
+
+
+def damage(src: str, dst, how: str) -> str:
+    """A copy of run `src` whose checkpoint arrays are truncated or whose manifest is garbage."""
+    dst = str(dst)
+    shutil.copytree(src, dst)
+    model_dir = os.path.join(dst, "checkpoints", str(STEP), "model")
+    if how == "truncated":
+        data_dir = os.path.join(model_dir, "ocdbt.process_0", "d")
+        for name in os.listdir(data_dir):
+            with open(os.path.join(data_dir, name), "r+b") as f:
+                f.truncate(10)
+    else:
+        with open(os.path.join(model_dir, "manifest.ocdbt"), "wb") as f:
+            f.write(b"garbage\n")
+    return dst
+
+
+@pytest.fixture
+def closes(monkeypatch) -> list:
+    """Records every RunCheckpoints.close() (a manager left open prints thread tracebacks)."""
+    calls = []
+    real = ckpt_lib.RunCheckpoints.close
+    monkeypatch.setattr(ckpt_lib.RunCheckpoints, "close",
+                        lambda self: calls.append(self.directory) or real(self))
+    return calls
+
+
+@pytest.mark.parametrize("how", ["truncated", "manifest"])
+def test_restoring_a_damaged_checkpoint_names_it_and_closes_the_manager(saved_run, tmp_path,
+                                                                         closes, how):
+    workdir = damage(saved_run, tmp_path / "run", how)
+    step_dir = os.path.join(workdir, "checkpoints", str(STEP))
+    with pytest.raises(CheckpointError, match="damaged") as err:
+        ckpt_lib.restore_model(workdir)
+    assert step_dir in str(err.value) and "Delete that folder" in str(err.value)
+    assert len(str(err.value)) < 800  # tensorstore's kilobytes of spec are not repeated
+    assert closes == [os.path.join(workdir, "checkpoints")]
+
+
+def test_export_of_a_damaged_checkpoint_prints_one_line(saved_run, tmp_path):
+    """The script's whole stderr: no traceback from orbax's abandoned reads or threads."""
+    workdir = damage(saved_run, tmp_path / "run", "truncated")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "export.py"),
+                          "--workdir", workdir], capture_output=True, text=True, timeout=240,
+                         env=dict(os.environ, PYTHONPATH=ROOT), check=False)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot restore checkpoint"), \
+        out.stderr[-3000:]
+    assert not os.path.exists(os.path.join(workdir, "embedder"))
+
+
+def test_restoring_a_healthy_run_logs_no_orbax_warnings(saved_run, caplog):
+    with caplog.at_level(logging.INFO):
+        model, config = ckpt_lib.restore_model(saved_run)
+    assert config.model.name == "scratch_cnn"
+    noisy = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert noisy == []
+
+
+def test_unparseable_run_files(saved_run, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(saved_run, workdir)
+    with open(os.path.join(workdir, "classes.json"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(CheckpointError, match="classes.json"):
+        ckpt_lib.restore_model(workdir)
+    with open(os.path.join(workdir, "classes.json"), "w") as f:
+        json.dump({"a": 1}, f)
+    with pytest.raises(CheckpointError, match="non-empty list"):
+        ckpt_lib.restore_model(workdir)
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = json.load(f)
+    del config["train"]
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(CheckpointError, match="lacks train.monitor"):
+        ckpt_lib.restore_model(workdir)
+
+
+def test_a_file_where_a_run_folder_belongs(tmp_path):
+    from facejax.train.loop import train_and_evaluate
+    from facejax.train.lr_find import lr_find
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    config = load_config(TINY, ["data.root=/nowhere"])
+    with pytest.raises(ConfigError, match="notes.txt is a file"):
+        train_and_evaluate(config, str(a_file))
+    with pytest.raises(ConfigError, match="is inside .*notes.txt, which is a file"):
+        lr_find(config, str(a_file / "lr"))
+
+
+def test_convert_weights_refuses_a_file_output_and_negative_classes(tmp_path):
+    from facejax.convert.weights import convert_to_checkpoint
+
+    a_file = tmp_path / "out"
+    a_file.write_text("x")
+    missing_input = tmp_path / "never_read.pth"  # the checks come before the conversion
+    with pytest.raises(ConfigError, match="is a file"):
+        convert_to_checkpoint("resnet18", "", missing_input, a_file)
+    with pytest.raises(ConfigError, match="num_classes must be >= 0"):
+        convert_to_checkpoint("resnet18", "", missing_input, tmp_path / "new", -5)
+    assert not (tmp_path / "new").exists()
+
+
+def _converted(directory, **meta):
+    from facejax.convert.weights import save_converted
+
+    base = {"model": "resnet50", "source": "keras_notop", "normalization": "caffe",
+            "input_size": 224, "num_classes": 0}
+    return save_converted(directory, {"stem_conv": {"kernel": np.zeros((1,), np.float32)}},
+                          {**base, **meta})
+
+
+def test_converted_weights_for_another_preprocessing_are_refused(tmp_path):
+    from facejax.convert.weights import load_pretrained
+
+    out = _converted(tmp_path / "w")
+    # Caffe-BGR weights under the torchvision preset would be fed torch-normalised RGB.
+    with pytest.raises(WeightsError, match=r"source 'keras_notop'.*'torchvision'.*"
+                                           r"normalization 'caffe' vs the run's 'torch'.*"
+                                           r"--config.model.weights_source=keras_notop"):
+        load_pretrained(None, "resnet50", "torchvision", path=out)
+    with pytest.raises(WeightsError, match="for 'resnet50', not 'resnet18'"):
+        load_pretrained(None, "resnet18", "", path=out)
+    other = _converted(tmp_path / "v", source="torchvision", normalization="torch",
+                       input_size=160)
+    with pytest.raises(WeightsError, match="input size 160 vs the run's 224"):
+        load_pretrained(None, "resnet50", "torchvision", path=other)
+
+
+def test_converted_weights_without_their_metadata_are_refused(tmp_path):
+    from facejax.convert.weights import META_FILE, load_converted
+
+    out = _converted(tmp_path / "w")
+    (out / META_FILE).write_text(json.dumps({"model": "resnet50"}))
+    with pytest.raises(WeightsError, match="lacks source, normalization, input_size"):
+        load_converted(out)
