@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # facejax set-up and entry points (safe to rerun).
 #   ./run.sh demo   set up .venv, then train -> export -> index -> evaluate -> report on Fashion-MNIST
-#   ./run.sh test   set up .venv with the test extras, then run the whole test suite
+#   ./run.sh test   set up .venv with the test extras, then lint and run the whole test suite
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -48,6 +48,7 @@ case "${1:-}" in
   test)
     setup_venv dev,parity
     shift
+    .venv/bin/ruff check facejax scripts configs tests bench
     .venv/bin/python -m pytest -q "$@"
     ;;
   *)

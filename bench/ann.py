@@ -1,4 +1,4 @@
-"""Nearest-neighbour search speed vs recall: facejax's index (ScaNN, exact) against faiss and hnswlib.
+"""Nearest-neighbour speed vs recall: facejax's index (ScaNN, exact) against faiss and hnswlib.
 
   .venv/bin/python bench/ann.py --quick          # N=100k, d=128 (a few minutes on 2 cores)
   .venv/bin/python bench/ann.py                  # N=100k d=128, 100k d=512, 1M d=128

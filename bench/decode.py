@@ -83,7 +83,8 @@ def main(argv: list[str]) -> int:
                     shutil.rmtree(tmp, ignore_errors=True)
             best = {k: max(v, best.get(k, 0.0)) for k, v in rates.items()}
         for name, rate in best.items():
-            print(f"{size:>5} {name:>13} {rate:>9.0f} {rate / best['pil_loop']:>10.2f}x", flush=True)
+            ratio = rate / best["pil_loop"]
+            print(f"{size:>5} {name:>13} {rate:>9.0f} {ratio:>10.2f}x", flush=True)
     return 0
 
 

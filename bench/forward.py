@@ -5,9 +5,9 @@
 
 Every framework gets a warm-up call (compilation, allocator); then `--runs` rounds each time
 one call per framework, interleaved so that load from other processes on a shared machine hits
-all columns alike; the median per framework is reported. facejax: `jax.jit` of a pure function over the
-`nnx.split` state (as the trainer/exporter use it); torchvision: eval + inference_mode, NCHW
-and channels_last; Keras 3 (JAX backend): `predict_on_batch` (its jitted predict step).
+all columns alike; the median per framework is reported. facejax: `jax.jit` of a pure function
+over the `nnx.split` state (as the trainer/exporter use it); torchvision: eval + inference_mode,
+NCHW and channels_last; Keras 3 (JAX backend): `predict_on_batch` (its jitted predict step).
 Weights are random (throughput does not depend on their values).
 """
 

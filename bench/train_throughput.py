@@ -1,6 +1,6 @@
 """Training throughput (images/s: augment + forward + backward + Adam update) vs torchvision.
 
-  .venv/bin/python bench/train_throughput.py                    # CPU: ResNet18/50 x 112/224, batch 32
+  .venv/bin/python bench/train_throughput.py            # CPU: ResNet18/50 x 112/224, batch 32
   .venv/bin/python bench/train_throughput.py --models resnet18 --sizes 112 --rounds 2
   .venv/bin/python bench/train_throughput.py --gpu              # what bench/gpu.sh runs
 

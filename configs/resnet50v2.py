@@ -1,16 +1,12 @@
-"""ResNet50V2 (Keras ImageNet weights), transfer learning as the seed: the last 4 layers train.
+"""ResNet50V2 from Keras ImageNet weights, transfer learning as the seed (`common.keras_transfer`).
 
-The seed's Keras recipe: ImageNet weights, the backbone frozen except its last 4 parameterised
-layers (facejax/train/optim.py says how layers are counted), a new softmax head, Adam 1e-3,
-batch 128, 10 epochs, per-epoch LR decay, early stopping with patience 3. Inputs are resized to
-224 px on the device and normalised the Keras way (tf ([-1, 1])):
+Inputs are resized to 224 px on the device and normalised as Keras does (tf: [-1, 1]):
 
     python scripts/train.py --config configs/resnet50v2.py --workdir runs/resnet50v2 \
         --config.data.root=../shared/data/faces/lfw_aligned
 
-Train everything instead with --config.train.finetune=all (optionally with
---config.train.backbone_lr_mult=0.1); for identities never seen in training use
---config.model.head=cosine --config.train.loss=arcface --config.model.embed_dim=512.
+Offline, put resnet50v2's Keras `_notop.h5` file in $FACEJAX_WEIGHTS (the error names it), or train
+from scratch with --config.model.pretrained=''.
 """
 
 import os

@@ -1,4 +1,4 @@
-"""Losses: softmax cross-entropy with label smoothing, ArcFace and CosFace margins, config checks."""
+"""Losses: softmax cross-entropy with label smoothing, ArcFace and CosFace margins, checks."""
 
 import math
 

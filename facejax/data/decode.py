@@ -56,7 +56,7 @@ def decode_bytes(data: bytes, size: int, mode: str = "crop",
 
 
 def fit_array(array: np.ndarray, size: int, mode: str = "crop") -> np.ndarray:
-    """Converts an already-decoded image array ([H,W], [H,W,1|3|4], any dtype) to the cache format."""
+    """Converts a decoded image array ([H,W], [H,W,1|3|4], any dtype) to the cache format."""
     a = np.asarray(array)
     if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]
@@ -171,7 +171,9 @@ def _target_size(w: int, h: int, size: int, mode: str) -> tuple[int, int]:
     """Aspect-preserving size whose short side (crop) or long side (pad) equals `size`."""
     if mode == "crop":
         # Same rounding as torchvision's Resize(int): the long side is truncated.
-        return (size, max(size, int(size * h / w))) if w <= h else (max(size, int(size * w / h)), size)
+        if w <= h:
+            return (size, max(size, int(size * h / w)))
+        return (max(size, int(size * w / h)), size)
     return (size, max(1, round(size * h / w))) if w >= h else (max(1, round(size * w / h)), size)
 
 
