@@ -129,5 +129,15 @@ def _coerce(key: str, raw: str, old):
     return value
 
 
+def has_key(config: ml_collections.ConfigDict, dotted: str) -> bool:
+    """Whether `config` has the (possibly nested) field `a.b.c`."""
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 
+from facejax.config import has_key
 from facejax.errors import CheckpointError, ConfigError, DataError
 from facejax.retrieval import competition, report
 from facejax.retrieval.embed import Embedder, embed_to_shards, load_embedder
@@ -52,20 +53,11 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
         config = ml_collections.ConfigDict(raw)
     except (OSError, ValueError, TypeError) as e:
         raise CheckpointError(f"cannot read {path}: {e}") from e
-    missing = [key for key in _RUN_KEYS if not _has(config, key)]
+    missing = [key for key in _RUN_KEYS if not has_key(config, key)]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}: it was not written by this "
                               f"version of facejax; add the missing settings or retrain")
     return config
-
-
-def _has(config, dotted: str) -> bool:
-    node = config
-    for part in dotted.split("."):
-        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            return False
-        node = node[part]
-    return True
 
 
 def _prepare(config, embedder: Embedder):

@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from facejax.config import has_key
 from facejax.errors import CheckpointError
 from facejax.train import orbax_noise
 
@@ -247,15 +248,6 @@ RESTORE_KEYS = ("seed", "train.monitor", "model.name", "model.weights_source",
                 "model.dropout", "data.image_size", "data.resize_mode")
 
 
-def _has(config, dotted: str) -> bool:
-    node = config
-    for part in dotted.split("."):
-        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            return False
-        node = node[part]
-    return True
-
-
 def load_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, list[str]]:
     """(config, class names) from a workdir's config.json and classes.json.
 
@@ -265,7 +257,7 @@ def load_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, list[str]]
     from facejax.retrieval.workdir import read_run_config
 
     config = read_run_config(workdir)
-    missing = [key for key in RESTORE_KEYS if not _has(config, key)]
+    missing = [key for key in RESTORE_KEYS if not has_key(config, key)]
     if missing:
         raise CheckpointError(f"{os.path.join(workdir, 'config.json')} lacks "
                               f"{', '.join(missing)}: it was not written by this version of "
