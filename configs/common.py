@@ -12,6 +12,10 @@ def data() -> ml_collections.ConfigDict:
         tfds_split="train",      # for source=tfds
         image_size=128,          # side (pixels) of the square uint8 cache
         resize_mode="crop",      # crop | pad: aspect-preserving resize, then center crop or pad
+        face_crop=(),            # () = whole image; else (top, left, bottom, right) box in
+                                 # fractions of the square image, applied before image_size
+                                 # (may reach outside [0, 1]: padded with black). Adapts one
+                                 # face alignment to another (ArcFace 112 -> dlib 150 chips).
         max_pixels=50_000_000,   # larger images are skipped (decompression bombs)
         cache_dir="",            # '' -> $FACEJAX_CACHE or ~/.cache/facejax
         decode_workers=0,        # 0 -> one per core

@@ -280,3 +280,25 @@ def test_every_config_loads_and_documents_its_command(name):
         load_config(path, ["train.epoch=3"])
     with pytest.raises(ConfigError, match="expects int"):
         load_config(path, ["train.batch_size=big"])
+
+
+def test_zero_epochs_scores_and_saves_the_initial_model(tmp_path):
+    """train.epochs=0 (pretrained-feature baselines): no step is taken, the initial model is
+    evaluated, saved as the best checkpoint and exported like a trained one."""
+    from facejax.train.export import export_workdir
+
+    idx_dir = tiny_idx(tmp_path / "idx")
+    workdir = str(tmp_path / "run")
+    config = load_config(TINY, overrides(idx_dir) + ["train.epochs=0"])
+    summary = loop.train_and_evaluate(config, workdir)
+    assert summary["epochs_run"] == 0 and summary["steps"] == 0
+    assert summary["best_checkpoint"].endswith(os.path.join("checkpoints", "0"))
+    history = [json.loads(line) for line in read(os.path.join(workdir, "metrics.jsonl")).split(
+        "\n") if line]
+    assert [r["epoch"] for r in history] == [0] and 0.0 <= history[0]["val_top1"] <= 1.0
+    assert os.path.isfile(os.path.join(export_workdir(workdir), "embedder.bin"))
+    # Rerunning is a resume that has nothing left to do (no second record).
+    loop.train_and_evaluate(load_config(TINY, overrides(idx_dir) + ["train.epochs=0"]), workdir)
+    assert len(read(os.path.join(workdir, "metrics.jsonl")).strip().split("\n")) == 1
+    with pytest.raises(Exception, match="train.epochs must be >= 0"):
+        loop.validate_config(load_config(TINY, ["train.epochs=-1"]))

@@ -195,6 +195,16 @@ def _epochs(run: _Run, ckpt, writer, state, run_key, progress: Progress, history
     stopped_early = progress.bad_epochs >= t.early_stopping_patience > 0
     record: dict[str, Any] = history[-1] if history else {}
     clock = _Throughput(t.batch_size)
+    if t.epochs == 0 and not history:
+        # Evaluate-only run: the initial (pretrained, or parameter-free) model is scored and
+        # saved as the best checkpoint, so export/index/eval work on it unchanged.
+        record = dict(epoch=0, step=step)
+        record.update(evaluate(eval_fn, state, data, gallery, t.batch_size, mesh))
+        record["best"] = _update_best(progress, record, t.monitor, step)
+        history.append(record)
+        if run.primary:
+            _log_epoch(record, metrics_path, writer, history, run.workdir, config.model.name)
+        save(step, record if t.monitor in record else None)
     while progress.epoch < t.epochs and not stopped_early:
         t_epoch = time.perf_counter()
         bar = tqdm(total=spe, initial=progress.step_in_epoch,
@@ -288,10 +298,12 @@ class _Throughput:
 def validate_config(config) -> None:
     """Refuses bad train/model settings (and a missing weights file) before any data is read."""
     t = config.train
-    for name in ("batch_size", "epochs", "log_every_steps"):
+    for name in ("batch_size", "log_every_steps"):
         if int(t[name]) <= 0:
             raise ConfigError(f"train.{name} must be > 0, got {t[name]}")
-    for name in ("checkpoint_every_steps", "max_steps_per_epoch", "early_stopping_patience"):
+    # epochs=0: no training; the initial model is evaluated and saved (pretrained baselines).
+    for name in ("epochs", "checkpoint_every_steps", "max_steps_per_epoch",
+                 "early_stopping_patience"):
         if int(t[name]) < 0:
             raise ConfigError(f"train.{name} must be >= 0, got {t[name]}")
     if t.monitor not in ckpt_lib.MONITORS:

