@@ -72,12 +72,14 @@ def test_plan_and_tables():
     with pytest.raises(ConfigError, match="unknown model"):
         quality.plan(A)
     metrics = {k: 0.5 for k in quality.COLUMNS}
-    rows = [dict(model="resnet18", recipe="best", protocol="closed_set", seed=s,
+    rows = [dict(model="resnet18", recipe="best", protocol="closed_set", seed=s, epochs_run=9,
                  pretrained="random init", metrics=dict(metrics, top1=t), train_time_s=10.0,
                  train_images_per_s=20.0, peak_rss_mb=100.0) for s, t in ((0, 0.4), (1, 0.6))]
     md = quality.table(rows, "closed_set")
     assert "| resnet18 | random init | best | 0,1 | 0.500 ± 0.141 | 0.500 ± 0.000 |" in md
     assert quality.table(rows, "open_set").count("\n") == 1  # header only
+    capped = [dict(r, max_epochs=3) for r in rows]
+    assert "| best (3 ep. max) |" in quality.table(rows + capped, "closed_set")
 
 
 def test_one_cell_end_to_end(tmp_path, monkeypatch):
@@ -99,3 +101,5 @@ def test_one_cell_end_to_end(tmp_path, monkeypatch):
     assert quality.main(["--out", out, "--md", md, "--models", "raw_pixels", "--recipes",
                          "features", "--protocols", "closed_set", "--seeds", "0"]) == 0
     assert "| raw_pixels | none | features | 0 | 1.000 |" in open(md).read()
+    assert quality.cell_dir(out, "m", "best", "open_set", 1, 5).endswith(
+        os.path.join("open_set", "m-best-e5", "seed1"))

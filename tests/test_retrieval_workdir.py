@@ -245,3 +245,26 @@ def test_read_run_config_refuses_foreign_files(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"seed": 0, "data": {"source": "folder"}}))
     with pytest.raises(CheckpointError, match="lacks model.name, data.root"):
         wd.read_run_config(str(tmp_path))
+
+
+def test_embedders_face_crop_reaches_index_and_queries(tmp_path, capsys):
+    """An embedder exported with data.face_crop gets that crop for the gallery and for search
+    queries, whatever the run config says (as input_size and resize_mode)."""
+    root = tmp_path / "imgs"
+    write_image_folder(root, CLASSES, size=(16, 16))
+    work = make_run(tmp_path, str(root))
+    meta = dict(model="colour", input_size=16, resize_mode="crop", normalization="unit",
+                face_crop=[0.0, 0.0, 1.0, 0.5])  # the left half only
+    embed.export_embedder(colour_embedder, {"centre": np.array((0.5,) * 3, np.float32)}, meta,
+                          os.path.join(work, "embedder"))
+    cfg = wd.read_run_config(work)
+    assert wd.run_face_crop(cfg, meta) == (0.0, 0.0, 1.0, 0.5)
+    assert "using the embedder's data.face_crop" in capsys.readouterr().out
+    wd.build_workdir_index(work, cfg, progress=False)
+    # Left half: person_b's colour; right half: person_a's. Only the left half is seen.
+    from conftest import class_colour
+    pixels = np.zeros((16, 16, 3), np.uint8)
+    pixels[:, :8], pixels[:, 8:] = class_colour(1), class_colour(0)
+    Image.fromarray(pixels).save(tmp_path / "q.png")
+    result = wd.search_workdir(work, str(tmp_path / "q.png"), k=1, config=cfg)
+    assert result["queries"][0]["results"][0]["name"] == "person_b"

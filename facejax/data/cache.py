@@ -1,11 +1,12 @@
 """Decode a Listing once into a memory-mapped uint8 .npy [N, S, S, 3], keyed by a manifest hash.
 
-A cache entry is a folder `<cache_dir>/<name>-<S><mode>-<key>/` with images.npy, rows.npy
-(listing rows kept), labels.npy, paths.json, skipped.json and manifest.json. The key hashes
-the format version, decode settings and every item's relative path, label, size and mtime, so
-a rerun reuses the entry and any changed file gives a new one. An entry is built in a hidden
-temporary folder and renamed into place, so a killed build never leaves one that looks valid.
-Old entries are not deleted automatically; removing the cache folder is always safe.
+A cache entry is a folder `<cache_dir>/<name>-<S><mode>[-box<t_l_b_r>]-<key>/` with images.npy,
+rows.npy (listing rows kept), labels.npy, paths.json, skipped.json and manifest.json. The key
+hashes the format version, decode settings (face_crop included) and every item's relative
+path, label, size and mtime, so a rerun reuses the entry and any changed file gives a new one.
+An entry is built in a hidden temporary folder and renamed into place, so a killed build never
+leaves one that looks valid. Old entries are not deleted automatically; removing the cache
+folder is always safe.
 """
 
 from __future__ import annotations
@@ -58,9 +59,10 @@ def default_cache_dir(cache_dir: str = "") -> str:
 class _FileReader:
     parallel = True
 
-    def __init__(self, listing: Listing, size: int, mode: str, max_pixels: int):
+    def __init__(self, listing: Listing, size: int, mode: str, max_pixels: int, face_crop):
         self.root, self.paths = listing.root, listing.paths
         self.size, self.mode, self.max_pixels = size, mode, max_pixels
+        self.face_crop = face_crop
 
     def fingerprint(self):
         for p in self.paths:
@@ -72,16 +74,16 @@ class _FileReader:
 
     def __call__(self, i: int) -> np.ndarray:
         return decode.decode_image(os.path.join(self.root, self.paths[i]), self.size, self.mode,
-                                   self.max_pixels)
+                                   self.max_pixels, self.face_crop)
 
 
 class _IdxReader:
     # 28x28 arrays resize in microseconds; a worker would spend longer re-reading the file.
     parallel = False
 
-    def __init__(self, listing: Listing, size: int, mode: str, max_pixels: int):
+    def __init__(self, listing: Listing, size: int, mode: str, max_pixels: int, face_crop):
         self.directory, (self.split,) = listing.root, listing.origin
-        self.ids, self.size, self.mode = listing.ids, size, mode
+        self.ids, self.size, self.mode, self.face_crop = listing.ids, size, mode, face_crop
         self._images = None
 
     def fingerprint(self):
@@ -92,15 +94,16 @@ class _IdxReader:
     def __call__(self, i: int) -> np.ndarray:
         if self._images is None:
             self._images, _ = sources.load_idx(self.directory, self.split)
-        return decode.fit_array(self._images[self.ids[i]], self.size, self.mode)
+        return decode.fit_array(self._images[self.ids[i]], self.size, self.mode, self.face_crop)
 
 
 class _TfdsReader:
     parallel = True
 
-    def __init__(self, listing: Listing, size: int, mode: str, max_pixels: int):
+    def __init__(self, listing: Listing, size: int, mode: str, max_pixels: int, face_crop):
         self.name, self.split, self.data_dir = listing.origin
         self.ids, self.size, self.mode, self.max_pixels = listing.ids, size, mode, max_pixels
+        self.face_crop = face_crop
         self._source = None
 
     def __getstate__(self):
@@ -119,8 +122,9 @@ class _TfdsReader:
     def __call__(self, i: int) -> np.ndarray:
         image = self._open()[int(self.ids[i])]["image"]
         if isinstance(image, bytes):
-            return decode.decode_bytes(image, self.size, self.mode, self.max_pixels)
-        return decode.fit_array(np.asarray(image), self.size, self.mode)
+            return decode.decode_bytes(image, self.size, self.mode, self.max_pixels,
+                                       self.face_crop)
+        return decode.fit_array(np.asarray(image), self.size, self.mode, self.face_crop)
 
 
 _READERS = {"files": _FileReader, "idx": _IdxReader, "tfds": _TfdsReader}
@@ -160,18 +164,23 @@ def _npy_header(shape: tuple[int, ...], total: int | None = None) -> bytes:
     return _NPY_MAGIC + struct.pack("<H", len(body)) + body
 
 
-def _entry_name(listing: Listing, size: int, mode: str, key: str) -> str:
+def _entry_name(listing: Listing, size: int, mode: str, key: str, face_crop=()) -> str:
     base = listing.origin[0] if listing.kind == "tfds" else os.path.basename(
         os.path.normpath(listing.root))
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", base).strip("._") or listing.kind
-    return f"{slug[:40]}-{size}{mode}-{key[:20]}"
+    # The box in the name too, so entries of one folder with different boxes are told apart.
+    box = f"-box{'_'.join(f'{v:g}' for v in face_crop)}" if face_crop else ""
+    return f"{slug[:40]}-{size}{mode}{box}-{key[:20]}"
 
 
-def _manifest_key(listing: Listing, reader, size: int, mode: str, max_pixels: int) -> str:
+def _manifest_key(listing: Listing, reader, size: int, mode: str, max_pixels: int,
+                  face_crop=()) -> str:
     h = hashlib.sha256()
     head = {"version": FORMAT_VERSION, "kind": listing.kind, "origin": list(listing.origin),
             "image_size": size, "resize_mode": mode, "max_pixels": max_pixels,
             "class_names": list(listing.class_names)}
+    if face_crop:  # only when set: entries made before face_crop existed keep their keys
+        head["face_crop"] = list(face_crop)
     h.update(json.dumps(head, sort_keys=True).encode())
     stats = reader.fingerprint()
     if listing.kind == "files":
@@ -261,7 +270,7 @@ def _decode_all(reader, n: int, workers: int):
 
 
 def _build(listing: Listing, reader, directory: str, key: str, size: int, mode: str,
-           max_pixels: int, workers: int) -> CachedImages:
+           max_pixels: int, workers: int, face_crop=()) -> CachedImages:
     parent, name = os.path.split(directory)
     tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
     os.makedirs(tmp)
@@ -303,7 +312,8 @@ def _build(listing: Listing, reader, directory: str, key: str, size: int, mode: 
         manifest = {"key": key, "version": FORMAT_VERSION, "kind": listing.kind,
                     "root": os.path.abspath(listing.root), "origin": list(listing.origin),
                     "image_size": size, "resize_mode": mode, "max_pixels": max_pixels,
-                    "num_images": len(kept), "num_skipped": len(skipped),
+                    "face_crop": list(face_crop), "num_images": len(kept),
+                    "num_skipped": len(skipped),
                     "class_names": list(listing.class_names),
                     "seconds": round(time.perf_counter() - start, 3), "workers": workers}
         with open(os.path.join(tmp, "manifest.json"), "w") as f:  # written last
@@ -323,16 +333,19 @@ def _build(listing: Listing, reader, directory: str, key: str, size: int, mode: 
 
 def cache_listing(listing: Listing, *, image_size: int, resize_mode: str = "crop",
                   max_pixels: int = 50_000_000, cache_dir: str = "",
-                  workers: int = 0) -> CachedImages:
+                  workers: int = 0, face_crop=()) -> CachedImages:
     """Returns the decoded images of `listing`, building the cache entry if needed.
 
     Files that fail to decode are left out (see `rows`) and, with the scan's own skipped
     entries, listed with reasons in the entry's skipped.json; one summary line is printed.
-    `workers=0` picks one process per core (and none for small listings).
+    `workers=0` picks one process per core (and none for small listings). `face_crop` is
+    `decode.decode_image`'s box; entries with different boxes never share a folder or key.
 
     Raises:
       DataError: when no image of the listing can be decoded, or the cache folder is unusable.
+      ConfigError: for an invalid `face_crop`.
     """
+    face_crop = decode.check_face_crop(face_crop)
     if resize_mode not in decode.RESIZE_MODES:
         raise DataError(f"data.resize_mode must be one of {decode.RESIZE_MODES}, "
                         f"got {resize_mode!r}")
@@ -340,15 +353,15 @@ def cache_listing(listing: Listing, *, image_size: int, resize_mode: str = "crop
         raise DataError(f"data.image_size must be positive, got {image_size}")
     if len(listing) == 0:
         raise DataError(f"no images to decode under {listing.root}")
-    reader = _READERS[listing.kind](listing, image_size, resize_mode, max_pixels)
-    key = _manifest_key(listing, reader, image_size, resize_mode, max_pixels)
+    reader = _READERS[listing.kind](listing, image_size, resize_mode, max_pixels, face_crop)
+    key = _manifest_key(listing, reader, image_size, resize_mode, max_pixels, face_crop)
     parent = default_cache_dir(cache_dir)
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as e:
         raise DataError(f"cannot create cache folder {parent}: {e.strerror or e} "
                         f"(set data.cache_dir or $FACEJAX_CACHE)") from None
-    name = _entry_name(listing, image_size, resize_mode, key)
+    name = _entry_name(listing, image_size, resize_mode, key, face_crop)
     directory = os.path.join(parent, name)
     entry = _load_entry(directory, key, image_size)
     if entry is None:
@@ -357,7 +370,7 @@ def cache_listing(listing: Listing, *, image_size: int, resize_mode: str = "crop
         _remove_stale_tmp(parent, name)
         workers = _resolve_workers(workers, len(listing), reader.parallel)
         entry = _build(listing, reader, directory, key, image_size, resize_mode, max_pixels,
-                       workers)
+                       workers, face_crop)
     what = "reused cache of" if entry.reused else "decoded"
     line = f"{what} {len(entry.rows)} images"
     if entry.skipped:

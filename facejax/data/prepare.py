@@ -7,7 +7,7 @@ import dataclasses
 
 import numpy as np
 
-from facejax.data import cache, sources, splits
+from facejax.data import cache, decode, sources, splits
 from facejax.data.sources import Listing
 from facejax.data.splits import Subset
 from facejax.errors import ConfigError, DataError
@@ -66,8 +66,14 @@ def _test_fraction(cfg) -> float:
     return cfg.get("test_fraction", 0.0)
 
 
+def _face_crop(cfg) -> tuple[float, ...]:
+    # A run's config.json from before data.face_crop existed decoded whole images.
+    return decode.check_face_crop(cfg.get("face_crop", ()))
+
+
 def _check_config(cfg) -> None:
     """Bad settings fail here, before any scanning or decoding."""
+    _face_crop(cfg)
     if cfg.source not in SOURCES:
         raise ConfigError(f"data.source must be one of {SOURCES}, got {cfg.source!r}")
     if cfg.source != "competition" and cfg.protocol not in PROTOCOLS:
@@ -90,7 +96,7 @@ def _limited(listing: Listing, cfg) -> Listing:
 def _cache(listing: Listing, cfg) -> cache.CachedImages:
     return cache.cache_listing(listing, image_size=cfg.image_size, resize_mode=cfg.resize_mode,
                                max_pixels=cfg.max_pixels, cache_dir=cfg.cache_dir,
-                               workers=cfg.decode_workers)
+                               workers=cfg.decode_workers, face_crop=_face_crop(cfg))
 
 
 def _report_excluded(excluded: list[tuple[str, str]]) -> None:

@@ -60,6 +60,20 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     return config
 
 
+def run_face_crop(config, meta: dict) -> tuple[float, ...]:
+    """The crop the embedder was exported with (as input_size and resize_mode); embedders
+    exported before face_crop existed use the run config's data.face_crop."""
+    from facejax.data.decode import check_face_crop
+
+    box = check_face_crop(config.data.get("face_crop", ()))
+    if "face_crop" in meta and check_face_crop(meta["face_crop"]) != box:
+        exported = check_face_crop(meta["face_crop"])
+        print(f"note: using the embedder's data.face_crop={exported} instead of the config's "
+              f"{box}", flush=True)
+        box = exported
+    return box
+
+
 def _prepare(config, embedder: Embedder):
     from facejax.data.prepare import prepare_data
 
@@ -69,6 +83,8 @@ def _prepare(config, embedder: Embedder):
         print(f"note: using the embedder's input format {size}px/{mode} instead of the config's "
               f"{data_cfg.image_size}px/{data_cfg.resize_mode}", flush=True)
         data_cfg.image_size, data_cfg.resize_mode = size, mode
+    if "face_crop" in embedder.meta:
+        data_cfg.face_crop = run_face_crop(config, embedder.meta)
     return prepare_data(data_cfg)
 
 
@@ -201,11 +217,12 @@ def search_workdir(workdir: str, query: str, k: int = 10, *, grid_png: str | Non
     index = load_index(os.path.join(workdir, INDEX_DIR), expect=embedder.meta)
     check_k(k, index.size)
     size, mode = int(embedder.meta["input_size"]), embedder.meta["resize_mode"]
+    face_crop = run_face_crop(config, embedder.meta)
     files = list_query_images(query)
     images, kept, skipped = [], [], []
     for f in files:
         try:
-            images.append(decode_image(f, size, mode, max_pixels))
+            images.append(decode_image(f, size, mode, max_pixels, face_crop))
             kept.append(f)
         except BadImage as e:
             if len(files) == 1:
@@ -231,12 +248,13 @@ def search_workdir(workdir: str, query: str, k: int = 10, *, grid_png: str | Non
     result = dict(k=k, gallery_size=index.size, root=index.info.get("root", ""), queries=out,
                   skipped=[dict(path=p, reason=r) for p, r in skipped])
     if grid_png:
-        _search_grid(result, dict(zip(kept, images)), size, mode, max_pixels, grid_png)
+        _search_grid(result, dict(zip(kept, images)), size, mode, max_pixels, grid_png,
+                     face_crop)
     return result
 
 
 def _search_grid(result: dict, query_images: dict, size: int, mode: str, max_pixels: int,
-                 out_png: str) -> None:
+                 out_png: str, face_crop=()) -> None:
     from facejax.data.decode import BadImage, decode_image
 
     root = result["root"]
@@ -244,7 +262,7 @@ def _search_grid(result: dict, query_images: dict, size: int, mode: str, max_pix
     def gallery_image(path: str):
         full = os.path.join(root, path)
         try:
-            return decode_image(full, size, mode, max_pixels)
+            return decode_image(full, size, mode, max_pixels, face_crop)
         except BadImage:
             return None  # the gallery moved or is not made of files (idx/tfds): a blank tile
 

@@ -40,6 +40,7 @@ def export_workdir(workdir: str, which: str = "best") -> str:
         input_size=int(config.data.image_size),  # the artifact's input: cache-format images
         model_input_size=size,
         resize_mode=config.data.resize_mode,
+        face_crop=list(config.data.get("face_crop", ())),
         normalization=normalization,
         l2_normalized=bool(config.model.l2_normalize),
         head=config.model.head,
