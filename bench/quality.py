@@ -7,10 +7,10 @@
   .venv/bin/python bench/quality.py --table               # only rebuild QUALITY.md
 
 Each cell (model, recipe, protocol, seed) is `configs/lfw.py:model,recipe,protocol,seed` run
-through train -> export -> exact index -> evaluate in its own process, in
+through train -> export -> index -> evaluate in its own process, in
 `--out/<protocol>/<model>-<recipe>/seed<k>/`. A cell whose `cell.json` exists is not rerun,
-and an interrupted cell resumes from its last checkpoint, so the command is resumable. Cells
-of `features` rows (no training) also get LFW 10-fold pair verification when the pairs file
+and an interrupted cell resumes from its last checkpoint, so the command is resumable. Seed-0
+cells of `features` rows (no training) also get LFW 10-fold pair verification when the pairs file
 and `facejax.retrieval.verify_run` are there. Peak memory is the cell process's max RSS.
 """
 
@@ -54,58 +54,70 @@ COLUMNS = ("top1", "top5", "top10", "precision@10", "map@r", "f1@10")
 PAIRS = "../shared/data/faces/lfw_pairs.txt"
 
 
-def cell_dir(out: str, model: str, recipe: str, protocol: str, seed: int) -> str:
-    return os.path.join(out, protocol, f"{model}-{recipe}", f"seed{seed}")
+def cell_dir(out: str, model: str, recipe: str, protocol: str, seed: int,
+             max_epochs: int = 0) -> str:
+    name = f"{model}-{recipe}" + (f"-e{max_epochs}" if max_epochs else "")
+    return os.path.join(out, protocol, name, f"seed{seed}")
 
 
 def run_cell(out: str, model: str, recipe: str, protocol: str, seed: int, pairs: str,
-             overrides: tuple[str, ...] = ()) -> dict:
+             overrides: tuple[str, ...] = (), max_epochs: int = 0) -> dict:
     """One cell in this process: train, export, index, evaluate; writes and returns cell.json.
 
-    `overrides` are `a.b=value` config overrides (tests shrink the batch with them)."""
+    `overrides` are `a.b=value` config overrides (tests shrink the batch with them);
+    `max_epochs` > 0 caps the recipe's epochs (a separate cell, labelled in the tables)."""
     from facejax.config import load_config
     from facejax.retrieval import workdir as wd
     from facejax.train.export import export_workdir
     from facejax.train.loop import train_and_evaluate
 
-    workdir = cell_dir(out, model, recipe, protocol, seed)
+    workdir = cell_dir(out, model, recipe, protocol, seed, max_epochs)
     cfg = load_config(os.path.join(ROOT, "configs", "lfw.py") +
                       f":{model},{recipe},{protocol},{seed}", overrides)
+    if max_epochs:
+        cfg.train.epochs = min(int(cfg.train.epochs), int(max_epochs))
     t0 = time.time()
     summary = train_and_evaluate(cfg, workdir)
     t_train = time.time() - t0
     export_workdir(workdir)
     run_cfg = wd.read_run_config(workdir)
     t1 = time.time()
-    wd.build_workdir_index(workdir, run_cfg, backend="exact", progress=False)
+    wd.build_workdir_index(workdir, run_cfg, progress=False)
     result = wd.evaluate_workdir(workdir, run_cfg, progress=False)
     t_eval = time.time() - t1
     history = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     rates = [r["images_per_s"] for r in history if r.get("images_per_s")]
     cell = dict(
-        model=model, recipe=recipe, protocol=protocol, seed=seed,
+        model=model, recipe=recipe, protocol=protocol, seed=seed, max_epochs=max_epochs,
+        epochs=int(cfg.train.epochs),
         pretrained=_weights_label(model, cfg.model.pretrained),
         input_size=int(cfg.model.input_size),
         metrics=result["metrics"], num_queries=result["num_queries"],
+        index_backend=result["backend"], ann_recall=result.get("ann_recall"),
         gallery_size=result["gallery_size"], num_identities=result["num_identities"],
         num_train_classes=len(json.load(open(os.path.join(workdir, "classes.json")))),
         epochs_run=summary["epochs_run"], train_time_s=t_train, eval_time_s=t_eval,
         train_images_per_s=float(np.median(rates)) if rates else None,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     )
-    if recipe == "features" and pairs and os.path.isfile(pairs):
+    # The pairs do not depend on the split seed: seed 0 verifies for all.
+    if recipe == "features" and seed == 0 and pairs and os.path.isfile(pairs):
         try:
             from facejax.retrieval.verify_run import verify_workdir
         except ImportError:
             verify_workdir = None
         if verify_workdir is not None:
             v = verify_workdir(workdir, pairs)
-            cell["verification"] = {k: v[k] for k in ("mean", "std") if k in v}
+            cell["verification"] = _verification_summary(v)
     tmp = os.path.join(workdir, "cell.json.tmp")
     with open(tmp, "w") as f:
         json.dump(cell, f, indent=1)
     os.replace(tmp, os.path.join(workdir, "cell.json"))
     return cell
+
+
+def _verification_summary(v: dict) -> dict:
+    return {k: v[k] for k in ("accuracy", "accuracy_std", "auc", "tar_at_far", "num_pairs")}
 
 
 def _weights_label(model: str, pretrained: str) -> str:
@@ -130,6 +142,10 @@ def plan(args) -> list[tuple[str, str, str, int]]:
     else:
         pairs = QUICK
     return [(m, r, p, s) for p in protocols for (m, r) in pairs for s in seeds]
+
+
+def _label(c: dict) -> str:
+    return c["recipe"] + (f" ({c['max_epochs']} ep. max)" if c.get("max_epochs") else "")
 
 
 def _pick(arg: str, default, what: str, allowed=None) -> list[str]:
@@ -161,20 +177,21 @@ def table(cells: list[dict], protocol: str) -> str:
     groups: dict[tuple[str, str], list[dict]] = {}
     for c in cells:
         if c["protocol"] == protocol:
-            groups.setdefault((c["model"], c["recipe"]), []).append(c)
+            groups.setdefault((c["model"], c["recipe"], c.get("max_epochs", 0)), []).append(c)
     order = {m: i for i, m in enumerate(MODELS)}
     rorder = {r: i for i, r in enumerate(RECIPES)}
     head = ("| model | weights | recipe | seeds | Top-1 | Top-5 | Top-10 | P@10 | mAP@R | F1@10 "
-            "| train s | train img/s | peak MB |")
+            "| epochs | train s | train img/s | peak MB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for (model, recipe), cs in sorted(groups.items(),
-                                      key=lambda kv: (order.get(kv[0][0], 99),
-                                                      rorder.get(kv[0][1], 99))):
+    for (model, recipe, _), cs in sorted(groups.items(),
+                                         key=lambda kv: (order.get(kv[0][0], 99),
+                                                         rorder.get(kv[0][1], 99), kv[0][2])):
         cs = sorted(cs, key=lambda c: c["seed"])
         vals = [_mean_std([c["metrics"][k] for c in cs]) for k in COLUMNS]
         rate = [c["train_images_per_s"] for c in cs if c["train_images_per_s"]]
         lines.append("| " + " | ".join([
-            model, cs[0]["pretrained"], recipe, ",".join(str(c["seed"]) for c in cs), *vals,
+            model, cs[0]["pretrained"], _label(cs[0]), ",".join(str(c["seed"]) for c in cs),
+            *vals, "/".join(str(c["epochs_run"]) for c in cs),
             f"{np.mean([c['train_time_s'] for c in cs]):.0f}",
             f"{np.mean(rate):.0f}" if rate else "—",
             f"{max(c['peak_rss_mb'] for c in cs):.0f}"]) + " |")
@@ -188,9 +205,11 @@ def verification_table(cells: list[dict]) -> str:
             rows[c["model"]] = c["verification"]
     if not rows:
         return ""
-    out = ["| model | LFW 6,000-pair verification (10-fold) |", "|---|---|"]
+    out = ["| model | accuracy (10-fold) | ROC AUC | TAR @ FAR |", "|---|---|---|---|"]
     for m, v in rows.items():
-        out.append(f"| {m} | {100 * v['mean']:.2f} ± {100 * v['std']:.2f} % |")
+        tar = ", ".join(f"{100 * x['tar']:.1f}% @ {k}" for k, x in v["tar_at_far"].items())
+        out.append(f"| {m} | {100 * v['accuracy']:.2f} ± {100 * v['accuracy_std']:.2f} % "
+                   f"| {v['auc']:.4f} | {tar} |")
     return "\n".join(out)
 
 
@@ -226,19 +245,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--protocols", default="")
     parser.add_argument("--seeds", default="")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--max_epochs", type=int, default=0,
+                        help="cap every recipe's epochs (separate cells, labelled)")
     parser.add_argument("--pairs", default=os.path.join(ROOT, PAIRS))
     parser.add_argument("--table", action="store_true", help="only rebuild the tables")
     parser.add_argument("--cell", default="", help=argparse.SUPPRESS)  # model,recipe,proto,seed
     args = parser.parse_args(argv)
     if args.cell:
         m, r, p, s = args.cell.split(",")
-        run_cell(args.out, m, r, p, int(s), args.pairs)
+        run_cell(args.out, m, r, p, int(s), args.pairs, max_epochs=args.max_epochs)
         return 0
     os.makedirs(args.out, exist_ok=True)
     if not args.table:
         todo = plan(args)
         for i, (m, r, p, s) in enumerate(todo, 1):
-            wd = cell_dir(args.out, m, r, p, s)
+            wd = cell_dir(args.out, m, r, p, s, args.max_epochs)
             if os.path.isfile(os.path.join(wd, "cell.json")):
                 continue
             print(f"[{i}/{len(todo)}] {p} {m} {r} seed {s}", flush=True)
@@ -246,7 +267,8 @@ def main(argv: list[str]) -> int:
             with open(wd + ".log", "a") as log:
                 rc = subprocess.call(
                     [sys.executable, os.path.abspath(__file__), "--cell", f"{m},{r},{p},{s}",
-                     "--out", args.out, "--pairs", args.pairs],
+                     "--out", args.out, "--pairs", args.pairs,
+                     "--max_epochs", str(args.max_epochs)],
                     stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
             if rc:
                 print(f"  failed (exit {rc}); see {wd}.log", flush=True)
