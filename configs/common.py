@@ -86,6 +86,8 @@ def train() -> ml_collections.ConfigDict:
         trainable_last_n=4,
         backbone_lr_mult=1.0,    # discriminative LR: backbone LR = lr * this
         freeze_bn=False,
+        head_init="random",      # random | imprint: cosine head = class-mean embeddings (for
+                                 # fine-tuning a pretrained embedder without wrecking it)
         early_stopping_patience=3,
         monitor="val_top1",      # val_accuracy | val_top1 | val_loss
         compute_dtype="auto",    # auto (bf16 on GPU/TPU, f32 on CPU) | float32 | bfloat16

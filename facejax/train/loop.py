@@ -34,7 +34,9 @@ from facejax.retrieval.metrics import hit_at_k, relevance
 from facejax.train import checkpoint as ckpt_lib
 from facejax.train import state as state_lib
 from facejax.train.events import EventWriter
+from facejax.train.imprint import class_means, imprint_head
 from facejax.train.losses import LossConfig
+
 from facejax.train.mesh import is_primary, replicate, replicated
 from facejax.train.plots import plot_history
 from facejax.train.step import jit_eval_step, jit_train_step
@@ -139,8 +141,17 @@ def _train(run: _Run, ckpt: ckpt_lib.RunCheckpoints):
             raise ckpt_lib.CheckpointError(
                 f"the checkpoint in {ckpt.directory} was trained on other classes than the "
                 f"data now has: use another --workdir")
-    elif config.model.pretrained:  # a resumed run restores its own weights instead
-        load_from_config(run.model, config.model)
+    elif config.model.pretrained or config.train.head_init == "imprint":
+        # (A resumed run restores its own weights instead.)
+        if config.model.pretrained:
+            load_from_config(run.model, config.model)
+        if config.train.head_init == "imprint":
+            size, norm = state_lib.resolve_input(config)
+            print(f"imprinting the head with the class means of {len(data.train)} training "
+                  f"images", flush=True)
+            imprint_head(run.model, class_means(
+                run.model, data.images, data.train.indices, data.train.labels,
+                data.num_classes, input_size=size, normalization=norm))
         _, params, stats, _ = state_lib.split_model(run.model)
         state = state.replace(params=params, batch_stats=stats, opt_state=run.tx.init(params))
     run.model = run.state = None  # the arrays live in `state` from here on
@@ -310,6 +321,10 @@ def validate_config(config) -> None:
         raise ConfigError(f"train.monitor must be one of {tuple(ckpt_lib.MONITORS)}, "
                           f"got {t.monitor!r}")
     state_lib.compute_dtype(t.compute_dtype)
+    if t.head_init not in ("random", "imprint"):
+        raise ConfigError(f"train.head_init must be 'random' or 'imprint', got {t.head_init!r}")
+    if t.head_init == "imprint" and config.model.head != "cosine":
+        raise ConfigError("train.head_init='imprint' needs model.head='cosine'")
     state_lib.resolve_input(config)  # model name, weights source, input size
     LossConfig.from_config(config)
     pretrained_path(config.model)
