@@ -36,7 +36,7 @@ from facejax import cli  # noqa: E402
 from facejax.errors import ConfigError  # noqa: E402
 
 SEED_MODELS = ("scratch_cnn", "resnet18", "resnet50", "resnet50v2", "vgg16")
-MODELS = SEED_MODELS + ("efficientnet_lite0", "dlib_resnet", "raw_pixels")
+MODELS = ("raw_pixels",) + SEED_MODELS + ("efficientnet_lite0", "dlib_resnet")
 # The seed paper's Table 3 (closed-set celebrity faces).
 PAPER = {
     "resnet50": ("transfer learning ResNet50", 0.42, 0.45, 0.50),
@@ -179,7 +179,7 @@ def table(cells: list[dict], protocol: str) -> str:
         if c["protocol"] == protocol:
             groups.setdefault((c["model"], c["recipe"], c.get("max_epochs", 0)), []).append(c)
     order = {m: i for i, m in enumerate(MODELS)}
-    rorder = {r: i for i, r in enumerate(RECIPES)}
+    rorder = {r: i for i, r in enumerate(("features", "seed", "best") + RECIPES)}
     head = ("| model | weights | recipe | seeds | Top-1 | Top-5 | Top-10 | P@10 | mAP@R | F1@10 "
             "| epochs | train s | train img/s | peak MB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]

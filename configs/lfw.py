@@ -121,7 +121,7 @@ def get_config(arg: str = "resnet18,best,closed_set,0"):
     a.brightness, a.contrast = 0.2, 0.2
     variant = recipe.partition("-")[2]
     if variant == "softmax":
-        m.head, t.loss = "linear", "softmax"
+        m.head, t.loss, t.head_init = "linear", "softmax", "random"  # imprinting needs cosine
     elif variant == "cosface":
         t.loss, t.margin = "cosface", 0.35
     elif variant == "noaug":

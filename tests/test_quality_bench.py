@@ -37,6 +37,9 @@ def test_lfw_config_recipes_and_protocols():
     assert cfg("resnet18,features,closed_set").train.epochs == 0
     assert cfg("raw_pixels,best,closed_set").train.epochs == 0  # nothing to train
     assert cfg("resnet18,best-softmax,closed_set").train.loss == "softmax"
+    dlib_softmax = cfg("dlib_resnet,best-softmax,open_set")
+    assert dlib_softmax.train.head_init == "random" and dlib_softmax.model.head == "linear"
+    assert cfg("dlib_resnet,best,open_set").train.head_init == "imprint"
     assert cfg("resnet18,best-64px,closed_set").model.input_size == 64
     assert cfg("resnet18,best-frozen,closed_set").train.finetune == "frozen_backbone"
     noaug = cfg("resnet18,best-noaug,closed_set").augment
