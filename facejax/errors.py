@@ -19,3 +19,7 @@ class CheckpointError(FacejaxError):
 
 class WeightsError(FacejaxError):
     """Pretrained weights that cannot be found, read or merged."""
+
+
+class TrainingError(FacejaxError):
+    """Training diverged (a non-finite loss); the checkpoints saved before it are kept."""

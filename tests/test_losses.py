@@ -79,3 +79,18 @@ def test_loss_config_rejects_bad_settings():
     c.train.label_smoothing = 1.5
     with pytest.raises(ConfigError, match="label_smoothing"):
         LossConfig.from_config(c)
+
+
+def test_arcface_gradient_is_finite_when_a_cosine_is_exactly_one():
+    """An imprinted head on a one-image class gives cos = 1.0 exactly; sqrt'(0) used to make
+    the step NaN (a no-augmentation fine-tune of dlib's model diverged on its first steps)."""
+    import jax
+
+    cfg = LossConfig(kind="arcface", scale=30.0, margin=0.3, cosine_head=True)
+    cos = jnp.array([[1.0, 0.2, -0.1], [0.3, -1.0, 0.999999]])
+    labels = jnp.array([0, 1])
+    grad = jax.grad(lambda c: classification_loss(c, labels, cfg).mean())(cos)
+    assert np.all(np.isfinite(np.asarray(grad)))
+    # Away from the poles the floor changes nothing: cos(theta + m) exactly.
+    out = margin_logits(jnp.array([[0.5, 0.1]]), jnp.array([0]), cfg)
+    np.testing.assert_allclose(float(out[0, 0]), 30 * math.cos(math.acos(0.5) + 0.3), rtol=1e-6)

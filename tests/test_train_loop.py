@@ -302,3 +302,19 @@ def test_zero_epochs_scores_and_saves_the_initial_model(tmp_path):
     assert len(read(os.path.join(workdir, "metrics.jsonl")).strip().split("\n")) == 1
     with pytest.raises(Exception, match="train.epochs must be >= 0"):
         loop.validate_config(load_config(TINY, ["train.epochs=-1"]))
+
+
+def test_a_diverging_run_stops_with_one_error(tmp_path):
+    """A non-finite loss stops training at once (TrainingError, one line from the scripts)
+    instead of running on and saving NaN checkpoints over good ones."""
+    from facejax.errors import TrainingError
+
+    idx_dir = tiny_idx(tmp_path / "idx")
+    workdir = str(tmp_path / "run")
+    bad = load_config(TINY, overrides(idx_dir) + ["train.learning_rate=1e30",
+                                                  "train.optimizer=sgd", "train.momentum=0.0",
+                                                  "train.log_every_steps=1"])
+    with pytest.raises(TrainingError, match="loss became"):
+        loop.train_and_evaluate(bad, workdir)
+    ckpts = os.path.join(workdir, "checkpoints")
+    assert not os.path.isdir(ckpts) or not [d for d in os.listdir(ckpts) if d.isdigit()]

@@ -28,7 +28,7 @@ from facejax.config import to_json
 from facejax.convert.weights import load_from_config, pretrained_path
 from facejax.data.pipeline import create_train_iterator, eval_batches, make_data_mesh, to_global
 from facejax.data.prepare import PreparedData, prepare_data
-from facejax.errors import ConfigError, DataError
+from facejax.errors import ConfigError, DataError, TrainingError
 from facejax.retrieval.index import ExactSearcher
 from facejax.retrieval.metrics import hit_at_k, relevance
 from facejax.train import checkpoint as ckpt_lib
@@ -383,6 +383,12 @@ def _drain(pending: list[dict], progress: Progress) -> None:
         return
     values = jax.device_get(pending)
     for v in values:
+        if not math.isfinite(float(v["loss"])):
+            # Stop at once: more steps would only overwrite good checkpoints with NaNs.
+            raise TrainingError(
+                f"the training loss became {float(v['loss'])} in epoch {progress.epoch + 1}; "
+                f"the checkpoints saved before it are kept. Lower train.learning_rate (or add "
+                f"warm-up, train.warmup_epochs) and run the same command to resume")
         progress.loss_sum += float(v["loss"])
         progress.acc_sum += float(v["accuracy"])
         progress.steps_summed += 1

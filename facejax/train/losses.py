@@ -12,6 +12,7 @@ import optax
 from facejax.errors import ConfigError
 
 LOSSES = ("softmax", "arcface", "cosface")
+SIN2_FLOOR = 1e-6  # ArcFace floors sin(theta)^2 here: angles under 0.06 deg count as 0.06
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +59,9 @@ def margin_logits(cos: jax.Array, labels: jax.Array, cfg: LossConfig) -> jax.Arr
     target = jnp.take_along_axis(cos, labels[:, None], axis=1)
     if cfg.kind == "arcface":
         m = cfg.margin
-        sin = jnp.sqrt(jnp.clip(1.0 - target * target, 0.0, 1.0))
+        # The floor keeps d(sin)/d(cos) finite at cos = +-1, which a class of one image hits
+        # exactly with an imprinted head (sqrt'(0) = inf made the whole step NaN).
+        sin = jnp.sqrt(jnp.clip(1.0 - target * target, SIN2_FLOOR, 1.0))
         phi = target * math.cos(m) - sin * math.sin(m)
         phi = jnp.where(target > math.cos(math.pi - m), phi, target - math.sin(math.pi - m) * m)
     elif cfg.kind == "cosface":
