@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(ROOT, "configs"))
 from lfw import PROTOCOLS, RECIPES  # noqa: E402
 
 from facejax import cli  # noqa: E402
-from facejax.errors import ConfigError  # noqa: E402
+from facejax.errors import ConfigError, DataError  # noqa: E402
 
 SEED_MODELS = ("scratch_cnn", "resnet18", "resnet50", "resnet50v2", "vgg16")
 MODELS = ("raw_pixels",) + SEED_MODELS + ("efficientnet_lite0", "dlib_resnet")
@@ -261,6 +261,11 @@ def main(argv: list[str]) -> int:
     os.makedirs(args.out, exist_ok=True)
     if not args.table:
         todo = plan(args)
+        lfw = os.environ.get("FACEJAX_LFW", os.path.join(ROOT, "..", "shared", "data", "faces",
+                                                         "lfw_aligned"))
+        if not os.path.isdir(lfw):
+            raise DataError(f"LFW not found at {lfw}: set FACEJAX_LFW to the aligned LFW folder "
+                            f"(one sub-folder per person)")
         for i, (m, r, p, s) in enumerate(todo, 1):
             wd = cell_dir(args.out, m, r, p, s, args.max_epochs)
             if os.path.isfile(os.path.join(wd, "cell.json")):
