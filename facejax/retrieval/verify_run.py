@@ -71,9 +71,9 @@ def verify_workdir(workdir: str, pairs_path: str | None = None, root: str | None
 
     `root` (the folder the pairs' `Name/Name_0001.jpg` live in) defaults to the run's
     data.root, `pairs_path` to a pairs.txt / lfw_pairs.txt in or beside it, `config` to the
-    run's config.json. Images are decoded with the embedder's input size and resize mode and
-    the config's data.face_crop and max_pixels. Pairs whose images cannot be decoded are left
-    out and listed under `skipped`.
+    run's config.json. Images are decoded with the embedder's input size, resize mode and
+    face_crop (`run_face_crop`) and the config's max_pixels. Pairs whose images cannot be
+    decoded are left out and listed under `skipped`.
 
     Raises:
       DataError: a missing or malformed pairs file, missing images, or too few usable pairs.
