@@ -16,12 +16,15 @@ Writes bench/out/ann_<tag>.{md,json,png}.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import tempfile
 import time
 from collections.abc import Callable
 
+import jax
 import numpy as np
 
 from facejax import cli
@@ -77,6 +80,24 @@ def timed(fn: Callable, repeat: int = 3):
     return out, best
 
 
+def rss_bytes() -> int:
+    """Resident memory of this process now, after returning freed heap pages to the OS."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def built(fn: Callable):
+    """(object, build seconds, resident-memory growth in bytes) of one backend's build."""
+    before = rss_bytes()
+    obj, seconds = timed(fn, repeat=1)
+    return obj, seconds, max(0, rss_bytes() - before)
+
+
 def dir_size(path: str) -> int:
     return sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(path) for f in fs)
 
@@ -84,8 +105,9 @@ def dir_size(path: str) -> int:
 class Result:
     """One backend: build time, size, and a sweep of (setting, recall, batched QPS)."""
 
-    def __init__(self, name: str, build_s: float, size_bytes: int):
+    def __init__(self, name: str, build_s: float, size_bytes: int, memory_bytes: int = 0):
         self.name, self.build_s, self.size_bytes = name, build_s, size_bytes
+        self.memory_bytes = memory_bytes  # host RSS growth over the build (device memory apart)
         self.points: list[dict] = []
         self.single_qps: float | None = None
 
@@ -100,6 +122,7 @@ class Result:
 
     def to_json(self) -> dict:
         return dict(name=self.name, build_s=self.build_s, size_bytes=self.size_bytes,
+                    memory_bytes=self.memory_bytes,
                     single_qps=self.single_qps, points=self.points)
 
 
@@ -122,35 +145,49 @@ META = dict(model="bench", params_hash="0" * 64, normalization="none", l2_normal
             metric="dot", input_size=0, resize_mode="crop")
 
 
-def bench_exact(x, q, truth) -> list[Result]:
+def bench_exact(x, q, truth, numpy_too: bool = True) -> list[Result]:
     out = []
-    r = Result("exact NumPy (matmul+argpartition)", 0.0, x.nbytes)
+    if numpy_too:
+        r = Result("exact NumPy (matmul+argpartition)", 0.0, x.nbytes, x.nbytes)
 
-    def numpy_search(queries, _):
-        return np.concatenate([exact_topk_numpy(x, queries[i:i + 100], K)
-                               for i in range(0, len(queries), 100)])
+        def numpy_search(queries, _):
+            return np.concatenate([exact_topk_numpy(x, queries[i:i + 100], K)
+                                   for i in range(0, len(queries), 100)])
 
-    sweep(r, [("-", None)], numpy_search, truth, q, None)
-    out.append(r)
-    (searcher, build) = timed(lambda: ExactSearcher(x), repeat=1)
-    r = Result("facejax exact (JAX, chunked)", build, x.nbytes)
-    searcher.search(q, K)  # compile outside the timing
-    sweep(r, [("-", None)], lambda queries, _: searcher.search(queries, K)[0], truth, q,
+        sweep(r, [("-", None)], numpy_search, truth, q, None)
+        out.append(r)
+    searcher, build, memory = built(lambda: ExactSearcher(x))
+    on_device = jax.default_backend() != "cpu"
+    if on_device:  # the gallery lives in device memory, which RSS does not see
+        memory = searcher._chunks.nbytes
+    r = Result(f"facejax exact (JAX, chunked, {jax.default_backend()})", build, x.nbytes, memory)
+    # Query batch per device call: 256 is the default; a GPU may want more.
+    batches = (256, 1024, 4096) if on_device else (256,)
+
+    def search(queries, qb):
+        searcher.query_batch = qb
+        return searcher.search(queries, K)[0]
+
+    for qb in batches:
+        search(q, qb)  # compile each batch shape outside the timing
+    sweep(r, [(f"query_batch={b}", b) for b in batches], search, truth, q,
           lambda one, _: searcher.search(one[None], K))
     out.append(r)
     return out
 
 
 def bench_scann(x, q, truth, quick: bool) -> list[Result]:
+    import scann  # noqa: F401  (load the library before measuring the build's memory)
+
     meta = dict(META, embed_dim=x.shape[1])
     paths = [""] * len(x)
-    index, build = timed(lambda: SearchIndex.build(x, paths, None, meta, backend="scann"),
-                         repeat=1)
+    index, build, memory = built(
+        lambda: SearchIndex.build(x, paths, None, meta, backend="scann"))
     with tempfile.TemporaryDirectory() as tmp:
         index.save(os.path.join(tmp, "i"))
         size = dir_size(os.path.join(tmp, "i", "scann"))
     p = index.scann_params
-    hand = Result(f"ScaNN hand ({p['num_leaves']} leaves, AH, reorder)", build, size)
+    hand = Result(f"ScaNN hand ({p['num_leaves']} leaves, AH, reorder)", build, size, memory)
     nl = p["num_leaves"]
     leaves = sorted({max(1, round(nl * f)) for f in
                      ((0.005, 0.01, 0.02, 0.04, 0.08) if quick else
@@ -162,7 +199,7 @@ def bench_scann(x, q, truth, quick: bool) -> list[Result]:
           truth, q,
           lambda one, s: index.search(one[None], K, leaves_to_search=s[0], reorder=s[1]))
 
-    auto = Result("facejax auto (ScaNN, target_recall)", build, size)
+    auto = Result("facejax auto (ScaNN, target_recall)", build, size, memory)
     for target in TARGETS:
         t0 = time.perf_counter()
         tuning = index.tune(target, k=K)
@@ -197,9 +234,9 @@ def bench_faiss(x, q, truth, quick: bool) -> list[Result]:
         index.add(x)
         return index
 
-    ivf, build = timed(build_ivf, repeat=1)
+    ivf, build, memory = built(build_ivf)
     r = Result(f"faiss IVF{nlist}+PQ{d // 2}x4fsr+refine", build,
-               len(faiss.serialize_index(ivf)))
+               len(faiss.serialize_index(ivf)), memory)
     nprobes = (8, 16, 32, 64) if quick else (2, 4, 8, 16, 32, 64, 128)
     kfactors = (4, 16) if quick else (1, 2, 4, 8, 16)
     ivf_pq = faiss.downcast_index(ivf.base_index)
@@ -219,8 +256,9 @@ def bench_faiss(x, q, truth, quick: bool) -> list[Result]:
         index.add(x)
         return index
 
-    hnsw, build = timed(build_hnsw, repeat=1)
-    r = Result("faiss HNSW M16", build, len(faiss.serialize_index(hnsw)))
+    ivf = ivf_pq = None  # free the IVF index before measuring the next build
+    hnsw, build, memory = built(build_hnsw)
+    r = Result("faiss HNSW M16", build, len(faiss.serialize_index(hnsw)), memory)
 
     def hnsw_search(queries, ef):
         hnsw.hnsw.efSearch = ef
@@ -245,11 +283,11 @@ def bench_hnswlib(x, q, truth, quick: bool) -> list[Result]:
         index.add_items(x, np.arange(n), num_threads=threads)
         return index
 
-    index, build_s = timed(build, repeat=1)
+    index, build_s, memory = built(build)
     with tempfile.TemporaryDirectory() as tmp:
         index.save_index(os.path.join(tmp, "h.bin"))
         size = os.path.getsize(os.path.join(tmp, "h.bin"))
-    r = Result("hnswlib M16", build_s, size)
+    r = Result("hnswlib M16", build_s, size, memory)
 
     def search(queries, ef):
         index.set_ef(max(ef, K))
@@ -264,9 +302,9 @@ def bench_hnswlib(x, q, truth, quick: bool) -> list[Result]:
 # ----------------------------------------------------------------------------- output
 
 def table(results: list[Result], title: str) -> str:
-    head = ("| backend | build s | size MB | QPS @0.90 | QPS @0.95 | QPS @0.99 | "
+    head = ("| backend | build s | size MB | memory MB | QPS @0.90 | QPS @0.95 | QPS @0.99 | "
             "single-query QPS @0.95 | best recall |")
-    lines = [f"### {title}", "", head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"### {title}", "", head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         cells = []
         for t in TARGETS:
@@ -275,6 +313,7 @@ def table(results: list[Result], title: str) -> str:
         top = max((p["recall"] for p in r.points), default=float("nan"))
         single = "–" if r.single_qps is None else f"{r.single_qps:,.0f}"
         lines.append(f"| {r.name} | {r.build_s:.1f} | {r.size_bytes / 2**20:.0f} | "
+                     f"{r.memory_bytes / 2**20:.0f} | "
                      + " | ".join(cells) + f" | {single} | {top:.4f} |")
     return "\n".join(lines)
 
@@ -322,13 +361,14 @@ def run_case(n: int, d: int, args) -> tuple[str, list[Result]]:
         x, q = clustered(n, d, args.queries)
     truth = ExactSearcher(x).search(q, K)[0]
     results = []
-    if "exact" in args.backends:
-        results += bench_exact(x, q, truth)
-    if "scann" in args.backends:
+    backends = args.backends.split(",")
+    if "exact" in backends or "jax" in backends:
+        results += bench_exact(x, q, truth, numpy_too="exact" in backends)
+    if "scann" in backends:
         results += bench_scann(x, q, truth, args.quick)
-    if "faiss" in args.backends:
+    if "faiss" in backends:
         results += bench_faiss(x, q, truth, args.quick)
-    if "hnswlib" in args.backends:
+    if "hnswlib" in backends:
         results += bench_hnswlib(x, q, truth, args.quick)
     return title, results
 
@@ -339,7 +379,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--cases", default="", help="e.g. 100000x128,1000000x128")
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--embeddings", default="", help=".npy [N, D] of real embeddings")
-    parser.add_argument("--backends", default="exact,scann,faiss,hnswlib")
+    parser.add_argument("--backends", default="exact,scann,faiss,hnswlib",
+                        help="any of exact (NumPy + JAX), jax (JAX only), scann, faiss, hnswlib")
     parser.add_argument("--tag", default="")
     args = parser.parse_args(argv)
     if args.cases:
@@ -355,9 +396,12 @@ def main(argv: list[str]) -> int:
     os.makedirs(OUT, exist_ok=True)
     groups = [run_case(n, d, args) for n, d in cases]
     load = os.getloadavg()
-    header = (f"ANN benchmark ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, load average "
+    dev = jax.devices()[0]
+    header = (f"ANN benchmark ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, JAX device "
+              f"{dev.device_kind}, load average "
               f"{load[0]:.1f} at the end; {args.queries} queries, k={K}). Batched QPS is the "
-              f"best over the swept settings reaching each recall@10.")
+              f"best over the swept settings reaching each recall@10. Memory: resident-memory "
+              f"growth over the build (host), or the gallery's device bytes for a GPU.")
     md = header + "\n\n" + "\n\n".join(table(r, t) for t, r in groups) + "\n"
     with open(os.path.join(OUT, f"ann_{tag}.md"), "w") as f:
         f.write(md)
