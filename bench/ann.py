@@ -145,7 +145,7 @@ META = dict(model="bench", params_hash="0" * 64, normalization="none", l2_normal
             metric="dot", input_size=0, resize_mode="crop")
 
 
-def bench_exact(x, q, truth, numpy_too: bool = True) -> list[Result]:
+def bench_exact(x, q, truth, numpy_too: bool = True, chunk_sizes: str = "8192") -> list[Result]:
     out = []
     if numpy_too:
         r = Result("exact NumPy (matmul+argpartition)", 0.0, x.nbytes, x.nbytes)
@@ -156,22 +156,27 @@ def bench_exact(x, q, truth, numpy_too: bool = True) -> list[Result]:
 
         sweep(r, [("-", None)], numpy_search, truth, q, None)
         out.append(r)
-    searcher, build, memory = built(lambda: ExactSearcher(x))
+    chunks = [int(c) for c in chunk_sizes.split(",")]
+    searcher, build, memory = built(lambda: ExactSearcher(x, chunk_size=chunks[0]))
     on_device = jax.default_backend() != "cpu"
     if on_device:  # the gallery lives in device memory, which RSS does not see
         memory = searcher._chunks.nbytes
     r = Result(f"facejax exact (JAX, chunked, {jax.default_backend()})", build, x.nbytes, memory)
     # Query batch per device call: 256 is the default; a GPU may want more.
     batches = (256, 1024, 4096) if on_device else (256,)
+    searchers = {chunks[0]: searcher}
+    searchers.update({c: ExactSearcher(x, chunk_size=c) for c in chunks[1:]})
 
-    def search(queries, qb):
-        searcher.query_batch = qb
-        return searcher.search(queries, K)[0]
+    def search(queries, setting):
+        s = searchers[setting[0]]
+        s.query_batch = setting[1]
+        return s.search(queries, K)[0]
 
-    for qb in batches:
-        search(q, qb)  # compile each batch shape outside the timing
-    sweep(r, [(f"query_batch={b}", b) for b in batches], search, truth, q,
-          lambda one, _: searcher.search(one[None], K))
+    settings = [(f"chunk={c} query_batch={b}", (c, b)) for c in chunks for b in batches]
+    for _, setting in settings:
+        search(q, setting)  # compile each shape outside the timing
+    sweep(r, settings, search, truth, q,
+          lambda one, setting: searchers[setting[0]].search(one[None], K))
     out.append(r)
     return out
 
@@ -363,7 +368,7 @@ def run_case(n: int, d: int, args) -> tuple[str, list[Result]]:
     results = []
     backends = args.backends.split(",")
     if "exact" in backends or "jax" in backends:
-        results += bench_exact(x, q, truth, numpy_too="exact" in backends)
+        results += bench_exact(x, q, truth, "exact" in backends, args.exact_chunks)
     if "scann" in backends:
         results += bench_scann(x, q, truth, args.quick)
     if "faiss" in backends:
@@ -381,6 +386,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--embeddings", default="", help=".npy [N, D] of real embeddings")
     parser.add_argument("--backends", default="exact,scann,faiss,hnswlib",
                         help="any of exact (NumPy + JAX), jax (JAX only), scann, faiss, hnswlib")
+    parser.add_argument("--exact_chunks", default="8192",
+                        help="JAX exact search: gallery rows per device step, e.g. 8192,65536")
     parser.add_argument("--tag", default="")
     args = parser.parse_args(argv)
     if args.cases:

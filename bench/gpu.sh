@@ -43,6 +43,7 @@ fi
 if [[ " $SECTIONS " == *" search "* ]]; then
   export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
   timeout 200 "$PY" bench/ann.py --backends jax --cases 1000000x128,1000000x512 \
-    --queries 8192 --tag gpu || echo "search bench failed (rc=$?)"
+    --queries 8192 --exact_chunks "${EXACT_CHUNKS:-8192,65536}" --tag gpu \
+    || echo "search bench failed (rc=$?)"
   copy_out bench/out/ann_gpu.md bench/out/ann_gpu.json
 fi

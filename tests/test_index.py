@@ -47,6 +47,21 @@ def test_exact_matches_numpy(data):
     np.testing.assert_array_equal(small.search(q, 10)[0], rows)
 
 
+@pytest.mark.parametrize("k", [1, 10, 64])
+def test_exact_group_topk_with_ties_padding_and_fallback(k):
+    """The group-max top-k is exact: ties, a padded last chunk, k above the group count."""
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((700, D)).astype(np.float32)
+    x = np.concatenate([base, base[:300], base[:100]])  # exact duplicates: tied scores
+    q = rng.standard_normal((37, D)).astype(np.float32)
+    want = np.sort(q @ x.T, axis=1)[:, ::-1][:, :k]
+    for chunk in (256, 512, 8192):  # 8 groups (k=10, 64 fall back), 16, one padded chunk
+        rows, scores = I.ExactSearcher(x, chunk_size=chunk, query_batch=8).search(q, k)
+        np.testing.assert_allclose(scores, want, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(np.einsum("qd,qkd->qk", q, x[rows]), scores, atol=1e-5)
+        assert all(len(set(r)) == k for r in rows), "a row was returned twice"
+
+
 def test_scann_recall_vs_exact(data):
     x, y, q = data
     idx = I.SearchIndex.build(x, paths_for(len(x)), y, META, backend="scann")

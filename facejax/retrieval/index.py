@@ -44,6 +44,31 @@ _REBUILD_RATIO = 2.0
 
 # ----------------------------------------------------------------------------- exact search
 
+# Rows of a score chunk are cut into groups of this many columns for the group-max top-k.
+_GROUP = 32
+
+
+def _chunk_topk(s, idx, k):
+    """Exact top-k of each row of `s[q, c]` (column ids `idx[c]`), without a top-k over all c.
+
+    The k largest entries of a row lie in the k groups with the largest maxima: an entry outside
+    them has k group maxima (k other entries) at least as large. So take the max of each
+    `_GROUP`-column group, the top-k groups by max, and the top-k of their k*_GROUP entries: the
+    two top-k calls see c/_GROUP and k*_GROUP columns instead of c. On a GPU this is several
+    times faster than `lax.top_k` over the whole chunk; on a CPU it is a wash.
+    """
+    qb, c = s.shape
+    if c % _GROUP or c // _GROUP < k:
+        top, pos = jax.lax.top_k(s, k)
+        return top, idx[pos]
+    groups = s.reshape(qb, c // _GROUP, _GROUP)
+    _, top_groups = jax.lax.top_k(groups.max(axis=2), k)                 # [q, k]
+    cand = jnp.take_along_axis(groups, top_groups[:, :, None], axis=1)  # [q, k, G]
+    cand_i = top_groups[:, :, None] * _GROUP + jnp.arange(_GROUP, dtype=jnp.int32)
+    top, pos = jax.lax.top_k(cand.reshape(qb, k * _GROUP), k)
+    return top, idx[jnp.take_along_axis(cand_i.reshape(qb, k * _GROUP), pos, axis=1)]
+
+
 @functools.partial(jax.jit, static_argnames=("k",))
 def _topk_chunked(queries, chunks, count, k):
     """Top-k by dot product over `chunks[C, chunk, D]`, merging a running top-k per chunk."""
@@ -55,8 +80,9 @@ def _topk_chunked(queries, chunks, count, k):
         s = jnp.dot(queries, chunk.T, precision=jax.lax.Precision.HIGHEST)
         idx = c * csize + jnp.arange(csize, dtype=jnp.int32)
         s = jnp.where(idx[None, :] < count, s, -jnp.inf)
-        all_s = jnp.concatenate([best_s, s], axis=1)
-        all_i = jnp.concatenate([best_i, jnp.broadcast_to(idx, (qb, csize))], axis=1)
+        chunk_s, chunk_i = _chunk_topk(s, idx, k)
+        all_s = jnp.concatenate([best_s, chunk_s], axis=1)
+        all_i = jnp.concatenate([best_i, chunk_i], axis=1)
         top_s, pos = jax.lax.top_k(all_s, k)
         return (top_s, jnp.take_along_axis(all_i, pos, axis=1)), None
 
@@ -69,7 +95,14 @@ def _topk_chunked(queries, chunks, count, k):
 class ExactSearcher:
     """Brute-force top-k on the default device, in gallery chunks and fixed query batches."""
 
-    def __init__(self, embeddings: np.ndarray, chunk_size: int = 8192, query_batch: int = 256):
+    def __init__(self, embeddings: np.ndarray, chunk_size: int | None = None,
+                 query_batch: int | None = None):
+        """`chunk_size` gallery rows per scan step and `query_batch` queries per device call;
+        None picks by device: 8192 x 256 on a CPU, 32768 x 4096 on an accelerator, where the
+        bigger shapes measured 2.4x the QPS at 1M x 128 on an H100 (BENCHMARKS.md)."""
+        on_cpu = jax.default_backend() == "cpu"
+        chunk_size = chunk_size or (8192 if on_cpu else 32768)
+        query_batch = query_batch or (256 if on_cpu else 4096)
         n, d = embeddings.shape
         self.count, self.dim = n, d
         # Round the chunk to 256 rows so small galleries still get one well-shaped matmul.
