@@ -80,6 +80,13 @@ def timed(fn: Callable, repeat: int = 3):
     return out, best
 
 
+def long_enough(queries: np.ndarray, seconds: float, target: float = 0.2) -> np.ndarray:
+    """The queries repeated so that one timed call lasts ~`target` s (at most 10 copies): a
+    1,000-query ScaNN call lasts ~10 ms, too short to time on a shared machine."""
+    reps = max(1, min(10, int(np.ceil(target / max(seconds, 1e-6)))))
+    return queries if reps == 1 else np.tile(queries, (reps, 1))
+
+
 def rss_bytes() -> int:
     """Resident memory of this process now, after returning freed heap pages to the OS."""
     gc.collect()
@@ -128,11 +135,9 @@ class Result:
 
 def sweep(result: Result, settings, search: Callable, truth, queries, single: Callable | None):
     """Runs every setting; then single-query QPS at the cheapest one reaching 0.95."""
-    # Time on >= 10,000 queries (the set repeated): a 1,000-query call lasts ~10 ms, too short
-    # to time on a shared machine.
-    timing = np.tile(queries, (max(1, -(-10_000 // len(queries))), 1))
     for name, params in settings:
-        rows = search(queries, params)
+        rows, first = timed(lambda p=params: search(queries, p), repeat=1)
+        timing = long_enough(queries, first)
         _, t = timed(lambda p=params: search(timing, p))
         result.add(name, ann_recall_at_k(rows, truth, K), len(timing) / t)
     best = result.best(0.95)
@@ -199,7 +204,7 @@ def bench_scann(x, q, truth, quick: bool) -> list[Result]:
     hand = Result(f"ScaNN hand ({p['num_leaves']} leaves, AH {p['dims_per_block']} dim/block, "
                   "reorder)", build, size, memory)
     nl = p["num_leaves"]
-    leaves = sorted({max(1, round(nl * f)) for f in
+    leaves = sorted({1, 2} | {max(1, round(nl * f)) for f in
                      ((0.005, 0.01, 0.02, 0.04, 0.08) if quick else
                       (0.003, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.08, 0.12))})
     reorders = (20, 50, 100) if quick else (10, 20, 30, 50, 100, 200)
@@ -214,8 +219,8 @@ def bench_scann(x, q, truth, quick: bool) -> list[Result]:
         t0 = time.perf_counter()
         tuning = index.tune(target, k=K)
         tune_s = time.perf_counter() - t0
-        rows = index.search(q, K)[0]
-        timing = np.tile(q, (max(1, -(-10_000 // len(q))), 1))
+        (rows, _), first = timed(lambda: index.search(q, K), repeat=1)
+        timing = long_enough(q, first)
         _, t = timed(lambda: index.search(timing, K))
         auto.add(f"target={target} -> L={tuning['leaves_to_search']} R={tuning['reorder']}"
                  f" (tune {tune_s:.0f}s)", ann_recall_at_k(rows, truth, K), len(timing) / t)
@@ -236,6 +241,18 @@ def bench_faiss(x, q, truth, quick: bool) -> list[Result]:
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     n, d = x.shape
     out = []
+
+    def build_flat():
+        index = faiss.IndexFlatIP(d)
+        index.add(x)
+        return index
+
+    flat, build, memory = built(build_flat)
+    r = Result("faiss Flat (exact, BLAS)", build, x.nbytes, memory)
+    sweep(r, [("-", None)], lambda queries, _: flat.search(queries, K)[1], truth, q,
+          lambda one, _: flat.search(one[None], K)[1])
+    out.append(r)
+    flat = None
     nlist = int(4 * np.sqrt(n)) if n >= 500_000 else int(np.sqrt(n) * 2)
     nlist = 1 << round(np.log2(nlist))
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU, in sections (default: all three), each under its own timeout:
-#   train   ResNet50 224 px bf16 training images/s at the largest batch that fits (256, else 128),
+#   train   ResNet50 224 px bf16 training images/s at the largest batch that fits (512, 256, 128),
 #           input-pipeline headroom, and the PyTorch peer on the same card (~5 min)
 #   embed   embedding throughput: exported artifact vs in-process vs torchvision, f32 and bf16,
 #           batch 256 (~2 min)

@@ -219,7 +219,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
     parser.add_argument("--steps", type=int, default=2, help="steps per round (CPU mode)")
     parser.add_argument("--gpu", action="store_true", help="ResNet50 bf16 + pipeline headroom")
-    parser.add_argument("--gpu-batches", type=int, nargs="+", default=[256, 128])
+    parser.add_argument("--gpu-batches", type=int, nargs="+", default=[512, 256, 128])
     parser.add_argument("--gpu-steps", type=int, default=20)
     parser.add_argument("--gpu-model", default="resnet50", help=argparse.SUPPRESS)  # smoke tests
     parser.add_argument("--gpu-size", type=int, default=224, help=argparse.SUPPRESS)

@@ -72,6 +72,23 @@ def test_scann_recall_vs_exact(data):
     assert np.all(np.diff(scores, axis=1) <= 1e-6)
 
 
+def test_scann_build_options_and_bad_reorder_dtype(data, tmp_path):
+    x, y, q = data
+    n = len(x)
+    # Spherical leaves and a bf16 reorder build, search near exact, and survive save/load.
+    idx = I.SearchIndex.build(x, paths_for(n), y, META, backend="scann",
+                              scann_params=dict(spherical=True, reorder_dtype="bfloat16"))
+    truth, _ = idx.search(q, 10, exact=True)
+    assert ann_recall_at_k(idx.search(q, 10)[0], truth, 10) >= 0.9
+    idx.save(str(tmp_path / "i"))
+    back = I.SearchIndex.load(str(tmp_path / "i"))
+    assert back.scann_params["reorder_dtype"] == "bfloat16"
+    np.testing.assert_array_equal(back.search(q, 10)[0], idx.search(q, 10)[0])
+    with pytest.raises(ConfigError, match="reorder_dtype"):
+        I.SearchIndex.build(x, paths_for(n), y, META, backend="scann",
+                            scann_params=dict(reorder_dtype="int4"))
+
+
 def test_target_recall_tuning(data):
     x, y, q = data
     idx = I.SearchIndex.build(x, paths_for(len(x)), y, META, backend="scann",
@@ -230,3 +247,30 @@ def test_target_recall_with_exact_is_a_noop(data):
     idx = I.SearchIndex.build(x[:50], paths_for(50), y[:50], META, backend="auto",
                               target_recall=0.9)
     assert idx.backend == "exact" and idx.tuning is None
+
+
+def _rows_with_recall(recall, q=1000, k=10):
+    """Rows whose recall@k against truth = arange(k) per query is `recall`."""
+    rows = np.tile(np.arange(k), (q, 1))
+    wrong = int(round((1 - recall) * q * k))
+    rows.flat[:wrong] = 10_000 + np.arange(wrong)
+    return rows
+
+
+@pytest.mark.parametrize("recalls, want_leaves, want_met", [
+    ({1: 0.952, 2: 0.97}, 2, True),      # 0.952 is within 2 SE of 0.95: aim past it
+    ({1: 0.952, 2: 0.952}, 1, True),     # nothing past the margin: the cheapest at the target
+    ({1: 0.90, 2: 0.91}, 2, False),      # unreachable: the most accurate, flagged
+])
+def test_tuner_aims_two_standard_errors_above_the_target(recalls, want_leaves, want_met):
+    truth = np.tile(np.arange(10), (1000, 1))
+    calls = []
+
+    def search(leaves, reorder):
+        calls.append((leaves, reorder))
+        return _rows_with_recall(recalls[min(leaves, 2)])
+
+    t = I.tune_search_params(search, truth, 10, 0.95, num_leaves=2, n=10_000, num_queries=1000)
+    assert t["aimed_at"] == pytest.approx(0.95 + 2 * np.sqrt(0.95 * 0.05 / 10_000), abs=1e-4)
+    assert (t["leaves_to_search"], t["met"]) == (want_leaves, want_met)
+    assert t["reorder"] == 10 or not want_met

@@ -561,11 +561,16 @@ def tune_search_params(search_fn, truth: np.ndarray, k: int, target: float, num_
     """Grid search over (leaves_to_search, reorder) for the fastest setting reaching `target`.
 
     For each leaves_to_search (ascending) it finds the smallest reorder that reaches the
-    target; those candidates are then timed and the fastest wins. `search_fn(leaves, reorder)`
-    returns rows [Q, k]. If no setting reaches the target, the most accurate one is kept.
+    target plus two standard errors of the sample's recall; those candidates are then timed and
+    the fastest wins. `search_fn(leaves, reorder)` returns rows [Q, k]. If no setting reaches
+    the target, the most accurate one is kept.
     """
     from facejax.retrieval.metrics import ann_recall_at_k
 
+    # Aim two standard errors above the target: the tuning queries are a sample, and a setting
+    # that only just reaches the target on them misses it on new queries about half the time
+    # (1M LFW embeddings: 0.990 on the sample, 0.988 on held-out queries).
+    aim = min(1.0, target + 2.0 * math.sqrt(target * (1.0 - target) / max(1, num_queries * k)))
     leaves_grid = sorted({min(num_leaves, max(1, round(1.5 ** i))) for i in range(40)})
     reorder_grid = sorted({min(n, int(k * m)) for m in (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32)})
     grid, candidates, after_first = [], [], 0
@@ -573,7 +578,7 @@ def tune_search_params(search_fn, truth: np.ndarray, k: int, target: float, num_
         for reorder in reorder_grid:
             recall = ann_recall_at_k(search_fn(leaves, reorder), truth, k)
             grid.append(dict(leaves_to_search=leaves, reorder=reorder, recall=recall))
-            if recall >= target:
+            if recall >= aim:
                 candidates.append(grid[-1])
                 break
         if candidates:
@@ -582,16 +587,19 @@ def tune_search_params(search_fn, truth: np.ndarray, k: int, target: float, num_
             # first success is where trading leaves for reorder stops paying.
             if candidates[-1]["reorder"] == reorder_grid[0] or after_first > 3:
                 break
-    met = bool(candidates)
+    if not candidates:  # the margin is out of reach: the cheapest setting at the target, else
+        candidates = [g for g in grid if g["recall"] >= target][:1] or \
+            [max(grid, key=lambda g: (g["recall"], -g["leaves_to_search"]))]
+    met = candidates[0]["recall"] >= target
     if not met:
-        candidates = [max(grid, key=lambda g: (g["recall"], -g["leaves_to_search"]))]
         log.warning("ScaNN did not reach recall@%d=%.3f on any setting; best is %.4f",
                     k, target, candidates[0]["recall"])
     for c in candidates:
         c["qps"] = num_queries / _seconds_per_call(
             lambda c=c: search_fn(c["leaves_to_search"], c["reorder"]))
     best = max(candidates, key=lambda c: c["qps"])
-    return dict(target_recall=target, k=k, met=met, num_queries=num_queries,
+    return dict(target_recall=target, aimed_at=round(aim, 4), k=k, met=met,
+                num_queries=num_queries,
                 leaves_to_search=best["leaves_to_search"], reorder=best["reorder"],
                 recall=best["recall"], qps=best["qps"], grid=grid)
 
