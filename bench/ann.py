@@ -235,7 +235,7 @@ def bench_scann(x, q, truth, quick: bool) -> list[Result]:
     return [auto, hand]
 
 
-def bench_faiss(x, q, truth, quick: bool) -> list[Result]:
+def bench_faiss(x, q, truth, quick: bool, hnsw: bool = True) -> list[Result]:
     import faiss
 
     faiss.omp_set_num_threads(os.cpu_count() or 1)
@@ -286,6 +286,8 @@ def bench_faiss(x, q, truth, quick: bool) -> list[Result]:
         return index
 
     ivf = ivf_pq = None  # free the IVF index before measuring the next build
+    if not hnsw:
+        return out
     hnsw, build, memory = built(build_hnsw)
     r = Result("faiss HNSW M16", build, len(faiss.serialize_index(hnsw)), memory)
 
@@ -395,8 +397,8 @@ def run_case(n: int, d: int, args) -> tuple[str, list[Result]]:
         results += bench_exact(x, q, truth, "exact" in backends, args.exact_chunks)
     if "scann" in backends:
         results += bench_scann(x, q, truth, args.quick)
-    if "faiss" in backends:
-        results += bench_faiss(x, q, truth, args.quick)
+    if "faiss" in backends or "faiss_ivf" in backends:
+        results += bench_faiss(x, q, truth, args.quick, hnsw="faiss" in backends)
     if "hnswlib" in backends:
         results += bench_hnswlib(x, q, truth, args.quick)
     return title, results
@@ -409,7 +411,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--embeddings", default="", help=".npy [N, D] of real embeddings")
     parser.add_argument("--backends", default="exact,scann,faiss,hnswlib",
-                        help="any of exact (NumPy + JAX), jax (JAX only), scann, faiss, hnswlib")
+                        help="any of exact (NumPy + JAX), jax (JAX only), scann, faiss, "
+                        "faiss_ivf (Flat + IVF only), hnswlib")
     parser.add_argument("--exact_chunks", default="8192",
                         help="JAX exact search: gallery rows per device step, e.g. 8192,65536")
     parser.add_argument("--tag", default="")

@@ -81,13 +81,18 @@ def average_precision_at_r(rel: np.ndarray, num_rel: np.ndarray) -> np.ndarray:
         return np.where(num_rel > 0, total / num_rel, np.nan)
 
 
+def ann_recall_per_query(approx_rows: np.ndarray, exact_rows: np.ndarray, k: int
+                         ) -> np.ndarray:
+    """Per query: the fraction of the exact top-k that the approximate top-k also returned."""
+    a, e = np.asarray(approx_rows)[:, :k], np.asarray(exact_rows)[:, :k]
+    return np.array([len(np.intersect1d(ai[ai >= 0], ei)) / k for ai, ei in zip(a, e)],
+                    np.float64)
+
+
 def ann_recall_at_k(approx_rows: np.ndarray, exact_rows: np.ndarray, k: int) -> float:
     """Mean fraction of the exact top-k that the approximate top-k also returned."""
-    a, e = np.asarray(approx_rows)[:, :k], np.asarray(exact_rows)[:, :k]
-    if len(a) == 0:
-        return float("nan")
-    hits = sum(len(np.intersect1d(ai[ai >= 0], ei)) for ai, ei in zip(a, e))
-    return hits / (len(a) * k)
+    per_query = ann_recall_per_query(approx_rows, exact_rows, k)
+    return float(per_query.mean()) if len(per_query) else float("nan")
 
 
 def per_query_metrics(rel: np.ndarray, num_rel: np.ndarray, ks: Sequence[int]) -> dict:
