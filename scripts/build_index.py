@@ -37,8 +37,9 @@ def main(argv: list[str]) -> int:
     if index.tuning:
         t = index.tuning
         print(f"tuned: leaves_to_search={t['leaves_to_search']} reorder={t['reorder']} "
-              f"recall@{t['k']}={t['recall']:.4f} (target {t['target_recall']}, "
-              f"{'met' if t['met'] else 'NOT met'})")
+              f"recall@{t['k']}={t['recall']:.4f} on {t['num_queries']} gallery queries, "
+              f"{t.get('recall_lower', t['recall']):.4f} less 2 standard errors "
+              f"(target {t['target_recall']}, {'met' if t['met'] else 'NOT met'})")
     return 0
 
 

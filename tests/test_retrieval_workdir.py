@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -191,6 +192,12 @@ def test_build_index_target_recall(run, capsys):
         _script("build_index").main(["--workdir", work, "--no_progress",
                                      "--config.index.backend=faiss"])
     capsys.readouterr()
+    assert _script("build_index").main(["--workdir", work, "--no_progress", "--backend",
+                                        "scann", "--target_recall", "0.9"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"tuned: leaves_to_search=\d+ reorder=\d+ recall@\d+=[\d.]+ on \d+ gallery "
+                     r"queries, [\d.-]+ less 2 standard errors \(target 0.9, (met|NOT met)\)",
+                     out), out
     assert _script("build_index").main(["--workdir", work, "--no_progress", "--backend",
                                         "exact", "--target_recall", "0.9"]) == 0
     out = capsys.readouterr().out

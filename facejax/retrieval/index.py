@@ -605,7 +605,8 @@ def tune_search_params(search_fn, truth: np.ndarray, k: int, target: float, num_
     best = max(candidates, key=lambda c: c["qps"])
     return dict(target_recall=target, k=k, met=met, num_queries=num_queries,
                 leaves_to_search=best["leaves_to_search"], reorder=best["reorder"],
-                recall=best["recall"], qps=best["qps"], grid=grid)
+                recall=best["recall"], recall_lower=best["recall_lower"], qps=best["qps"],
+                grid=grid)
 
 
 def _seconds_per_call(fn, min_seconds: float = 0.05) -> float:
