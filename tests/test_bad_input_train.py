@@ -93,6 +93,22 @@ def test_export_of_a_damaged_checkpoint_prints_one_line(saved_run, tmp_path):
     assert not os.path.exists(os.path.join(workdir, "embedder"))
 
 
+@pytest.mark.parametrize("msg, dropped", [
+    # As seen in CI: a collected read of a damaged checkpoint, no orbax frame in the message.
+    ("Task exception was never retrieved\nfuture: <Task finished name='Task-747' "
+     "coro=<_wrap_awaitable() done> exception=ValueError('DATA_LOSS: Error opening \"zarr\" "
+     "driver [tensorstore_spec=...]')>", True),
+    ("Task exception was never retrieved\nfuture: <Task coro=<orbax read()>>", True),
+    ("Task exception was never retrieved\nfuture: <Task coro=<my_own_job()>>", False),
+    ("Executing <Task ...> took 0.2 seconds (tensorstore)", False),
+])
+def test_failed_restore_filter_drops_only_abandoned_checkpoint_reads(msg, dropped):
+    from facejax.train.orbax_noise import _QuietAbandonedReads
+
+    record = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None, None)
+    assert _QuietAbandonedReads().filter(record) is not dropped
+
+
 def test_restoring_a_healthy_run_logs_no_orbax_warnings(saved_run, caplog):
     with caplog.at_level(logging.INFO):
         model, config = ckpt_lib.restore_model(saved_run)

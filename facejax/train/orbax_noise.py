@@ -24,11 +24,13 @@ class _QuietExpected(logging.Filter):
 class _QuietAbandonedReads(logging.Filter):
     """Drops asyncio's "Task exception was never retrieved" for orbax's array reads: when one
     read of a damaged checkpoint fails, orbax abandons its sibling reads, whose failures are
-    the same damage."""
+    the same damage. Some of those tasks name an orbax coroutine; others are a bare
+    `_wrap_awaitable` whose error is tensorstore's (it quotes its `tensorstore_spec`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
-        return not ("Task exception was never retrieved" in msg and "orbax" in msg)
+        return not ("Task exception was never retrieved" in msg
+                    and ("orbax" in msg or "tensorstore" in msg))
 
 
 def _drop_abandoned_reads(previous):
