@@ -84,6 +84,11 @@ def test_scann_build_options_and_bad_reorder_dtype(data, tmp_path):
     back = I.SearchIndex.load(str(tmp_path / "i"))
     assert back.scann_params["reorder_dtype"] == "bfloat16"
     np.testing.assert_array_equal(back.search(q, 10)[0], idx.search(q, 10)[0])
+    # A rebuild (the gallery doubled) keeps the options.
+    more, _ = clustered(n + 10, seed=2)
+    back.add(more, paths_for(n + 10, start=n))
+    assert back.built_count == 2 * n + 10
+    assert back.scann_params["reorder_dtype"] == "bfloat16" and back.scann_params["spherical"]
     with pytest.raises(ConfigError, match="reorder_dtype"):
         I.SearchIndex.build(x, paths_for(n), y, META, backend="scann",
                             scann_params=dict(reorder_dtype="int4"))
