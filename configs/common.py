@@ -103,6 +103,7 @@ def index() -> ml_collections.ConfigDict:
         backend="auto",          # auto | exact | scann
         exact_max_items=200_000,  # auto: exact search up to this gallery size
         target_recall=0.0,       # >0: tune ScaNN search params to reach this recall@k
+        scann_init="random",     # ScaNN leaf seeding: random (faster build) | kmeans++ (repeatable)
         batch_size=256,
     ))
 

@@ -99,6 +99,11 @@ def test_export_of_a_damaged_checkpoint_prints_one_line(saved_run, tmp_path):
      "coro=<_wrap_awaitable() done> exception=ValueError('DATA_LOSS: Error opening \"zarr\" "
      "driver [tensorstore_spec=...]')>", True),
     ("Task exception was never retrieved\nfuture: <Task coro=<orbax read()>>", True),
+    # Also seen in a full test run: a plain Future of the same read.
+    ("Future exception was never retrieved\nfuture: <Future finished exception=ValueError("
+     "'DATA_LOSS: Error opening \"zarr\" driver: ... \"recheck_cached_data\":false}')>",
+     True),
+    ("Future exception was never retrieved\nfuture: <Future exception=KeyError('x')>", False),
     ("Task exception was never retrieved\nfuture: <Task coro=<my_own_job()>>", False),
     ("Executing <Task ...> took 0.2 seconds (tensorstore)", False),
 ])

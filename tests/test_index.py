@@ -94,6 +94,37 @@ def test_scann_build_options_and_bad_reorder_dtype(data, tmp_path):
                             scann_params=dict(reorder_dtype="int4"))
 
 
+def test_kmeans_plus_plus_init_builds_the_same_index_twice(data, tmp_path):
+    x, y, q = data
+    n = len(x)
+
+    def build(init):
+        return I.SearchIndex.build(x, paths_for(n), y, META, backend="scann",
+                                   scann_params=dict(init=init))
+
+    a, b = build("kmeans++"), build("kmeans++")
+    # The seeding reaches ScaNN's own config (at this size random seeding is repeatable too:
+    # the builds that differed were 1M-item ones).
+    a.save(str(tmp_path / "kpp"))
+    build("random").save(str(tmp_path / "rnd"))
+    config = "scann/scann_config.pb"
+    assert (tmp_path / "kpp" / config).read_bytes() != (tmp_path / "rnd" / config).read_bytes()
+    # One leaf and a short reorder: any difference in the leaves would show.
+    rows_a, scores_a = a.search(q, 10, leaves_to_search=1, reorder=10)
+    rows_b, scores_b = b.search(q, 10, leaves_to_search=1, reorder=10)
+    np.testing.assert_array_equal(rows_a, rows_b)
+    np.testing.assert_array_equal(scores_a, scores_b)
+    truth, _ = a.search(q, 10, exact=True)
+    assert ann_recall_at_k(a.search(q, 10)[0], truth, 10) >= 0.9
+    # Kept through save/load and a rebuild.
+    back = I.SearchIndex.load(str(tmp_path / "kpp"))
+    more, _ = clustered(n + 10, seed=2)
+    back.add(more, paths_for(n + 10, start=n))
+    assert back.built_count == 2 * n + 10 and back.scann_params["init"] == "kmeans++"
+    with pytest.raises(ConfigError, match="kmeans"):
+        build("farthest")
+
+
 def test_target_recall_tuning(data):
     x, y, q = data
     idx = I.SearchIndex.build(x, paths_for(len(x)), y, META, backend="scann",
@@ -105,6 +136,22 @@ def test_target_recall_tuning(data):
     # Held-out queries (not the tuning sample) also reach a high recall.
     truth, _ = idx.search(q, 10, exact=True)
     assert ann_recall_at_k(idx.search(q, 10)[0], truth, 10) >= 0.9
+    assert t["num_queries"] == 1000
+
+
+def test_high_targets_tune_on_a_bigger_sample(data):
+    """0.98 and above: misses are rare whole queries, so the sample grows to 4,000 (or the
+    gallery), and the held-out queries reach the target too."""
+    x, y, q = data
+    assert I.default_tune_queries(0.95) == 1000 and I.default_tune_queries(0.98) == 4000
+    idx = I.SearchIndex.build(x, paths_for(len(x)), y, META, backend="scann",
+                              target_recall=0.99, k=10, seed=0)
+    t = idx.tuning
+    assert t["num_queries"] == 4000 and t["met"] and t["recall_lower"] >= 0.99
+    truth, _ = idx.search(q, 10, exact=True)
+    assert ann_recall_at_k(idx.search(q, 10)[0], truth, 10) >= 0.97
+    small = I.SearchIndex.build(x[:2500], paths_for(2500), y[:2500], META, backend="scann")
+    assert small.tune(0.99, k=10)["num_queries"] == 2500
 
 
 def test_auto_backend(data):

@@ -16,6 +16,7 @@ from facejax.config import to_json
 from facejax.errors import CheckpointError, ConfigError, DataError
 from facejax.retrieval import embed
 from facejax.retrieval import workdir as wd
+from facejax.retrieval.index import read_manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = {f"person_{c}": 6 for c in "abcdef"}
@@ -191,10 +192,15 @@ def test_build_index_target_recall(run, capsys):
     with pytest.raises(ConfigError, match="index.backend must be one of"):
         _script("build_index").main(["--workdir", work, "--no_progress",
                                      "--config.index.backend=faiss"])
+    with pytest.raises(ConfigError, match=r"index.scann_init .* must be one of"):
+        _script("build_index").main(["--workdir", work, "--no_progress",
+                                     "--config.index.scann_init=kmeans"])
     capsys.readouterr()
     assert _script("build_index").main(["--workdir", work, "--no_progress", "--backend",
-                                        "scann", "--target_recall", "0.9"]) == 0
+                                        "scann", "--target_recall", "0.9",
+                                        "--config.index.scann_init=kmeans++"]) == 0
     out = capsys.readouterr().out
+    assert read_manifest(os.path.join(work, "index"))["scann"]["init"] == "kmeans++"
     assert re.search(r"tuned: leaves_to_search=\d+ reorder=\d+ recall@\d+=[\d.]+ on \d+ gallery "
                      r"queries, [\d.-]+ less 2 standard errors \(target 0.9, (met|NOT met)\)",
                      out), out

@@ -168,7 +168,8 @@ def _build_scann(embeddings: np.ndarray, ids: np.ndarray, params: Mapping[str, A
             builder = builder.tree(num_leaves=params["num_leaves"],
                                    num_leaves_to_search=params["leaves_to_search"],
                                    training_sample_size=params["training_sample_size"],
-                                   spherical=bool(params.get("spherical", False)))
+                                   spherical=bool(params.get("spherical", False)),
+                                   random_init=_random_init(params))
         builder = builder.score_ah(params["dims_per_block"],
                                    anisotropic_quantization_threshold=params["aq_threshold"])
         reorder_type = params.get("reorder_dtype", "float32")
@@ -180,6 +181,29 @@ def _build_scann(embeddings: np.ndarray, ids: np.ndarray, params: Mapping[str, A
                               f"{reorder_type!r}")
         builder = builder.reorder(params["reorder"], quantize=types[reorder_type])
     return builder.build(docids=[str(int(i)) for i in ids])
+
+
+SCANN_INITS = ("random", "kmeans++")
+# Build options a rebuild (after many adds or removes) carries over from the first build.
+_KEPT_BUILD_OPTIONS = ("spherical", "reorder_dtype", "init")
+
+
+def _random_init(params: Mapping[str, Any]) -> bool:
+    """Leaf k-means seeding: "random" (ScaNN's default) or "kmeans++".
+
+    With random seeding, builds of one 1M x 128 gallery differed from run to run: most reached
+    recall 0.99 at 2 leaves, about 1 in 4 needed 5-8 (the tuner measures each build, so only
+    the speed varies). k-means++ seeding gave the same index three times out of three, at 0.99
+    with 2 leaves, for a 25-30% longer build (BUILD_NOTES.md).
+    """
+    return check_scann_init(params.get("init", "random")) == "random"
+
+
+def check_scann_init(init) -> str:
+    if init not in SCANN_INITS:
+        raise ConfigError(f"index.scann_init (ScaNN's leaf seeding) must be one of "
+                          f"{SCANN_INITS}, got {init!r}")
+    return init
 
 
 def _load_scann(path: str, order: np.ndarray):
@@ -307,12 +331,13 @@ class SearchIndex:
         return rows, scores
 
     def tune(self, target_recall: float, *, k: int = 10, queries: np.ndarray | None = None,
-             num_queries: int = 1000, seed: int = 0) -> dict:
+             num_queries: int | None = None, seed: int = 0) -> dict:
         """Picks the fastest (leaves_to_search, reorder) whose recall@k vs exact >= target.
 
         Without `queries`, a seeded sample of gallery items queries the rest of the gallery,
         each leaving itself out: real in-distribution points, and no free self-match that
-        would flatter the recall.
+        would flatter the recall. The sample is `num_queries` items, by default
+        `default_tune_queries(target_recall)`.
         """
         if self.backend != "scann":
             raise ConfigError("target_recall tuning applies to the scann backend only")
@@ -322,6 +347,7 @@ class SearchIndex:
         if queries is None:
             k = min(k, self.size - 1)
             rng = np.random.default_rng(seed)
+            num_queries = num_queries or default_tune_queries(target_recall)
             self_rows = rng.choice(self.size, size=min(num_queries, self.size), replace=False)
             queries = self.embeddings[self_rows]
             extra = 1
@@ -406,7 +432,7 @@ class SearchIndex:
                                                   math.ceil(frac * params["num_leaves"]))),
                       reorder=old["reorder"], dims_per_block=old["dims_per_block"],
                       aq_threshold=old["aq_threshold"],
-                      **{key: old[key] for key in ("spherical", "reorder_dtype") if key in old})
+                      **{key: old[key] for key in _KEPT_BUILD_OPTIONS if key in old})
         self.scann_params = params
         self._scann = _build_scann(self.embeddings, self.ids, params)
         self.built_count = self.size
@@ -552,6 +578,18 @@ def check_embedder(manifest: Mapping[str, Any], expect: Mapping[str, Any], path:
     if diffs:
         raise CheckpointError(f"index {path} was built by a different embedder: "
                               f"{'; '.join(diffs)}. Rebuild it with scripts/build_index.py")
+
+
+def default_tune_queries(target_recall: float) -> int:
+    """Tuning sample size: 1,000 queries, or 4,000 for a target of 0.98 and above.
+
+    Near 0.99 the misses are rare whole queries (a query whose neighbours all sit in a leaf it
+    did not search: at 1M x 128 about 4 in 1,000 queries had recall 0 at the cheapest settings
+    and nearly all the rest recall 1), so a 1,000-query sample counts only a handful of them
+    and 1,000-query samples of one setting on one index differed by up to 0.003-0.006. 4,000
+    halves the standard error; their exact ground truth costs ~8 s at 1M x 128 on 2 CPU cores.
+    """
+    return 4000 if target_recall >= 0.98 else 1000
 
 
 def tune_search_params(search_fn, truth: np.ndarray, k: int, target: float, num_leaves: int,

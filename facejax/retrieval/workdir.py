@@ -20,8 +20,8 @@ from facejax.errors import CheckpointError, ConfigError, DataError
 from facejax.retrieval import competition, report
 from facejax.retrieval.embed import Embedder, embed_to_shards, load_embedder
 from facejax.retrieval.evaluate import check_ks, check_num_examples, evaluate
-from facejax.retrieval.index import (BACKENDS, SearchIndex, check_k, check_target_recall,
-                                     load_index)
+from facejax.retrieval.index import (BACKENDS, SearchIndex, check_k, check_scann_init,
+                                     check_target_recall, load_index)
 
 EMBEDDER_DIR, INDEX_DIR, WORK_DIR, REPORT_DIR = "embedder", "index", "index_work", "report"
 COMPETITION_JSON = "competition_topk.json"
@@ -106,6 +106,8 @@ def build_workdir_index(workdir: str, config, *, backend: str | None = None,
     if backend not in BACKENDS:
         raise ConfigError(f"index.backend must be one of {BACKENDS}, got {backend!r}")
     check_target_recall(target)
+    # Runs trained before index.scann_init existed get ScaNN's default.
+    init = check_scann_init(config.index.get("scann_init", "random"))
     ks = check_ks(config.eval.ks)
     embedder = load_embedder(os.path.join(workdir, EMBEDDER_DIR))
     data = _prepare(config, embedder)
@@ -122,7 +124,7 @@ def build_workdir_index(workdir: str, config, *, backend: str | None = None,
     index = SearchIndex.build(emb, paths, gallery.labels, embedder.meta, backend=backend,
                               exact_max_items=config.index.exact_max_items,
                               target_recall=target, k=ks[-1], info=info,
-                              seed=config.seed)
+                              scann_params=dict(init=init), seed=config.seed)
     if target and index.backend == "exact":
         print(f"note: target_recall={target} does not apply: the index uses exact search "
               f"(recall 1 by construction; {index.size} items, backend {backend!r}, "

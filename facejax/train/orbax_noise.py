@@ -22,15 +22,20 @@ class _QuietExpected(logging.Filter):
 
 
 class _QuietAbandonedReads(logging.Filter):
-    """Drops asyncio's "Task exception was never retrieved" for orbax's array reads: when one
-    read of a damaged checkpoint fails, orbax abandons its sibling reads, whose failures are
-    the same damage. Some of those tasks name an orbax coroutine; others are a bare
-    `_wrap_awaitable` whose error is tensorstore's (it quotes its `tensorstore_spec`)."""
+    """Drops asyncio's "Task (or Future) exception was never retrieved" for orbax's array
+    reads: when one read of a damaged checkpoint fails, orbax abandons its sibling reads, whose
+    failures are the same damage. Some of those tasks name an orbax coroutine; others are a
+    bare `_wrap_awaitable` or a plain Future whose error is tensorstore's (it quotes its
+    `tensorstore_spec`, whose JSON has keys such as `recheck_cached_data`)."""
+
+    NEVER_RETRIEVED = ("Task exception was never retrieved",
+                       "Future exception was never retrieved")
+    CHECKPOINT_READ = ("orbax", "tensorstore", "recheck_cached_data")
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
-        return not ("Task exception was never retrieved" in msg
-                    and ("orbax" in msg or "tensorstore" in msg))
+        return not (any(m in msg for m in self.NEVER_RETRIEVED)
+                    and any(m in msg for m in self.CHECKPOINT_READ))
 
 
 def _drop_abandoned_reads(previous):
