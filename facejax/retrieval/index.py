@@ -191,9 +191,9 @@ _KEPT_BUILD_OPTIONS = ("spherical", "reorder_dtype", "init")
 def _random_init(params: Mapping[str, Any]) -> bool:
     """Leaf k-means seeding: "random" (ScaNN's default) or "kmeans++".
 
-    With random seeding, builds of one 1M x 128 gallery differed from run to run: most reached
-    recall 0.99 at 2 leaves, about 1 in 4 needed 5-8 (the tuner measures each build, so only
-    the speed varies). k-means++ seeding gave the same index three times out of three, at 0.99
+    With random seeding, builds of one 1M x 128 gallery differed from run to run: 5 of 8
+    reached recall 0.99 at 2 leaves, 3 needed 5-15 (the tuner measures each build, so only the
+    speed varies). k-means++ seeding gave the same index three times out of three, at 0.99
     with 2 leaves, for a 25-30% longer build (BUILD_NOTES.md).
     """
     return check_scann_init(params.get("init", "random")) == "random"
