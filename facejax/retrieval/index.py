@@ -71,24 +71,31 @@ def _chunk_topk(s, idx, k):
 
 @functools.partial(jax.jit, static_argnames=("k",))
 def _topk_chunked(queries, chunks, count, k):
-    """Top-k by dot product over `chunks[C, chunk, D]`, merging a running top-k per chunk."""
-    qb, csize = queries.shape[0], chunks.shape[1]
+    """Top-k by dot product over `chunks[C, chunk, D]`, merging a running top-k per chunk.
 
-    def step(carry, inputs):
+    Only the last chunk holds padding rows past `count`, so only its scores are masked: against
+    masking every chunk that was 1.06x (100k x 128) and 1.2x (1M x 128) on a 2-core CPU,
+    medians of interleaved runs.
+    """
+    qb, csize = queries.shape[0], chunks.shape[1]
+    last = chunks.shape[0] - 1
+
+    def merge(carry, c, masked):
         best_s, best_i = carry
-        c, chunk = inputs
-        s = jnp.dot(queries, chunk.T, precision=jax.lax.Precision.HIGHEST)
+        s = jnp.dot(queries, chunks[c].T, precision=jax.lax.Precision.HIGHEST)
         idx = c * csize + jnp.arange(csize, dtype=jnp.int32)
-        s = jnp.where(idx[None, :] < count, s, -jnp.inf)
+        if masked:
+            s = jnp.where(idx[None, :] < count, s, -jnp.inf)
         chunk_s, chunk_i = _chunk_topk(s, idx, k)
         all_s = jnp.concatenate([best_s, chunk_s], axis=1)
         all_i = jnp.concatenate([best_i, chunk_i], axis=1)
         top_s, pos = jax.lax.top_k(all_s, k)
-        return (top_s, jnp.take_along_axis(all_i, pos, axis=1)), None
+        return top_s, jnp.take_along_axis(all_i, pos, axis=1)
 
     init = (jnp.full((qb, k), -jnp.inf, jnp.float32), jnp.full((qb, k), -1, jnp.int32))
-    steps = (jnp.arange(chunks.shape[0], dtype=jnp.int32), chunks)
-    (scores, rows), _ = jax.lax.scan(step, init, steps)
+    carry, _ = jax.lax.scan(lambda carry, c: (merge(carry, c, False), None), init,
+                            jnp.arange(last, dtype=jnp.int32))
+    scores, rows = merge(carry, last, True)
     return rows, scores
 
 
