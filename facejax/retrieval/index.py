@@ -74,8 +74,8 @@ def _topk_chunked(queries, chunks, count, k):
     """Top-k by dot product over `chunks[C, chunk, D]`, merging a running top-k per chunk.
 
     Only the last chunk holds padding rows past `count`, so only its scores are masked: against
-    masking every chunk that was 1.06x (100k x 128) and 1.2x (1M x 128) on a 2-core CPU,
-    medians of interleaved runs.
+    masking every chunk that was 1.15x (100k x 128) and 1.14x (1M x 128) on a 2-core CPU,
+    medians of interleaved runs (BENCHMARKS.md).
     """
     qb, csize = queries.shape[0], chunks.shape[1]
     last = chunks.shape[0] - 1
