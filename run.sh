@@ -51,8 +51,8 @@ case "${1:-}" in
     .venv/bin/ruff check facejax scripts configs tests bench
     # The converter tests write weight files of up to ~550 MB; a full disk fails them obscurely.
     tmp="${TMPDIR:-/tmp}"
-    free_mb=$(df -Pm "$tmp" | awk 'NR==2 {print $4}')
-    if [ "${free_mb:-0}" -lt 1500 ]; then
+    free_mb=$(df -Pm "$tmp" 2>/dev/null | awk 'NR==2 {print $4}') || free_mb=""
+    if [[ "$free_mb" =~ ^[0-9]+$ ]] && [ "$free_mb" -lt 1500 ]; then
       echo "== warning: only ${free_mb} MB free in $tmp; the tests need about 1 GB (set TMPDIR)" >&2
     fi
     .venv/bin/python -m pytest -q "$@"

@@ -7,7 +7,7 @@ Each variant is facejax's default ScaNN shape (default_scann_params) with some t
 score_ah() options changed, built straight through ScaNN's builder. Every variant is searched
 over the same leaves x reorder grid with the same held-out queries (4,000 by default, so that
 the recall at 0.99 is measured to about +-0.002), and the best QPS reaching each target is
-reported. Writes bench/out/scann_options.{json,md}.
+reported. Writes bench/out/scann_options_<n>x<d>.{json,md}.
 """
 
 from __future__ import annotations

@@ -123,6 +123,11 @@ def test_kmeans_plus_plus_init_builds_the_same_index_twice(data, tmp_path):
     assert back.built_count == 2 * n + 10 and back.scann_params["init"] == "kmeans++"
     with pytest.raises(ConfigError, match="kmeans"):
         build("farthest")
+    with pytest.raises(ConfigError, match="kmeans"):  # also where ScaNN builds no tree
+        I.SearchIndex.build(x[:500], paths_for(500), y[:500], META, backend="scann",
+                            scann_params=dict(init="farthest"))
+    with pytest.raises(ConfigError, match="num_queries must be a positive integer"):
+        a.tune(0.9, num_queries=0)
 
 
 def test_target_recall_tuning(data):

@@ -210,6 +210,23 @@ def test_build_index_target_recall(run, capsys):
     assert "note: target_recall=0.9 does not apply: the index uses exact search" in out
 
 
+def test_a_run_saved_before_scann_init_takes_the_default_or_an_override(run, tmp_path):
+    import shutil
+
+    work = str(tmp_path / "old")
+    shutil.copytree(run[0], work)
+    path = os.path.join(work, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    del config["index"]["scann_init"]
+    with open(path, "w") as f:
+        json.dump(config, f)
+    assert wd.read_run_config(work).index.scann_init == "random"
+    assert _script("build_index").main(["--workdir", work, "--no_progress", "--backend",
+                                        "scann", "--config.index.scann_init=kmeans++"]) == 0
+    assert read_manifest(os.path.join(work, "index"))["scann"]["init"] == "kmeans++"
+
+
 def test_compare_runs_refuses_incomplete_reports(tmp_path):
     bad = tmp_path / "bad"
     (bad / "report").mkdir(parents=True)

@@ -201,7 +201,7 @@ def _random_init(params: Mapping[str, Any]) -> bool:
     With random seeding, builds of one 1M x 128 gallery differed from run to run: 5 of 8
     reached recall 0.99 at 2 leaves, 3 needed 5-15 (the tuner measures each build, so only the
     speed varies). k-means++ seeding gave the same index three times out of three, at 0.99
-    with 2 leaves, for a 25-30% longer build (BUILD_NOTES.md).
+    with 2 leaves, for a 20-35% longer build (BUILD_NOTES.md).
     """
     return check_scann_init(params.get("init", "random")) == "random"
 
@@ -287,6 +287,7 @@ class SearchIndex:
         if backend == "scann":
             params = default_scann_params(n, k)
             params.update(scann_params or {})
+            check_scann_init(params.get("init", "random"))
         index = cls(embeddings, paths, labels, np.arange(n, dtype=np.int64), embedder_meta,
                     backend, scann_params=params, info=info)
         if backend == "scann" and target_recall > 0:
@@ -354,7 +355,10 @@ class SearchIndex:
         if queries is None:
             k = min(k, self.size - 1)
             rng = np.random.default_rng(seed)
-            num_queries = num_queries or default_tune_queries(target_recall)
+            num_queries = default_tune_queries(target_recall) if num_queries is None \
+                else num_queries
+            if not isinstance(num_queries, int) or num_queries < 1:
+                raise ConfigError(f"num_queries must be a positive integer, got {num_queries!r}")
             self_rows = rng.choice(self.size, size=min(num_queries, self.size), replace=False)
             queries = self.embeddings[self_rows]
             extra = 1

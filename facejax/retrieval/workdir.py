@@ -30,6 +30,9 @@ _GRID_MAX_QUERIES = 16
 _RUN_KEYS = ("seed", "model.name", "data.source", "data.root", "data.image_size",
              "data.resize_mode", "data.max_pixels", "index.backend", "index.exact_max_items",
              "index.target_recall", "index.batch_size", "eval.ks", "eval.num_figure_queries")
+# Settings added after runs were first saved: older config.json files get these defaults, so
+# that they can also be overridden (--config.index.scann_init=kmeans++) on such a run.
+_LATER_KEYS = {"index.scann_init": "random"}
 # The report.json fields compare_workdirs reads.
 _REPORT_KEYS = ("ks", "metrics", "protocol", "num_queries", "gallery_size")
 
@@ -57,6 +60,10 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}: it was not written by this "
                               f"version of facejax; add the missing settings or retrain")
+    for key, default in _LATER_KEYS.items():
+        if not has_key(config, key):
+            section, name = key.split(".")
+            config[section][name] = default
     return config
 
 
@@ -106,8 +113,7 @@ def build_workdir_index(workdir: str, config, *, backend: str | None = None,
     if backend not in BACKENDS:
         raise ConfigError(f"index.backend must be one of {BACKENDS}, got {backend!r}")
     check_target_recall(target)
-    # Runs trained before index.scann_init existed get ScaNN's default.
-    init = check_scann_init(config.index.get("scann_init", "random"))
+    init = check_scann_init(config.index.scann_init)
     ks = check_ks(config.eval.ks)
     embedder = load_embedder(os.path.join(workdir, EMBEDDER_DIR))
     data = _prepare(config, embedder)
