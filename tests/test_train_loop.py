@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,6 +133,33 @@ def test_export_matches_the_model(finished_run):
     images = np.random.default_rng(0).integers(0, 256, (3, 24, 24, 3), dtype=np.uint8)
     want = np.asarray(model.embed(preprocess_eval(images, 24, "unit")))
     np.testing.assert_allclose(embedder(images), want, rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_export_matches_the_bf16_model_and_stays_near_float32(finished_run, tmp_path):
+    import jax.numpy as jnp
+
+    from facejax.errors import ConfigError
+    from facejax.retrieval.embed import load_embedder
+    from facejax.train.export import export_workdir
+
+    _, reference, _ = finished_run
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference, workdir)  # the shared run keeps its float32 embedder
+    embedder = load_embedder(export_workdir(workdir, compute_dtype="bfloat16"))
+    assert embedder.meta["compute_dtype"] == "bfloat16"
+    images = np.random.default_rng(0).integers(0, 256, (4, 24, 24, 3), dtype=np.uint8)
+    got = embedder(images)
+    assert got.dtype == np.float32
+    bf16_model, _ = ckpt_lib.restore_model(workdir, dtype=jnp.bfloat16)
+    want = np.asarray(bf16_model.embed(preprocess_eval(images, 24, "unit")))
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2)
+    f32_model, _ = ckpt_lib.restore_model(workdir)
+    f32 = np.asarray(f32_model.embed(preprocess_eval(images, 24, "unit")))
+    assert not np.array_equal(got, f32)  # it really ran in bf16
+    cosine = np.sum(got * f32, 1) / np.linalg.norm(got, axis=1) / np.linalg.norm(f32, axis=1)
+    assert cosine.min() > 0.99, cosine
+    with pytest.raises(ConfigError, match="compute_dtype must be one of"):
+        export_workdir(workdir, compute_dtype="float16")
 
 
 def test_sigkill_partway_then_same_command_finishes_bit_identical(finished_run, tmp_path):

@@ -275,10 +275,12 @@ def load_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, list[str]]
     return config, classes
 
 
-def restore_model(workdir: str, which: str = "best"):
+def restore_model(workdir: str, which: str = "best", dtype=None):
     """(model, config) from a training workdir: `which` is 'best' or 'latest'.
 
     'best' falls back to the latest step when no epoch finished (no metric was recorded).
+    `dtype` is the compute dtype of the returned model (default float32); the parameters
+    stay float32 either way.
     """
     from flax import nnx
 
@@ -291,7 +293,7 @@ def restore_model(workdir: str, which: str = "best"):
         raise CheckpointError(f"{workdir}/config.json: train.monitor must be one of "
                               f"{tuple(MONITORS)}, got {config.train.monitor!r}")
     # Everything that can be refused from the config is refused before orbax opens the folder.
-    model = state_lib.build_model(config, len(classes))
+    model = state_lib.build_model(config, len(classes), dtype=dtype or jax.numpy.float32)
     _, params, stats, _ = state_lib.split_model(model)
     ckpt = RunCheckpoints(workdir, config.train.monitor, read_only=True)
     try:
