@@ -91,7 +91,51 @@ def test_changed_file_or_setting_invalidates(image_folder, tmp_path):
         assert not _build(scan_folder(root), tmp_path, **kw).reused
     os.remove(os.path.join(root, "b", "b_001.png"))
     assert len(_build(scan_folder(root), tmp_path).images) == 3
-    assert len(_entries(tmp_path)) == 6
+    assert len(_entries(tmp_path)) == 6  # older entries stay until pruned
+
+
+def test_older_entries_of_a_source_are_reported_then_pruned_on_request(image_folder, tmp_path,
+                                                                      capsys):
+    root, _ = image_folder({"a": 2, "b": 2})
+    twin, _ = image_folder({"a": 1, "b": 1}, name="other/images")  # same folder name
+    first = _build(scan_folder(root), tmp_path)
+    twin_entry = _build(scan_folder(twin), tmp_path)
+    bigger = _build(scan_folder(root), tmp_path, image_size=9)
+    capsys.readouterr()
+    os.remove(os.path.join(root, "a", "a_001.png"))
+    second = _build(scan_folder(root), tmp_path)
+    out = capsys.readouterr().out
+    assert "note: 1 older cache entry of this source" in out and "--prune_cache" in out, out
+    assert os.path.isdir(first.directory)  # a run may still read it: kept unasked
+    held = np.array(first.images)
+    assert _build(scan_folder(root), tmp_path, prune=True).reused
+    assert "removed 1 older cache entry of this source" in capsys.readouterr().out
+    assert not os.path.exists(first.directory)
+    assert os.path.isdir(second.directory)
+    assert os.path.isdir(twin_entry.directory) and os.path.isdir(bigger.directory)
+    np.testing.assert_array_equal(np.asarray(first.images), held)  # an open map stays valid
+    _build(scan_folder(root), tmp_path, prune=True)
+    assert "older cache" not in capsys.readouterr().out
+
+
+def test_prepare_data_script_prunes(image_folder, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    root, _ = image_folder({"a": 3, "b": 3})
+    monkeypatch.setenv("FACEJAX_CACHE", str(tmp_path / "cache"))
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location(
+        "prepare_script", os.path.join(here, "..", "scripts", "prepare_data.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = ["--config", os.path.join(here, "..", "configs", "demo.py"),
+            "--config.data.source=folder", f"--config.data.root={root}",
+            "--config.data.image_size=8", "--config.data.min_images_per_class=2"]
+    assert script.main(args) == 0
+    os.remove(os.path.join(root, "a", "a_000.png"))
+    assert script.main(args + ["--prune_cache"]) == 0
+    assert "removed 1 older cache entry of this source" in capsys.readouterr().out
+    assert len(_entries(tmp_path)) == 1
 
 
 def test_killed_build_leaves_no_entry_and_stale_tmp_is_removed(image_folder, tmp_path,

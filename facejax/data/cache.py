@@ -5,8 +5,11 @@ rows.npy (listing rows kept), labels.npy, paths.json, skipped.json and manifest.
 hashes the format version, decode settings (face_crop included) and every item's relative
 path, label, size and mtime, so a rerun reuses the entry and any changed file gives a new one.
 An entry is built in a hidden temporary folder and renamed into place, so a killed build never
-leaves one that looks valid. Old entries are not deleted automatically; removing the cache
-folder is always safe.
+leaves one that looks valid. When a source changes (files added, edited or removed), its new
+entry says how much the older entries of the same source and settings hold; `prune=True`
+(`scripts/prepare_data.py --prune_cache`) deletes them. They are not deleted unasked: a run
+still training on the old files reopens its entry by path in its data workers. Removing the
+cache folder is always safe.
 """
 
 from __future__ import annotations
@@ -226,6 +229,36 @@ def _remove_stale_tmp(parent: str, name: str) -> None:
             pass
 
 
+# Manifest fields that name a source and its decode settings: entries that agree on all of
+# them but differ in key hold an older state of the same files.
+_IDENTITY = ("kind", "root", "origin", "image_size", "resize_mode", "max_pixels", "face_crop")
+
+
+def _superseded(directory: str) -> list[tuple[str, int]]:
+    """(path, bytes) of the other entries of `directory`'s source and decode settings."""
+    parent, name = os.path.split(directory)
+    try:
+        with open(os.path.join(directory, "manifest.json")) as f:
+            mine = json.load(f)
+    except (OSError, ValueError):
+        return []
+    found = []
+    for other in os.listdir(parent):
+        path = os.path.join(parent, other)
+        if other == name or other.startswith(".") or not os.path.isdir(path):
+            continue
+        try:
+            with open(os.path.join(path, "manifest.json")) as f:
+                theirs = json.load(f)
+        except (OSError, ValueError):
+            continue  # not an entry, or one being written: leave it
+        if not isinstance(theirs, dict) or theirs.get("key") == mine["key"] or \
+                any(theirs.get(k) != mine.get(k) for k in _IDENTITY):
+            continue
+        found.append((path, sum(e.stat().st_size for e in os.scandir(path) if e.is_file())))
+    return found
+
+
 def summarize_skipped(skipped: list[tuple[str, str]]) -> str:
     """'3 truncated, 2 not an image' (most common reason first)."""
     counts = collections.Counter(reason for _, reason in skipped)
@@ -333,13 +366,15 @@ def _build(listing: Listing, reader, directory: str, key: str, size: int, mode: 
 
 def cache_listing(listing: Listing, *, image_size: int, resize_mode: str = "crop",
                   max_pixels: int = 50_000_000, cache_dir: str = "",
-                  workers: int = 0, face_crop=()) -> CachedImages:
+                  workers: int = 0, face_crop=(), prune: bool = False) -> CachedImages:
     """Returns the decoded images of `listing`, building the cache entry if needed.
 
     Files that fail to decode are left out (see `rows`) and, with the scan's own skipped
     entries, listed with reasons in the entry's skipped.json; one summary line is printed.
     `workers=0` picks one process per core (and none for small listings). `face_crop` is
     `decode.decode_image`'s box; entries with different boxes never share a folder or key.
+    `prune` deletes the older entries of the same source and settings (otherwise a newly
+    built entry only reports them).
 
     Raises:
       DataError: when no image of the listing can be decoded, or the cache folder is unusable.
@@ -377,4 +412,15 @@ def cache_listing(listing: Listing, *, image_size: int, resize_mode: str = "crop
         line += (f", skipped {len(entry.skipped)} ({summarize_skipped(entry.skipped)}) — see "
                  f"{os.path.join(directory, 'skipped.json')}")
     print(line, flush=True)
+    old = _superseded(directory) if prune or not entry.reused else []
+    if old:
+        what = f"{len(old)} older cache entr{'y' if len(old) == 1 else 'ies'} of this source"
+        size = f"{sum(b for _, b in old) / 2**20:.1f} MB"
+        if prune:
+            for path, _ in old:
+                shutil.rmtree(path, ignore_errors=True)
+            print(f"removed {what} ({size})", flush=True)
+        else:
+            print(f"note: {what} ({size}) can no longer be reused; "
+                  f"scripts/prepare_data.py --prune_cache removes them", flush=True)
     return entry

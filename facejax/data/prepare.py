@@ -93,10 +93,11 @@ def _limited(listing: Listing, cfg) -> Listing:
     return listing if len(rows) == len(listing) else listing.subset(rows)
 
 
-def _cache(listing: Listing, cfg) -> cache.CachedImages:
+def _cache(listing: Listing, cfg, prune_cache: bool = False) -> cache.CachedImages:
     return cache.cache_listing(listing, image_size=cfg.image_size, resize_mode=cfg.resize_mode,
                                max_pixels=cfg.max_pixels, cache_dir=cfg.cache_dir,
-                               workers=cfg.decode_workers, face_crop=_face_crop(cfg))
+                               workers=cfg.decode_workers, face_crop=_face_crop(cfg),
+                               prune=prune_cache)
 
 
 def _report_excluded(excluded: list[tuple[str, str]]) -> None:
@@ -118,14 +119,14 @@ def _scan(cfg) -> Listing:
     return sources.scan_tfds(cfg.tfds_name, cfg.get("tfds_split", TFDS_SPLIT), cfg.tfds_data_dir)
 
 
-def _prepare_competition(cfg) -> PreparedData:
+def _prepare_competition(cfg, prune_cache: bool) -> PreparedData:
     comp = sources.scan_competition(cfg.root)
     parts = [_limited(comp.training, cfg), comp.query, comp.gallery]
     union = Listing(cfg.root, [p for part in parts for p in part.paths],
                     np.concatenate([part.labels for part in parts]), comp.identity_names,
                     [s for part in parts for s in part.skipped])
     part_of = np.repeat(np.arange(3), [len(p) for p in parts])
-    cached = _cache(union, cfg)
+    cached = _cache(union, cfg, prune_cache)
     paths = [union.paths[r] for r in cached.rows]
     labels = union.labels[cached.rows]
     kept_part = part_of[cached.rows]
@@ -149,7 +150,7 @@ def _prepare_competition(cfg) -> PreparedData:
         cache_dir=cached.directory)
 
 
-def prepare_data(cfg) -> PreparedData:
+def prepare_data(cfg, *, prune_cache: bool = False) -> PreparedData:
     """Builds (or reuses) the decoded cache for `cfg` (the config's `data` block) and splits it.
 
     Sources: folder (class sub-folders), competition (training/ + query/ + gallery/), idx
@@ -159,6 +160,7 @@ def prepare_data(cfg) -> PreparedData:
     train / val / test; test queries train) or open_set (held-out identities, leave-one-out);
     competition always queries query/ against gallery/. In every protocol val (model selection)
     is disjoint from the queries, except closed_set with test_fraction=0 (the seed's setup).
+    `prune_cache` deletes older cache entries of the same source and settings.
 
     Raises:
       ConfigError: unknown source/protocol, missing settings, negative caps or fractions
@@ -167,9 +169,9 @@ def prepare_data(cfg) -> PreparedData:
     """
     _check_config(cfg)
     if cfg.source == "competition":
-        return _prepare_competition(cfg)
+        return _prepare_competition(cfg, prune_cache)
     listing = _limited(_scan(cfg), cfg)
-    cached = _cache(listing, cfg)
+    cached = _cache(listing, cfg, prune_cache)
     paths = [listing.paths[r] for r in cached.rows]
     labels = listing.labels[cached.rows]
     if cfg.protocol == "closed_set":
