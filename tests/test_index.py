@@ -128,6 +128,7 @@ def test_kmeans_plus_plus_init_builds_the_same_index_twice(data, tmp_path):
                             scann_params=dict(init="farthest"))
     with pytest.raises(ConfigError, match="num_queries must be a positive integer"):
         a.tune(0.9, num_queries=0)
+    assert a.tune(0.9, num_queries=np.int64(300))["num_queries"] == 300
 
 
 def test_target_recall_tuning(data):

@@ -413,14 +413,19 @@ def cache_listing(listing: Listing, *, image_size: int, resize_mode: str = "crop
                  f"{os.path.join(directory, 'skipped.json')}")
     print(line, flush=True)
     old = _superseded(directory) if prune or not entry.reused else []
-    if old:
-        what = f"{len(old)} older cache entr{'y' if len(old) == 1 else 'ies'} of this source"
-        size = f"{sum(b for _, b in old) / 2**20:.1f} MB"
-        if prune:
-            for path, _ in old:
-                shutil.rmtree(path, ignore_errors=True)
-            print(f"removed {what} ({size})", flush=True)
-        else:
-            print(f"note: {what} ({size}) can no longer be reused; "
-                  f"scripts/prepare_data.py --prune_cache removes them", flush=True)
+
+    def described(entries):
+        return (f"{len(entries)} older cache entr{'y' if len(entries) == 1 else 'ies'} of this "
+                f"source ({sum(b for _, b in entries) / 2**20:.1f} MB)")
+
+    if old and prune:
+        for path, _ in old:
+            shutil.rmtree(path, ignore_errors=True)
+        left = [path for path, _ in old if os.path.exists(path)]
+        gone = [e for e in old if e[0] not in left]
+        print(f"removed {described(gone)}" + (f"; could not remove {', '.join(left)}"
+                                               if left else ""), flush=True)
+    elif old:
+        print(f"note: {described(old)} can no longer be reused; "
+              f"scripts/prepare_data.py --prune_cache removes them", flush=True)
     return entry

@@ -357,7 +357,8 @@ class SearchIndex:
             rng = np.random.default_rng(seed)
             num_queries = default_tune_queries(target_recall) if num_queries is None \
                 else num_queries
-            if not isinstance(num_queries, int) or num_queries < 1:
+            if isinstance(num_queries, bool) or not isinstance(num_queries, (int, np.integer)) \
+                    or num_queries < 1:
                 raise ConfigError(f"num_queries must be a positive integer, got {num_queries!r}")
             self_rows = rng.choice(self.size, size=min(num_queries, self.size), replace=False)
             queries = self.embeddings[self_rows]
