@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # facejax set-up and entry points (safe to rerun).
 #   ./run.sh demo   set up .venv, then train -> export -> index -> evaluate -> report on Fashion-MNIST
+#   ./run.sh serve  set up .venv, then serve runs/demo (after ./run.sh demo) at http://127.0.0.1:8000
 #   ./run.sh test   set up .venv with the test extras, then lint and run the whole test suite
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -31,11 +32,26 @@ setup_venv() {
   fi
 }
 
+# The web page's test drives a real browser: Debian's chromium and its driver.
+ensure_chromium() {
+  if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+    return 0
+  fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== installing chromium and chromium-driver (apt) for the web page test"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null \
+      || { apt-get update -qq >/dev/null && \
+           DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+  else
+    echo "== the web page test needs chromium: sudo apt-get install -y chromium chromium-driver" >&2
+  fi
+}
+
 export KERAS_BACKEND=jax
 
 case "${1:-}" in
   demo)
-    setup_venv dev
+    setup_venv dev,serve
     shift
     WORKDIR="${WORKDIR:-runs/demo}"
     PY=.venv/bin/python
@@ -43,11 +59,22 @@ case "${1:-}" in
     $PY scripts/export.py --workdir "$WORKDIR"
     $PY scripts/build_index.py --workdir "$WORKDIR"
     $PY scripts/eval_topk.py --workdir "$WORKDIR"
-    echo "== done: open $WORKDIR/report/report.html (or report.md)"
+    echo "== done: open $WORKDIR/report/report.html (or report.md); ./run.sh serve to search it"
+    ;;
+  serve)
+    setup_venv dev,serve
+    shift
+    WORKDIR="${WORKDIR:-runs/demo}"
+    if [ ! -f "$WORKDIR/index/manifest.json" ]; then
+      echo "no index in $WORKDIR: run ./run.sh demo first (or set WORKDIR=your run)" >&2
+      exit 2
+    fi
+    exec .venv/bin/python scripts/serve.py --workdir "$WORKDIR" "$@"
     ;;
   test)
-    setup_venv dev,parity
+    setup_venv dev,parity,serve
     shift
+    ensure_chromium
     .venv/bin/ruff check facejax scripts configs tests bench
     # The converter tests write weight files of up to ~550 MB; a full disk fails them obscurely.
     tmp="${TMPDIR:-/tmp}"
@@ -58,7 +85,7 @@ case "${1:-}" in
     .venv/bin/python -m pytest -q "$@"
     ;;
   *)
-    echo "usage: ./run.sh demo | ./run.sh test" >&2
+    echo "usage: ./run.sh demo | ./run.sh serve | ./run.sh test" >&2
     exit 2
     ;;
 esac

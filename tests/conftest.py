@@ -211,3 +211,34 @@ def make_tiny_tfds(data_dir, counts: dict[str, int], size=(10, 8)) -> str:
     builder = builder_cls(data_dir=str(data_dir), file_format="array_record")
     builder.download_and_prepare()
     return "facejax_tiny_faces"
+
+
+def colour_embedder(params, images_u8):
+    """Mean colour, centred and L2-normalised: classes of distinct colours separate cleanly."""
+    import jax.numpy as jnp
+
+    x = images_u8.astype(jnp.float32).mean(axis=(1, 2)) / 255.0 - params["centre"]
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def make_run(tmp_path, root, source="folder", centre=(0.5, 0.5, 0.5)):
+    """A run folder (config.json, plots/, an exported `colour_embedder`) over `root`, no
+    training: the retrieval and serving steps run on it as on a trained run."""
+    from facejax.config import to_json
+    from facejax.retrieval import embed
+
+    cfg = load_common_configs().base()
+    cfg.data.source, cfg.data.root = source, root
+    cfg.data.image_size, cfg.data.decode_workers = 16, 1
+    cfg.data.cache_dir = str(tmp_path / "cache")
+    cfg.data.val_fraction = 0.34
+    cfg.eval.ks = (1, 3)
+    cfg.eval.num_figure_queries = 3
+    work = tmp_path / f"run_{source}"
+    (work / "plots").mkdir(parents=True)
+    (work / "config.json").write_text(to_json(cfg))
+    Image.new("RGB", (40, 30), (255, 255, 255)).save(work / "plots" / "loss.png")
+    meta = dict(model="colour", input_size=16, resize_mode="crop", normalization="unit")
+    embed.export_embedder(colour_embedder, {"centre": np.array(centre, np.float32)}, meta,
+                          str(work / "embedder"))
+    return str(work)

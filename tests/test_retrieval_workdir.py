@@ -6,13 +6,11 @@ import os
 import pathlib
 import re
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_common_configs, write_image_folder
+from conftest import colour_embedder, make_run, write_image_folder
 from PIL import Image
 
-from facejax.config import to_json
 from facejax.errors import CheckpointError, ConfigError, DataError
 from facejax.retrieval import embed
 from facejax.retrieval import workdir as wd
@@ -32,30 +30,6 @@ def _script(name):
 
 def _json(*parts):
     return json.loads(pathlib.Path(*parts).read_text())
-
-
-def colour_embedder(params, images_u8):
-    """Mean colour, centred and L2-normalised: classes of distinct colours separate cleanly."""
-    x = images_u8.astype(jnp.float32).mean(axis=(1, 2)) / 255.0 - params["centre"]
-    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def make_run(tmp_path, root, source="folder", centre=(0.5, 0.5, 0.5)):
-    cfg = load_common_configs().base()
-    cfg.data.source, cfg.data.root = source, root
-    cfg.data.image_size, cfg.data.decode_workers = 16, 1
-    cfg.data.cache_dir = str(tmp_path / "cache")
-    cfg.data.val_fraction = 0.34
-    cfg.eval.ks = (1, 3)
-    cfg.eval.num_figure_queries = 3
-    work = tmp_path / f"run_{source}"
-    (work / "plots").mkdir(parents=True)
-    (work / "config.json").write_text(to_json(cfg))
-    Image.new("RGB", (40, 30), (255, 255, 255)).save(work / "plots" / "loss.png")
-    meta = dict(model="colour", input_size=16, resize_mode="crop", normalization="unit")
-    embed.export_embedder(colour_embedder, {"centre": np.array(centre, np.float32)}, meta,
-                          str(work / "embedder"))
-    return str(work)
 
 
 @pytest.fixture(scope="module")

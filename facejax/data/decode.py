@@ -19,6 +19,9 @@ FACE_CROP_RANGE = (-1.0, 2.0)
 _ORIENTATION_TAG = 0x0112
 # EXIF orientations 5..8 rotate by 90 degrees, so the displayed width is the stored height.
 _SWAPS_AXES = (5, 6, 7, 8)
+# The only PIL decoders a file or upload may reach, whatever its name says: the raster formats
+# photos come in. Others (EPS runs Ghostscript, PSD, ICNS, ...) are never tried: "not an image".
+SAFE_FORMATS = ("JPEG", "PNG", "BMP", "DIB", "WEBP", "PPM", "GIF", "TIFF")  # JPEG covers MPO
 
 
 class BadImage(DataError):
@@ -64,6 +67,13 @@ def decode_bytes(data: bytes, size: int, mode: str = "crop",
     if not data:
         raise BadImage("empty file")
     return _decode(io.BytesIO(data), size, mode, max_pixels, box)
+
+
+def read_rgb_bytes(data: bytes, max_pixels: int = 50_000_000) -> np.ndarray:
+    """Like `read_rgb`, for an encoded image held in memory (e.g. an upload)."""
+    if not data:
+        raise BadImage("empty file")
+    return np.asarray(_open_rgb(io.BytesIO(data), max_pixels, None), dtype=np.uint8)
 
 
 def read_rgb(path: str, max_pixels: int = 50_000_000) -> np.ndarray:
@@ -158,7 +168,7 @@ def _open_rgb(fileobj, max_pixels: int, draft: tuple[int, str] | None) -> Image.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            im = Image.open(fileobj)  # lazy: reads the header only
+            im = Image.open(fileobj, formats=SAFE_FORMATS)  # lazy: reads the header only
         except Image.DecompressionBombError as e:
             raise BadImage("too large", str(e)) from None
         except Image.UnidentifiedImageError:

@@ -34,7 +34,7 @@ def atomic_dir(final: str) -> Iterator[str]:
             os.rmdir(old)
             os.rename(final, old)
         os.rename(tmp, final)
-        _fsync_dir(parent)
+        fsync_dir(parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -68,10 +68,10 @@ def _fsync_tree(root: str) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(dirpath)
+        fsync_dir(dirpath)
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     # Directory fsync makes the rename durable; not every platform allows it.
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)

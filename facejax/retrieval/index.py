@@ -385,8 +385,13 @@ class SearchIndex:
 
     # -- updates
 
-    def add(self, embeddings: np.ndarray, paths: Sequence[str], labels=None) -> np.ndarray:
-        """Appends items and returns their new ids; ScaNN gets them by upsert, no rebuild."""
+    def add(self, embeddings: np.ndarray, paths: Sequence[str], labels=None,
+            ids: Sequence[int] | None = None) -> np.ndarray:
+        """Appends items and returns their new ids; ScaNN gets them by upsert, no rebuild.
+
+        Ids are `next_id, next_id + 1, ...` unless given: given ids (a log being replayed)
+        must increase and start at `next_id` or above, so an id is never used twice.
+        """
         embeddings = _check_embeddings(embeddings, self.embedder, dim=self.dim)
         n = len(embeddings)
         if len(paths) != n:
@@ -394,8 +399,16 @@ class SearchIndex:
         labels = np.full(n, -1, np.int32) if labels is None else np.asarray(labels, np.int32)
         if labels.shape != (n,):
             raise DataError(f"{n} embeddings but labels of shape {labels.shape}")
-        new_ids = np.arange(self.next_id, self.next_id + n, dtype=np.int64)
-        self.next_id += n
+        if ids is None:
+            new_ids = np.arange(self.next_id, self.next_id + n, dtype=np.int64)
+        else:
+            new_ids = np.asarray(ids, np.int64)
+            if new_ids.shape != (n,) or (n and (new_ids[0] < self.next_id
+                                                or (np.diff(new_ids) <= 0).any())):
+                raise DataError(f"ids for {n} new items must increase from next_id="
+                                f"{self.next_id} or above, got {new_ids[:10].tolist()}")
+        if n:
+            self.next_id = int(new_ids[-1]) + 1
         self.embeddings = np.concatenate([self.embeddings, embeddings])
         self.paths.extend(paths)
         self.labels = np.concatenate([self.labels, labels])

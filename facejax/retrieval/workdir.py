@@ -81,7 +81,8 @@ def run_face_crop(config, meta: dict) -> tuple[float, ...]:
     return box
 
 
-def _prepare(config, embedder: Embedder):
+def prepare_run_data(config, embedder: Embedder):
+    """The run's data as the embedder takes it (its input size, resize mode and face_crop)."""
     from facejax.data.prepare import prepare_data
 
     data_cfg = ml_collections.ConfigDict(config.data.to_dict())
@@ -116,7 +117,7 @@ def build_workdir_index(workdir: str, config, *, backend: str | None = None,
     init = check_scann_init(config.index.scann_init)
     ks = check_ks(config.eval.ks)
     embedder = load_embedder(os.path.join(workdir, EMBEDDER_DIR))
-    data = _prepare(config, embedder)
+    data = prepare_run_data(config, embedder)
     loo = data.gallery is None
     gallery = data.query if loo else data.gallery
     if len(gallery) == 0:
@@ -151,7 +152,7 @@ def evaluate_workdir(workdir: str, config, *, progress: bool = True) -> dict:
     num_examples = check_num_examples(config.eval.num_figure_queries)
     embedder = load_embedder(os.path.join(workdir, EMBEDDER_DIR))
     index = load_index(os.path.join(workdir, INDEX_DIR), expect=embedder.meta)
-    data = _prepare(config, embedder)
+    data = prepare_run_data(config, embedder)
     q_emb = None
     out_dir = os.path.join(workdir, REPORT_DIR)
     if data.protocol == "competition":

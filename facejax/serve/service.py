@@ -1,0 +1,224 @@
+"""What the service holds: the run's embedder and live gallery, loaded once, and the queries
+it answers with them (search, verify, enrol, thumbnails). The HTTP layer is `app.py`."""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import io
+import json
+import logging
+import os
+import threading
+import time
+
+import numpy as np
+from PIL import Image
+
+from facejax.data.decode import BadImage, read_rgb, read_rgb_bytes
+from facejax.errors import ConfigError
+from facejax.retrieval.embed import load_embedder
+from facejax.retrieval.workdir import (EMBEDDER_DIR, INDEX_DIR, REPORT_DIR, prepare_run_data,
+                                       read_run_config, run_face_crop)
+from facejax.serve.batcher import Batcher
+from facejax.serve.gallery import Gallery
+from facejax.serve.metrics import Metrics
+from facejax.serve.settings import ServeSettings
+from facejax.serve.uploads import UploadError, decode_upload
+
+log = logging.getLogger(__name__)
+
+VERIFICATION_JSON = "verification.json"
+_SMALL_K = 16          # searches ask the index for 16 or max_k results: two compiled shapes
+_THUMB_CACHE = 4096    # thumbnails kept in memory (a few KB each)
+_FILE_SOURCES = ("folder", "competition")
+
+
+class SearchService:
+    """The loaded run. `warm_up()` compiles; `ready` is True after it."""
+
+    def __init__(self, workdir: str, settings: ServeSettings):
+        self.workdir = os.path.abspath(workdir)
+        self.settings = settings
+        self.config = read_run_config(workdir)
+        self.embedder = load_embedder(os.path.join(workdir, EMBEDDER_DIR))
+        meta = self.embedder.meta
+        self.gallery = Gallery.open(workdir, os.path.join(workdir, INDEX_DIR), expect=meta,
+                                    compact_every=settings.compact_every)
+        self.size, self.mode = int(meta["input_size"]), meta["resize_mode"]
+        self.face_crop = run_face_crop(self.config, meta)
+        self.max_pixels = min(settings.max_pixels, int(self.config.data.max_pixels))
+        self.threshold, self.threshold_source = _calibrated_threshold(workdir)
+        self.metrics = Metrics(settings.batch_sizes[-1])
+        self.batcher = Batcher(self.embedder, self._search, batch_sizes=settings.batch_sizes,
+                               max_wait_s=settings.max_wait_ms / 1000,
+                               queue_size=settings.queue_size, on_batch=self.metrics.on_batch)
+        self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
+        self.metrics.gallery_size.set_function(lambda: self.gallery.size)
+        self.ready = False
+        self._aligner = None
+        self._aligner_lock = threading.Lock()
+        self._thumbs: collections.OrderedDict = collections.OrderedDict()
+        self._thumbs_lock = threading.Lock()
+        self._data = None  # the run's decoded images, for galleries that are not files
+        self.started = time.time()
+
+    # -- life cycle
+
+    def warm_up(self) -> float:
+        """Compiles the embedder for every batch size and the search for each shape it uses;
+        returns the seconds it took. The service is ready afterwards."""
+        t0 = time.perf_counter()
+        self.batcher.start()
+        for fmt in ("JPEG", "PNG"):  # PIL loads its plugins on the first decode
+            buf = io.BytesIO()
+            Image.new("RGB", (32, 32), (128, 64, 32)).save(buf, fmt)
+            self.decode(buf.getvalue(), "warm-up image")
+        blank = np.zeros((1, self.size, self.size, 3), np.uint8)
+        for b in self.settings.batch_sizes:
+            emb = self.embedder(np.repeat(blank, b, axis=0))
+            for k in sorted({_SMALL_K, self.settings.max_k}):
+                self._search(emb, k)
+        self.ready = True
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.ready = False
+        self.batcher.stop()
+        self.gallery.compact()
+
+    # -- what the endpoints call
+
+    @property
+    def expects_face_chips(self) -> bool:
+        return bool(self.face_crop) or self.embedder.meta.get("normalization") == "dlib"
+
+    @property
+    def alignment_available(self) -> bool:
+        return importlib.util.find_spec("dlib") is not None
+
+    def info(self) -> dict:
+        meta, s = self.embedder.meta, self.settings
+        return dict(
+            model=meta.get("model"), embed_dim=int(meta["embed_dim"]), input_size=self.size,
+            resize_mode=self.mode, face_crop=list(self.face_crop),
+            expects_face_chips=self.expects_face_chips,
+            alignment_available=self.alignment_available,
+            faces_note=self._faces_note(),
+            gallery_size=self.gallery.size, backend=self.gallery.index.backend,
+            threshold=self.threshold, threshold_source=self.threshold_source,
+            auth=dict(writes=True, reads=s.auth_reads),
+            limits=dict(max_upload_bytes=s.max_upload_bytes, max_pixels=self.max_pixels,
+                        max_k=s.max_k, max_batch=s.max_batch, max_files=s.max_files))
+
+    def _faces_note(self) -> str:
+        if not self.expects_face_chips:
+            return ""
+        crop = (f" with data.face_crop={tuple(self.face_crop)} applied to each upload"
+                if self.face_crop else "")
+        how = ("send align=true to align raw photos with dlib's detector and landmarks"
+               if self.alignment_available else
+               "raw photos need alignment: pip install -e '.[faces]' (dlib-bin) and send "
+               "align=true")
+        return f"this model expects aligned face chips{crop}; {how}"
+
+    def decode(self, data: bytes, what: str, align: bool = False) -> np.ndarray:
+        """An upload as the embedder's input (UploadError for a bad one)."""
+        return decode_upload(data, what, size=self.size, mode=self.mode,
+                             max_pixels=self.max_pixels,
+                             max_bytes=self.settings.max_upload_bytes,
+                             face_crop=() if align else self.face_crop,
+                             aligner=self.aligner() if align else None)
+
+    def aligner(self):
+        with self._aligner_lock:
+            if self._aligner is None:
+                if not self.alignment_available:
+                    raise UploadError(422, "align=true needs dlib: install the faces extra "
+                                           "(pip install -e '.[faces]', which brings dlib-bin)")
+                from facejax.data.align_dlib import FaceAligner
+
+                try:
+                    self._aligner = FaceAligner(size=self.size)
+                except ConfigError as e:
+                    raise UploadError(422, f"cannot align faces: {e}") from None
+            return self._aligner
+
+    def _search(self, embeddings: np.ndarray, k: int) -> list[list[dict]]:
+        k_shape = _SMALL_K if k <= _SMALL_K else max(k, self.settings.max_k)
+        hits = self.gallery.search(embeddings, k_shape)
+        for row in hits:
+            for h in row:
+                h["match"] = None if self.threshold is None else h["score"] >= self.threshold
+        return hits
+
+    # -- thumbnails
+
+    def thumbnail(self, item_id: int, side: int) -> bytes | None:
+        """JPEG bytes of a gallery item at most `side` px across, or None for no such item."""
+        located = self.gallery.locate(item_id)
+        if located is None:
+            return None
+        key = (item_id, side)
+        with self._thumbs_lock:
+            if key in self._thumbs:
+                self._thumbs.move_to_end(key)
+                return self._thumbs[key]
+        pixels = self._pixels(*located)
+        if pixels is None:
+            return None
+        im = Image.fromarray(pixels)
+        im.thumbnail((side, side), Image.BILINEAR)
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=88)
+        data = buf.getvalue()
+        with self._thumbs_lock:
+            self._thumbs[key] = data
+            while len(self._thumbs) > _THUMB_CACHE:
+                self._thumbs.popitem(last=False)
+        return data
+
+    def _pixels(self, kind: str, where: str) -> np.ndarray | None:
+        try:
+            if kind == "enrolled":
+                with open(where, "rb") as f:
+                    return read_rgb_bytes(f.read(), self.max_pixels)
+            info = self.gallery.index.info
+            if info.get("source", "folder") in _FILE_SOURCES:
+                root = os.path.realpath(info.get("root") or "")
+                full = os.path.realpath(os.path.join(root, where))
+                if not root or os.path.commonpath([root, full]) != root:
+                    log.warning("gallery path %r leaves the data root; not served", where)
+                    return None
+                return read_rgb(full, int(self.config.data.max_pixels))
+            return self._from_run_data(where)
+        except (BadImage, OSError) as e:
+            log.warning("no thumbnail for %s: %s", where, e)
+            return None
+
+    def _from_run_data(self, path: str) -> np.ndarray | None:
+        """Gallery images that are not files (idx, tfds): from the run's decoded cache."""
+        with self._thumbs_lock:
+            if self._data is None:
+                data = prepare_run_data(self.config, self.embedder)
+                self._data = (data.images, {p: i for i, p in enumerate(data.paths)})
+        images, row_of = self._data
+        row = row_of.get(path)
+        return None if row is None else np.asarray(images[row])
+
+
+def _calibrated_threshold(workdir: str) -> tuple[float | None, str | None]:
+    """The same-person cosine threshold `eval_verification.py` chose on all pairs, if any."""
+    path = os.path.join(workdir, REPORT_DIR, VERIFICATION_JSON)
+    try:
+        with open(path) as f:
+            result = json.load(f)
+        t = result["best_threshold_all"]
+        if result.get("metric", "cosine") != "cosine" or not isinstance(t, (int, float)):
+            return None, None
+        return float(t), os.path.relpath(path, workdir)
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("ignoring %s: %s", path, e)
+        return None, None
