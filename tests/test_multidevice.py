@@ -54,7 +54,11 @@ def test_eight_devices_and_two_processes_match_one_device(tmp_path):
     np.testing.assert_allclose(m["losses"], s["losses1"], rtol=1e-4)
     for n in names:
         ref = s[f"d1/{n}"]
-        np.testing.assert_allclose(s[f"d8/{n}"], ref, rtol=1e-3, atol=1e-5, err_msg=n)
-        np.testing.assert_allclose(m[n], ref, rtol=1e-3, atol=1e-5, err_msg=n)
+        # Tolerance on the tensor's own scale: entries near zero inherit summation-order noise
+        # from the larger ones (on an Intel Xeon, 3 of a conv bias's 32 entries moved by 4e-5
+        # where the bias reaches 0.07; an AMD Zen 4 stayed under 1e-5).
+        atol = 1e-3 * float(np.abs(ref).max()) + 1e-6
+        np.testing.assert_allclose(s[f"d8/{n}"], ref, rtol=1e-3, atol=atol, err_msg=n)
+        np.testing.assert_allclose(m[n], ref, rtol=1e-3, atol=atol, err_msg=n)
     # The runs did train: the loss moved by far more than the tolerance.
     assert abs(s["losses1"][-1] - s["losses1"][0]) > 1e-2

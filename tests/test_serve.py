@@ -290,8 +290,9 @@ def test_kill_9_during_enrolments_loses_no_acknowledged_change(run, tmp_path):
                 if stop.is_set():
                     return
                 try:
+                    image = ("images", ("x.png", _png(colour), "image/png"))
                     r = c.post(server.url + "/v1/gallery", data={"label": f"s{i % 5}"},
-                               headers=KEY, files=[("images", ("x.png", _png(colour), "image/png"))])
+                               headers=KEY, files=[image])
                     if r.status_code == 200:
                         acked[r.json()["ids"][0]] = colour
                     if i % 9 == 8:
@@ -337,3 +338,25 @@ def test_bad_start_up_is_one_line(tmp_path):
     assert s.proc.wait(timeout=120) == 2
     out = s.output()
     assert out.startswith("error: ") and "Traceback" not in out, out
+
+
+def test_faces_info_and_alignment(run, monkeypatch):
+    """A face embedder says what it expects; align=true finds no face in a flat colour (422),
+    and without dlib it is a 422 that names the extra to install."""
+    from facejax.serve.service import SearchService
+    from facejax.serve.settings import ServeSettings
+    from facejax.serve.uploads import UploadError
+
+    service = SearchService(run[0], ServeSettings())
+    assert not service.expects_face_chips and service.info()["faces_note"] == ""
+    service.face_crop = (0.2, 0.1, 1.0, 0.9)
+    assert service.expects_face_chips and "face_crop" in service.info()["faces_note"]
+    with pytest.raises(UploadError, match="no face found") as e:
+        service.decode(_png((90, 90, 90), size=(120, 120)), "image", align=True)
+    assert e.value.status == 422
+    monkeypatch.setattr(SearchService, "alignment_available", property(lambda self: False))
+    service._aligner = None
+    with pytest.raises(UploadError, match=r"\.\[faces\]") as e:
+        service.decode(_png((90, 90, 90)), "image", align=True)
+    assert e.value.status == 422
+    assert "pip install" in service.info()["faces_note"]
