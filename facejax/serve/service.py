@@ -35,7 +35,8 @@ _FILE_SOURCES = ("folder", "competition")
 
 
 class SearchService:
-    """The loaded run. `warm_up()` compiles; `ready` is True after it."""
+    """The loaded run. `warm_up()` compiles; the app sets `ready` once the request path is warm
+    too."""
 
     def __init__(self, workdir: str, settings: ServeSettings):
         self.workdir = os.path.abspath(workdir)
@@ -71,16 +72,20 @@ class SearchService:
         t0 = time.perf_counter()
         self.batcher.start()
         for fmt in ("JPEG", "PNG"):  # PIL loads its plugins on the first decode
-            buf = io.BytesIO()
-            Image.new("RGB", (32, 32), (128, 64, 32)).save(buf, fmt)
-            self.decode(buf.getvalue(), "warm-up image")
+            self.decode(self.sample_image(fmt), "warm-up image")
         blank = np.zeros((1, self.size, self.size, 3), np.uint8)
         for b in self.settings.batch_sizes:
             emb = self.embedder(np.repeat(blank, b, axis=0))
             for k in sorted({_SMALL_K, self.settings.max_k}):
                 self._search(emb, k)
-        self.ready = True
         return time.perf_counter() - t0
+
+    def sample_image(self, fmt: str = "JPEG") -> bytes:
+        """An encoded noise image at the input size, for warming the request path up."""
+        pixels = np.random.default_rng(0).integers(0, 256, (self.size, self.size, 3), np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, fmt)
+        return buf.getvalue()
 
     def close(self) -> None:
         self.ready = False
