@@ -123,3 +123,46 @@ def test_align_faces_script(photos, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "skipped alice/grey.jpg: no face" in out and "aligned 2 images" in out
     assert Image.open(dst / "alice" / "astronaut.png").size == (112, 112)
+
+
+def _tight_crop():
+    """The astronaut's face cut inside HOG's own box (10% off each side): HOG finds no face."""
+    face = skdata.astronaut()
+    t, l, b, r = 76, 175, 166, 265  # HOG's box on the full picture (top, left, bottom, right)
+    m = 9
+    return face[t + m:b - m, l + m:r - m]
+
+
+def test_tight_crops_need_the_cnn_or_whole_detector(tmp_path):
+    crop = _tight_crop()
+    assert FaceAligner(detector="hog").align(crop) is None
+    reference = FaceAligner(detector="hog").align(skdata.astronaut()).astype(np.float32)
+    for detector in ("cnn", "whole"):
+        aligner = FaceAligner(detector=detector)
+        chip = aligner.align(crop)
+        assert chip is not None and chip.shape == (150, 150, 3), detector
+        assert aligner.last_detector == detector
+        # Landmarks are fitted either way: the chip's middle is the same face as HOG's chip of
+        # the whole picture (the border differs: the crop has no pixels there).
+        mid = np.s_[40:110, 40:110]
+        diff = np.abs(chip.astype(np.float32)[mid] - reference[mid]).mean()
+        assert diff < 25, (detector, diff)
+        other = np.abs(chip.astype(np.float32)[mid] - np.roll(reference, 30, axis=1)[mid]).mean()
+        assert diff < other / 2, (detector, diff, other)
+    with pytest.raises(ConfigError, match="comma list"):
+        FaceAligner(detector="hog,hog")
+    with pytest.raises(ConfigError, match="detector"):
+        FaceAligner(detector="retina")
+
+
+def test_align_folder_counts_faces_per_detector(tmp_path):
+    src = tmp_path / "src"
+    (src / "p").mkdir(parents=True)
+    Image.fromarray(skdata.astronaut()).save(src / "p" / "full.png")
+    Image.fromarray(_tight_crop()).save(src / "p" / "tight.png")
+    summary = align_folder(str(src), str(tmp_path / "hog"), progress=False)
+    assert (summary.written, summary.skipped) == (1, [("p/tight.png", "no face")])
+    summary = align_folder(str(src), str(tmp_path / "both"), detector="hog,whole",
+                           progress=False)
+    assert summary.written == 2 and summary.by_detector == {"hog": 1, "whole": 1}
+    assert "1 by hog, 1 by whole" in summary.line()
