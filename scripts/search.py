@@ -1,10 +1,14 @@
 """Search a run's index with a query image (or a folder of them): top-k gallery images.
 
   python scripts/search.py --workdir runs/demo --query face.jpg [--k 10] [--json] [--out grid.png]
-      [--config.data.max_pixels=100000000]
+      [--threshold auto|none|0.91] [--config.data.max_pixels=100000000]
 
 Query images larger than the run's data.max_pixels are refused, as in training. `--out` may
 name a folder: the grid is then written there as search.png.
+
+`--threshold` (default `auto`: the same-person threshold scripts/eval_verification.py calibrated
+for this run, if it has one) marks the results below it "no match": a person who is not in the
+gallery still gets nearest neighbours, and this says they are not the same person.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import json
 import os
 
 from facejax import cli, config
+from facejax.errors import ConfigError
 from facejax.retrieval import workdir as wd
+from facejax.retrieval.verify_run import calibrated_threshold
 
 DEFAULT_GRID = "search.png"
 
@@ -26,6 +32,20 @@ def grid_path(out: str) -> str:
     return out
 
 
+def parse_threshold(value: str, workdir: str) -> float | None:
+    if value == "none":
+        return None
+    if value == "auto":
+        return calibrated_threshold(workdir)[0]
+    try:
+        t = float(value)
+    except ValueError:
+        t = float("nan")
+    if not -1.0 <= t <= 1.0:
+        raise ConfigError(f"--threshold must be auto, none or a cosine in [-1, 1], got {value!r}")
+    return t
+
+
 def main(argv: list[str]) -> int:
     overrides, rest = config.split_override_args(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -33,6 +53,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--query", required=True, help="an image file or a folder of images")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--threshold", default="auto",
+                        help="same-person cosine threshold: auto (the run's calibrated one, if "
+                             "any), none, or a number")
     parser.add_argument("--out", default=None,
                         help=f"write a PNG grid of queries and results (a folder: {DEFAULT_GRID})")
     args = parser.parse_args(rest)
@@ -40,7 +63,8 @@ def main(argv: list[str]) -> int:
     for item in overrides:
         config.apply_override(cfg, item)
     out = grid_path(args.out) if args.out else None
-    result = wd.search_workdir(args.workdir, args.query, args.k, grid_png=out, config=cfg)
+    result = wd.search_workdir(args.workdir, args.query, args.k, grid_png=out, config=cfg,
+                               threshold=parse_threshold(args.threshold, args.workdir))
     print(json.dumps(result, indent=1) if args.json else wd.format_search_table(result))
     if out and not args.json:
         print(f"grid: {out}")

@@ -272,3 +272,33 @@ def test_embedders_face_crop_reaches_index_and_queries(tmp_path, capsys):
     Image.fromarray(pixels).save(tmp_path / "q.png")
     result = wd.search_workdir(work, str(tmp_path / "q.png"), k=1, config=cfg)
     assert result["queries"][0]["results"][0]["name"] == "person_b"
+
+
+def test_search_marks_results_below_the_calibrated_threshold(run, capsys):
+    """A person who is not in the gallery still has nearest neighbours: below the run's
+    calibrated same-person threshold they are marked 'no match'."""
+    work, root = run
+    query = os.path.join(root, "person_c", "person_c_000.png")
+    args = ["--workdir", work, "--query", query, "--k", "6"]
+    assert _script("search").main(args + ["--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["threshold"] is None
+    assert all(r["match"] is None for r in plain["queries"][0]["results"])
+    scores = [r["score"] for r in plain["queries"][0]["results"]]
+    cut = (scores[0] + scores[-1]) / 2
+    report = pathlib.Path(work, "report", "verification.json")
+    report.write_text(json.dumps(dict(metric="cosine", best_threshold_all=cut)))
+    try:
+        assert _script("search").main(args + ["--json"]) == 0  # auto: the calibrated one
+        res = json.loads(capsys.readouterr().out)
+        assert res["threshold"] == cut
+        assert [r["match"] for r in res["queries"][0]["results"]] == [s >= cut for s in scores]
+        assert _script("search").main(args) == 0
+        table = capsys.readouterr().out
+        assert "no match" in table and f"{cut:.4f}" in table
+        assert _script("search").main(args + ["--json", "--threshold", "none"]) == 0
+        assert json.loads(capsys.readouterr().out)["threshold"] is None
+        with pytest.raises(ConfigError, match="threshold"):
+            _script("search").main(args + ["--threshold", "2"])
+    finally:
+        report.unlink()

@@ -125,3 +125,23 @@ def markdown_line(result: dict) -> str:
     return (f"**{name}**: {rest} — {result['num_pairs']} pairs, {result['metric']}, "
             f"model {result['model']} at {result['input_size']}px/{result['resize_mode']}"
             + (f", face_crop {tuple(result['face_crop'])}" if result["face_crop"] else ""))
+
+
+def calibrated_threshold(workdir: str) -> tuple[float | None, str | None]:
+    """The same-person cosine threshold `verify_workdir` chose on all pairs of the run's last
+    verification (report/verification.json), and that file's path relative to the run; (None,
+    None) when the run has none. A damaged file is ignored with a note."""
+    path = os.path.join(workdir, REPORT_DIR, JSON_NAME)
+    try:
+        with open(path) as f:
+            result = json.load(f)
+        t = result["best_threshold_all"]
+        if result.get("metric", "cosine") != "cosine" or isinstance(t, bool) or \
+                not isinstance(t, (int, float)):
+            return None, None
+        return float(t), os.path.relpath(path, workdir)
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"note: ignoring {path}: {e}", flush=True)
+        return None, None

@@ -209,12 +209,14 @@ def list_query_images(query: str) -> list[str]:
 
 
 def search_workdir(workdir: str, query: str, k: int = 10, *, grid_png: str | None = None,
-                   config: ml_collections.ConfigDict | None = None) -> dict:
+                   config: ml_collections.ConfigDict | None = None,
+                   threshold: float | None = None) -> dict:
     """Top-k gallery images for a query image or folder: {queries: [...], skipped: [...]}.
 
     In a folder, undecodable files are skipped and listed; a single bad file is an error.
     Images above the run's `data.max_pixels` are refused like in training; `config`
-    defaults to `read_run_config(workdir)`.
+    defaults to `read_run_config(workdir)`. With a same-person `threshold` (cosine), each
+    result says whether it is a `match`: results below it are "no match".
     """
     from facejax.data.decode import BadImage, decode_image
 
@@ -252,10 +254,11 @@ def search_workdir(workdir: str, query: str, k: int = 10, *, grid_png: str | Non
             label = int(index.labels[r])
             results.append(dict(rank=rank, path=index.paths[r], id=int(index.ids[r]),
                                 label=label, score=float(s),
-                                name=names[label] if 0 <= label < len(names) else ""))
+                                name=names[label] if 0 <= label < len(names) else "",
+                                match=None if threshold is None else bool(s >= threshold)))
         out.append(dict(query=f, results=results))
     result = dict(k=k, gallery_size=index.size, root=index.info.get("root", ""), queries=out,
-                  skipped=[dict(path=p, reason=r) for p, r in skipped])
+                  threshold=threshold, skipped=[dict(path=p, reason=r) for p, r in skipped])
     if grid_png:
         _search_grid(result, dict(zip(kept, images)), size, mode, max_pixels, grid_png,
                      face_crop)
@@ -289,11 +292,16 @@ def _search_grid(result: dict, query_images: dict, size: int, mode: str, max_pix
 
 def format_search_table(result: dict) -> str:
     lines = []
+    t = result.get("threshold")
+    if t is not None:
+        lines.append(f"same-person threshold {t:.4f}: results below it are marked 'no match'")
     for q in result["queries"]:
         lines.append(f"query: {q['query']}")
         lines.append(f"  {'rank':>4}  {'score':>7}  {'identity':<28} path")
         for r in q["results"]:
-            lines.append(f"  {r['rank']:>4}  {r['score']:7.4f}  {r['name'][:28]:<28} {r['path']}")
+            mark = "  (no match)" if r.get("match") is False else ""
+            lines.append(f"  {r['rank']:>4}  {r['score']:7.4f}  {r['name'][:28]:<28} "
+                         f"{r['path']}{mark}")
     for s in result["skipped"]:
         lines.append(f"skipped {s['path']}: {s['reason']}")
     return "\n".join(lines)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import collections
 import importlib.util
 import io
-import json
 import logging
 import os
 import threading
@@ -18,7 +17,8 @@ from PIL import Image
 from facejax.data.decode import BadImage, read_rgb, read_rgb_bytes
 from facejax.errors import ConfigError
 from facejax.retrieval.embed import load_embedder
-from facejax.retrieval.workdir import (EMBEDDER_DIR, INDEX_DIR, REPORT_DIR, prepare_run_data,
+from facejax.retrieval.verify_run import calibrated_threshold
+from facejax.retrieval.workdir import (EMBEDDER_DIR, INDEX_DIR, prepare_run_data,
                                        read_run_config, run_face_crop)
 from facejax.serve.batcher import Batcher
 from facejax.serve.gallery import Gallery
@@ -28,7 +28,6 @@ from facejax.serve.uploads import UploadError, decode_upload
 
 log = logging.getLogger(__name__)
 
-VERIFICATION_JSON = "verification.json"
 _SMALL_K = 16          # searches ask the index for 16 or max_k results: two compiled shapes
 _THUMB_CACHE = 4096    # thumbnails kept in memory (a few KB each)
 _FILE_SOURCES = ("folder", "competition")
@@ -49,7 +48,7 @@ class SearchService:
         self.size, self.mode = int(meta["input_size"]), meta["resize_mode"]
         self.face_crop = run_face_crop(self.config, meta)
         self.max_pixels = min(settings.max_pixels, int(self.config.data.max_pixels))
-        self.threshold, self.threshold_source = _calibrated_threshold(workdir)
+        self.threshold, self.threshold_source = calibrated_threshold(workdir)
         self.metrics = Metrics(settings.batch_sizes[-1])
         self.batcher = Batcher(self.embedder, self._search, batch_sizes=settings.batch_sizes,
                                max_wait_s=settings.max_wait_ms / 1000,
@@ -211,19 +210,3 @@ class SearchService:
         row = row_of.get(path)
         return None if row is None else np.asarray(images[row])
 
-
-def _calibrated_threshold(workdir: str) -> tuple[float | None, str | None]:
-    """The same-person cosine threshold `eval_verification.py` chose on all pairs, if any."""
-    path = os.path.join(workdir, REPORT_DIR, VERIFICATION_JSON)
-    try:
-        with open(path) as f:
-            result = json.load(f)
-        t = result["best_threshold_all"]
-        if result.get("metric", "cosine") != "cosine" or not isinstance(t, (int, float)):
-            return None, None
-        return float(t), os.path.relpath(path, workdir)
-    except FileNotFoundError:
-        return None, None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        log.warning("ignoring %s: %s", path, e)
-        return None, None
