@@ -177,15 +177,17 @@ def test_pth_shared_references_stay_shared_and_normal_views_load(tmp_path):
 
 # ---- HDF5 (Keras) ----------------------------------------------------------------------------
 
-def _keras2_h5(path: Path, make) -> Path:
-    """A Keras 2 weights file with one layer, conv1_conv, whose one weight `make` creates."""
+def _keras2_h5(path: Path, make, weights: int = 1) -> Path:
+    """A Keras 2 weights file with one layer, conv1_conv, whose weights `make` creates."""
     import h5py
 
+    names = ["kernel:0"] if weights == 1 else [f"w{i}:0" for i in range(weights)]
     with h5py.File(path, "w") as f:
         f.attrs["layer_names"] = [b"conv1_conv"]
         g = f.create_group("conv1_conv")
-        g.attrs["weight_names"] = [b"kernel:0"]
-        make(g, "kernel:0")
+        g.attrs["weight_names"] = [n.encode() for n in names]
+        for name in names:
+            make(g, name)
     return path
 
 
@@ -203,6 +205,9 @@ def test_h5_hostile_files_are_refused_in_bounded_memory(tmp_path):
             for j in range(16):
                 d.id.write_direct_chunk((i * 1024, j * 1024), chunk)
 
+    def small_unwritten(g, name):  # 15 MiB each, under SMALL_BYTES: only the sum can tell
+        g.create_dataset(name, shape=(2000, 2000), dtype="f4", chunks=(500, 500))
+
     def strings(g, name):
         g.create_dataset(name, data=["a", "b"], dtype=h5py.string_dtype())
 
@@ -218,6 +223,8 @@ def test_h5_hostile_files_are_refused_in_bounded_memory(tmp_path):
                       r"0 B stored"),
         "gzip bomb": (_keras2_h5(tmp_path / "bomb.h5", gzip_bomb),
                       r"WeightsError: .*declares 1.0 GiB from .* KiB stored .*compression bomb"),
+        "24 x 15 MiB unwritten": (_keras2_h5(tmp_path / "small.h5", small_unwritten, 24),
+                                  r"WeightsError: .*its data in total declares 30.5 MiB from 0 B"),
         "strings": (_keras2_h5(tmp_path / "strings.h5", strings),
                     r"WeightsError: .*kernel:0 holds object, not numbers"),
         "external": (_keras2_h5(tmp_path / "external.h5", external),

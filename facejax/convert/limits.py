@@ -58,7 +58,7 @@ class ByteBudget:
         check_declared(self.path, what, int(declared), int(stored))
         self.declared += int(declared)
         self.stored += int(stored)
-        check_declared(self.path, "the data in all", self.declared, self.stored)
+        check_declared(self.path, "its data in total", self.declared, self.stored)
 
 
 __all__ = ["MAX_EXPANSION", "MAX_WEIGHTS_BYTES", "SMALL_BYTES", "ByteBudget", "check_declared",

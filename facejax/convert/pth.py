@@ -275,13 +275,13 @@ def _read_zip(path: str) -> tuple[Any, dict[str, np.ndarray], dict[str, _Storage
                                "<name>/data.pkl record)")
         prefix = pkls[0][: -len("data.pkl")]
         order = "<"
-        if prefix + "byteorder" in names:
-            mark = read(prefix + "byteorder")
-            if mark not in (b"little", b"big"):
-                raise WeightsError(f"{path}: unknown byteorder {mark!r}")
-            order = "<" if mark == b"little" else ">"
         refs: dict[str, _StorageRef] = {}
         try:
+            if prefix + "byteorder" in names:
+                mark = read(prefix + "byteorder")
+                if mark not in (b"little", b"big"):
+                    raise WeightsError(f"{path}: unknown byteorder {mark!r}")
+                order = "<" if mark == b"little" else ">"
             obj = _unpickle(read(pkls[0]), path, refs)
             buffers = {}
             for key, ref in refs.items():
