@@ -6,8 +6,12 @@
       --config.model.pretrained=weights/lite0
 
 Sources: torchvision (.pth zip/legacy or .safetensors), keras / keras_notop (.h5), lukemelas
-(EfficientNet-Lite .pth). `--num_classes N` different from the file's classifier keeps only the
-backbone. No torch or TensorFlow is needed.
+(EfficientNet-Lite .pth), dlib (.dat). `--num_classes N` different from the file's classifier
+keeps only the backbone. No torch or TensorFlow is needed.
+
+When the preset pins its file by checksum (dlib's .dat and EfficientNet-Lite0 by sha256; a file
+named as torchvision's or Keras' published one by its digest), an input that differs is refused:
+it is damaged. `--allow_checksum_mismatch` converts it anyway (your own weights of that network).
 """
 
 from __future__ import annotations
@@ -27,8 +31,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="output directory (must not hold params/)")
     parser.add_argument("--num_classes", type=int, default=0,
                         help="classifier size to keep (0: the file's own)")
+    parser.add_argument("--allow_checksum_mismatch", action="store_true",
+                        help="convert an input whose checksum differs from the preset's "
+                        "published file (your own weights of the same network); warns")
     args = parser.parse_args(argv)
-    out = convert_to_checkpoint(args.model, args.source, args.input, args.out, args.num_classes)
+    out = convert_to_checkpoint(args.model, args.source, args.input, args.out, args.num_classes,
+                                allow_checksum_mismatch=args.allow_checksum_mismatch)
     tree, meta = load_converted(out)  # read back: what train.py will load
     count = sum(int(v.size) for v in _leaves(tree))
     head = f"{meta['num_classes']}-class classifier" if meta["num_classes"] else "no classifier"

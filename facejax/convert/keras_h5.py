@@ -4,7 +4,9 @@ Covers ResNet50/101/152 (v1), ResNet50V2/101V2/152V2 and VGG16/19, with or witho
 Layers are matched by name; inside a layer, weights are taken in Keras' own order
 (kernel, bias) or (gamma, beta, moving_mean, moving_variance), which is how Keras itself loads
 both formats. Keras kernels are already HWIO / (in, out) and its Flatten is NHWC, so no
-transposes are needed.
+transposes are needed. Each dataset's declared size is checked against the bytes the file stores
+for it (`facejax.convert.limits`) before it is read: a chunked dataset whose chunks were never
+written, or a gzip bomb, declares gigabytes in a few kilobytes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from facejax.convert.limits import ByteBudget
 from facejax.convert.merge import unflatten
 from facejax.errors import WeightsError
 
@@ -43,27 +46,41 @@ def _text(x) -> str:
     return x.decode("utf8") if isinstance(x, bytes) else str(x)
 
 
-def _legacy_layers(g: h5py.Group) -> dict[str, list[np.ndarray]]:
+def _read(ds, budget: ByteBudget) -> np.ndarray:
+    """One weight array, after checking what the dataset declares against what it stores."""
+    if not isinstance(ds, h5py.Dataset):
+        raise WeightsError(f"{budget.path}: {ds.name} is a {type(ds).__name__}, not a dataset")
+    if ds.dtype.kind not in "biufV":
+        raise WeightsError(f"{budget.path}: dataset {ds.name} holds {ds.dtype}, not numbers")
+    if ds.is_virtual or ds.external:
+        raise WeightsError(f"{budget.path}: dataset {ds.name} refers to data in other files; "
+                           "a weights file holds its own")
+    budget.add(f"dataset {ds.name} of shape {ds.shape}", int(ds.size or 0) * ds.dtype.itemsize,
+               ds.id.get_storage_size())
+    return np.asarray(ds)
+
+
+def _legacy_layers(g: h5py.Group, budget: ByteBudget) -> dict[str, list[np.ndarray]]:
     """Keras 2 `save_weights` layout: attrs layer_names / weight_names, datasets by name."""
     out = {}
     for name in (_text(n) for n in g.attrs["layer_names"]):
         layer = g[name]
         names = [_text(w) for w in layer.attrs.get("weight_names", [])]
         if names:
-            out[name] = [np.asarray(layer[w]) for w in names]
+            out[name] = [_read(layer[w], budget) for w in names]
     return out
 
 
-def _keras3_layers(g: h5py.Group) -> dict[str, list[np.ndarray]]:
+def _keras3_layers(g: h5py.Group, budget: ByteBudget) -> dict[str, list[np.ndarray]]:
     """Keras 3 `.weights.h5`: layers/<key>/vars/<i>, the layer name in vars' `name` attr."""
     out = {}
     for key, layer in g["layers"].items():
-        if "vars" not in layer:
+        if not isinstance(layer, h5py.Group) or "vars" not in layer:
             continue
         v = layer["vars"]
         if len(v):
             name = _text(v.attrs.get("name", key))
-            out[name] = [np.asarray(v[str(i)]) for i in range(len(v))]
+            out[name] = [_read(v[str(i)], budget) for i in range(len(v))]
     return out
 
 
@@ -72,13 +89,14 @@ def read_h5(path: str | os.PathLike) -> dict[str, list[np.ndarray]]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise WeightsError(f"weights file not found: {path}")
+    budget = ByteBudget(path)
     try:
         with h5py.File(path, "r") as f:
             g = f.get("model_weights", f)  # full-model .h5 saves nest the weights
             if "layer_names" in g.attrs:
-                return _legacy_layers(g)
+                return _legacy_layers(g, budget)
             if "layers" in g:
-                return _keras3_layers(g)
+                return _keras3_layers(g, budget)
     except (OSError, KeyError, ValueError) as e:
         raise WeightsError(f"cannot read Keras weights {path}: {e}") from e
     raise WeightsError(f"{path} is not a Keras weights file (no layer_names attribute "

@@ -3,6 +3,12 @@
 # A pickle can call any importable function while it loads, so `find_class` allows only what a
 # state dict needs (tensor/parameter rebuilders, storage types, OrderedDict, torch.Size, ...) and
 # raises WeightsError naming any other global; nothing from the file is ever executed.
+#
+# Sizes are checked before anything is allocated (`facejax.convert.limits`): each pickle's opcodes
+# are counted and its memo indices bounded before it is unpickled, zip records' declared sizes are
+# checked against their compressed sizes, every tensor view must lie inside its storage and may
+# not repeat it (stride 0) into more than SMALL_BYTES, all tensors together may hold at most
+# VIEW_FACTOR times their storages' bytes, and containers may nest MAX_NESTING deep.
 
 from __future__ import annotations
 
@@ -12,12 +18,14 @@ import logging
 import math
 import os
 import pickle
+import pickletools
 import zipfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from facejax.convert.limits import SMALL_BYTES, ByteBudget, size_text
 from facejax.errors import WeightsError
 
 log = logging.getLogger(__name__)
@@ -36,6 +44,17 @@ _STORAGE_DTYPES = {
 }
 # Wrapper keys under which training scripts commonly nest the state dict.
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "params")
+# Opcodes per pickle (each builds at most one object, ~60-80 bytes for the smallest containers):
+# a ResNet152 checkpoint with its Adam state is 76k; 2M bounds what a pickle builds to ~160 MB.
+MAX_PICKLE_OPS = 2_000_000
+# Containers inside containers: a checkpoint with optimizer state is 5 deep.
+MAX_NESTING = 100
+# All tensors together may hold this many times the bytes of their storages (views that share
+# data, e.g. tied weights), plus SMALL_BYTES.
+VIEW_FACTOR = 2
+MAX_NDIM = 32
+_MAX_INDEX = 1 << 48       # any size, stride or offset (in elements) beyond this is corrupt
+_MEMO_PUTS = ("PUT", "BINPUT", "LONG_BINPUT")
 
 
 class _Frozen:
@@ -207,9 +226,25 @@ class _Unpickler(pickle.Unpickler):
         return _StorageRef(key, stype, int(offset), int(numel))
 
 
+def _check_pickle(file, path: str) -> None:
+    """Walks one pickle's opcodes without building anything, then rewinds: refuses more than
+    MAX_PICKLE_OPS opcodes and memo indices beyond the opcode count (the C unpickler sizes its
+    memo table by the largest index: one 10-byte opcode can make it allocate gigabytes)."""
+    start = file.tell()
+    for count, (op, arg, _) in enumerate(pickletools.genops(file), 1):
+        if count > MAX_PICKLE_OPS:
+            raise WeightsError(f"{path}: a pickle of more than {MAX_PICKLE_OPS:,} opcodes (a state "
+                               "dict of the largest model has under 100,000): not a weights file")
+        if op.name in _MEMO_PUTS and arg >= count:
+            raise WeightsError(f"{path}: pickle memo index {arg:,} at opcode {count:,}: a "
+                               "corrupt or hostile file")
+    file.seek(start)
+
+
 def _unpickle(data_or_file, path, refs):
     file = io.BytesIO(data_or_file) if isinstance(data_or_file, bytes) else data_or_file
     try:
+        _check_pickle(file, path)
         return _Unpickler(file, path, refs).load()
     except WeightsError:
         raise
@@ -225,6 +260,13 @@ def _read_zip(path: str) -> tuple[Any, dict[str, np.ndarray], dict[str, _Storage
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:
         raise WeightsError(f"{path}: corrupt zip-format .pth ({e})") from e
+    budget = ByteBudget(path)
+
+    def read(name: str) -> bytes:
+        info = zf.getinfo(name)
+        budget.add(f"zip record {name}", info.file_size, info.compress_size)
+        return zf.read(name)
+
     with zf:
         names = set(zf.namelist())
         pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
@@ -233,20 +275,20 @@ def _read_zip(path: str) -> tuple[Any, dict[str, np.ndarray], dict[str, _Storage
                                "<name>/data.pkl record)")
         prefix = pkls[0][: -len("data.pkl")]
         order = "<"
-        if prefix + "byteorder" in names:
-            mark = zf.read(prefix + "byteorder")
-            if mark not in (b"little", b"big"):
-                raise WeightsError(f"{path}: unknown byteorder {mark!r}")
-            order = "<" if mark == b"little" else ">"
         refs: dict[str, _StorageRef] = {}
         try:
-            obj = _unpickle(zf.read(pkls[0]), path, refs)
+            if prefix + "byteorder" in names:
+                mark = read(prefix + "byteorder")
+                if mark not in (b"little", b"big"):
+                    raise WeightsError(f"{path}: unknown byteorder {mark!r}")
+                order = "<" if mark == b"little" else ">"
+            obj = _unpickle(read(pkls[0]), path, refs)
             buffers = {}
             for key, ref in refs.items():
                 record = f"{prefix}data/{key}"
                 if record not in names:
                     raise WeightsError(f"{path}: storage record {record} is missing")
-                buffers[key] = np.frombuffer(zf.read(record), ref.stype.dtype.newbyteorder(order)
+                buffers[key] = np.frombuffer(read(record), ref.stype.dtype.newbyteorder(order)
                                              if ref.stype.dtype.itemsize > 1 else ref.stype.dtype)
         except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
             raise WeightsError(f"{path}: corrupt zip-format .pth ({e})") from e
@@ -258,6 +300,7 @@ def _read_legacy(path: str) -> tuple[Any, dict[str, np.ndarray], dict[str, _Stor
     protocol version and sys_info, then the main pickle, then the list of storage keys, then per
     storage an int64 little-endian element count and its little-endian raw bytes."""
     refs: dict[str, _StorageRef] = {}
+    budget = ByteBudget(path)
     with open(path, "rb") as f:
         header = f.read(262)
         if len(header) > 261 and header[257:262] == b"ustar":
@@ -287,6 +330,7 @@ def _read_legacy(path: str) -> tuple[Any, dict[str, np.ndarray], dict[str, _Stor
             n = int.from_bytes(count, "little", signed=True)
             if n < 0 or n * dtype.itemsize > os.path.getsize(path):
                 raise WeightsError(f"{path}: corrupt storage {key} size {n}")
+            budget.add(f"storage {key}", n * dtype.itemsize, n * dtype.itemsize)
             raw = f.read(n * dtype.itemsize)
             if len(raw) < n * dtype.itemsize:
                 raise WeightsError(f"{path}: truncated (storage {key} is short)")
@@ -294,51 +338,119 @@ def _read_legacy(path: str) -> tuple[Any, dict[str, np.ndarray], dict[str, _Stor
     return obj, buffers, refs
 
 
-def _to_array(t: _LazyTensor, buffers: dict[str, np.ndarray], path: str) -> np.ndarray:
-    ref = t.storage
-    buf = buffers[ref.key]
-    limit = len(buf) if ref.numel is None else min(len(buf), ref.offset + ref.numel)
-    start = ref.offset + t.offset
-    if any(n < 0 for n in t.size) or any(s < 0 for s in t.stride) or start < 0:
-        raise WeightsError(f"{path}: tensor with negative size/stride/offset")
-    if math.prod(t.size) == 0:
-        arr = np.zeros(t.size, buf.dtype)
-    else:
-        last = start + sum((n - 1) * s for n, s in zip(t.size, t.stride))
-        if last >= limit:  # as_strided does no bounds checks: refuse before reading
-            raise WeightsError(f"{path}: tensor of size {t.size} stride {t.stride} at offset "
-                               f"{start} reads past its storage ({limit} elements)")
-        item = buf.dtype.itemsize
-        arr = np.lib.stride_tricks.as_strided(buf[start:], t.size, [s * item for s in t.stride],
-                                              writeable=False)
-    out = np.array(arr, dtype=buf.dtype.newbyteorder("="), order="C")  # owned, contiguous
-    if ref.stype.name == "BFloat16Storage":
-        out = (out.astype(np.uint32) << 16).view(np.float32)
-    return out
+_SCALARS = (str, bytes, int, float, complex, bool, type(None))
 
 
-def _materialize(obj, buffers, path, seen_bf16: list):
-    if isinstance(obj, _LazyTensor):
-        if obj.storage.stype.name == "BFloat16Storage":
-            seen_bf16.append(1)
-        return _to_array(obj, buffers, path)
-    if isinstance(obj, collections.OrderedDict):
-        return collections.OrderedDict(
-            (k, _materialize(v, buffers, path, seen_bf16)) for k, v in obj.items())
-    if isinstance(obj, dict):
-        return {k: _materialize(v, buffers, path, seen_bf16) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_materialize(v, buffers, path, seen_bf16) for v in obj)
-    if isinstance(obj, (_StorageRef, _Marker)):
-        raise WeightsError(f"{path}: holds a bare {obj!r}, not tensors")
-    return obj
+def _where(trail: tuple) -> str:
+    return "".join(f"[{r[:40] + '...' if len(r := repr(k)) > 43 else r}]" for k in trail) or "top"
+
+
+class _Builder:
+    """Replaces each tensor of an unpickled object by a numpy array, checking every view against
+    its storage and the running total against the storages' bytes before allocating it.
+
+    An object the pickle references twice is built once (as torch.load shares it); a container
+    that holds itself, or containers nested more than MAX_NESTING deep, are refused.
+    """
+
+    def __init__(self, buffers: dict[str, np.ndarray], path: str):
+        self.buffers, self.path = buffers, path
+        self.stored = sum(b.nbytes for b in buffers.values())
+        self.allowed = VIEW_FACTOR * self.stored + SMALL_BYTES
+        self.spent = self.bf16 = 0
+        self.done: dict[int, Any] = {}
+        self.active: set[int] = set()
+
+    def build(self, obj, trail: tuple = (), depth: int = 0):
+        if isinstance(obj, _SCALARS):
+            return obj
+        if depth > MAX_NESTING:
+            raise WeightsError(f"{self.path}: containers nested more than {MAX_NESTING} deep at "
+                               f"{_where(trail[:5])}...: not a state dict")
+        key = id(obj)
+        if key in self.done:
+            return self.done[key]
+        if key in self.active:
+            raise WeightsError(f"{self.path}: a container holds itself at {_where(trail)}: not "
+                               "a state dict")
+        self.active.add(key)
+        try:
+            out = self._build(obj, trail, depth + 1)
+        finally:
+            self.active.discard(key)
+        self.done[key] = out
+        return out
+
+    def _build(self, obj, trail, depth):
+        if isinstance(obj, _LazyTensor):
+            return self.array(obj, trail)
+        if isinstance(obj, dict):
+            items = [(self.hashable(k, trail, depth), self.build(v, trail + (k,), depth))
+                     for k, v in obj.items()]
+            return collections.OrderedDict(items) if isinstance(obj, collections.OrderedDict) \
+                else dict(items)
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self.build(v, trail + (i,), depth) for i, v in enumerate(obj))
+        if isinstance(obj, (set, frozenset)):
+            return type(obj)(self.hashable(v, trail, depth) for v in obj)
+        if isinstance(obj, (_StorageRef, _Marker)):
+            raise WeightsError(f"{self.path}: holds a bare {obj!r} at {_where(trail)}, not tensors")
+        return obj
+
+    def hashable(self, obj, trail, depth):
+        out = self.build(obj, trail, depth)
+        if isinstance(out, np.ndarray):
+            raise WeightsError(f"{self.path}: a tensor used as a dict key or set member at "
+                               f"{_where(trail)}: not a state dict")
+        return out
+
+    def array(self, t: _LazyTensor, trail: tuple) -> np.ndarray:
+        ref, path = t.storage, self.path
+        buf = self.buffers[ref.key]
+        start = ref.offset + t.offset
+        what = f"tensor {_where(trail)} of size {t.size}, stride {t.stride}, offset {start}"
+        if (len(t.size) > MAX_NDIM or start < 0 or ref.offset < 0
+                or any(not 0 <= v < _MAX_INDEX for v in (*t.size, *t.stride, start))):
+            raise WeightsError(f"{path}: {what}: a size, stride or offset is negative or out "
+                               "of range")
+        limit = len(buf) if ref.numel is None else max(0, min(len(buf), ref.offset + ref.numel))
+        numel = math.prod(t.size)
+        bf16 = ref.stype.name == "BFloat16Storage"
+        nbytes = numel * (4 if bf16 else buf.dtype.itemsize)
+        if numel:
+            last = start + sum((n - 1) * s for n, s in zip(t.size, t.stride))
+            if last >= limit:  # as_strided does no bounds checks: refuse before reading
+                raise WeightsError(f"{path}: {what} reads past its storage ({limit} elements)")
+            if numel > limit - start and nbytes > SMALL_BYTES:
+                raise WeightsError(
+                    f"{path}: {what} repeats its storage's {limit - start} elements into "
+                    f"{numel:,} ({size_text(nbytes)}): a real weight holds its own data; "
+                    f"refusing to expand a view beyond {size_text(SMALL_BYTES)}")
+        if self.spent + nbytes > self.allowed:
+            raise WeightsError(
+                f"{path}: its tensors hold more than {size_text(self.allowed)} (at {what}) from "
+                f"{size_text(self.stored)} of storage: views that repeat the same data, not a "
+                "state dict")
+        self.spent += nbytes
+        if numel == 0:
+            arr = np.zeros(t.size, buf.dtype)
+        else:
+            item = buf.dtype.itemsize
+            arr = np.lib.stride_tricks.as_strided(buf[start:], t.size,
+                                                  [s * item for s in t.stride], writeable=False)
+        out = np.array(arr, dtype=buf.dtype.newbyteorder("="), order="C")  # owned, contiguous
+        if bf16:
+            self.bf16 += 1
+            out = (out.astype(np.uint32) << 16).view(np.float32)
+        return out
 
 
 def load_pth_object(path: str | os.PathLike) -> Any:
     """Unpickles a `.pth` with every tensor as a numpy array (containers kept as saved).
 
     bfloat16 tensors come back as float32 (exact widening); others keep their dtype.
-    Raises WeightsError for a missing, corrupt or non-allowlisted file.
+    Raises WeightsError for a missing, corrupt, non-allowlisted or oversized file (sizes are
+    checked against the file before anything they declare is allocated).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -348,10 +460,10 @@ def load_pth_object(path: str | os.PathLike) -> Any:
     if not head:
         raise WeightsError(f"{path}: empty file")
     obj, buffers, _ = (_read_zip if head == _ZIP_MAGIC else _read_legacy)(path)
-    bf16: list = []
-    out = _materialize(obj, buffers, path, bf16)
-    if bf16:
-        log.info("%s: widened %d bfloat16 tensors to float32", path, len(bf16))
+    builder = _Builder(buffers, path)
+    out = builder.build(obj)
+    if builder.bf16:
+        log.info("%s: widened %d bfloat16 tensors to float32", path, builder.bf16)
     return out
 
 

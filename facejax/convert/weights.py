@@ -103,8 +103,8 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
     return _DIGESTS[key]
 
 
-def verify(path: Path, preset: Preset) -> None:
-    """Raises WeightsError when `path` does not match the preset's published digest."""
+def _mismatch(path: Path, preset: Preset) -> str:
+    """'' when `path` matches the preset's published digests, else what differs."""
     checks = []
     if preset.sha256:
         checks.append(("sha256", preset.sha256, file_digest(path)))
@@ -113,10 +113,42 @@ def verify(path: Path, preset: Preset) -> None:
         checks.append(("sha256 prefix", preset.sha256_prefix, digest[: len(preset.sha256_prefix)]))
     if preset.md5:
         checks.append(("md5", preset.md5, file_digest(path, "md5")))
-    for what, want, got in checks:
-        if want.lower() != got.lower():
-            raise WeightsError(f"{path} has {what} {got}, expected {want}: it is corrupt or a "
-                               "different file; delete it and try again")
+    return "; ".join(f"{what} {got}, expected {want}" for what, want, got in checks
+                     if want.lower() != got.lower())
+
+
+def verify(path: Path, preset: Preset) -> None:
+    """Raises WeightsError when `path` does not match the preset's published digest."""
+    if wrong := _mismatch(path, preset):
+        raise WeightsError(f"{path} has {wrong}: it is corrupt or a different file; delete it "
+                           "and try again")
+
+
+def check_input_file(path: str | os.PathLike, name: str, source: str = "", *,
+                     allow_mismatch: bool = False,
+                     how_to_allow: str = "pass --allow_checksum_mismatch") -> str:
+    """The sha256 of a weights file the user names for model `name` (a path, not the preset's
+    own lookup), checked against the preset when the preset pins that file: always when it
+    publishes the full sha256 (e.g. dlib's .dat), and when the file carries the preset's
+    filename for a sha256 prefix or md5 (torchvision, Keras). A damaged file otherwise converts
+    without any error: a flipped bit in a weight is still a valid number.
+
+    A mismatch is refused unless `allow_mismatch` (your own weights of the same network), and
+    then logged as a warning; `how_to_allow` ends the error message.
+    """
+    path = Path(path)
+    digest = file_digest(path)
+    preset = get_preset(name, source)
+    pinned = preset.sha256 or (path.name == preset.filename
+                               and (preset.sha256_prefix or preset.md5))
+    if pinned and (wrong := _mismatch(path, preset)):
+        what = (f"{path} has {wrong} ({preset.filename}, the published {name} weights): it is "
+                "damaged or a different file")
+        if not allow_mismatch:
+            raise WeightsError(f"{what}. Use the published file; if this is your own {name} "
+                               f"network, {how_to_allow}")
+        log.warning("%s; converting it as asked", what)
+    return digest
 
 
 def _where_to_put(preset: Preset) -> Path:
@@ -343,12 +375,15 @@ def check_converted_matches(meta: dict, name: str, source: str, directory) -> No
 
 
 def convert_to_checkpoint(name: str, source: str, input_path: str | os.PathLike,
-                          out_dir: str | os.PathLike, num_classes: int = 0) -> Path:
+                          out_dir: str | os.PathLike, num_classes: int = 0,
+                          allow_checksum_mismatch: bool = False) -> Path:
     """Converts a foreign weights file for registry model `name` into `out_dir` (orbax).
 
     The classifier is kept when the file has one and `num_classes` is 0 or equals its size;
     otherwise only the backbone is written. The result is checked against the architecture
-    (without allocating it) before anything is written. Returns the output directory.
+    (without allocating it) before anything is written. A file that the preset pins by its
+    checksum must match it unless `allow_checksum_mismatch` (`check_input_file`).
+    Returns the output directory.
     """
     import jax
     from flax import nnx
@@ -363,7 +398,8 @@ def convert_to_checkpoint(name: str, source: str, input_path: str | os.PathLike,
         raise ConfigError(f"num_classes must be >= 0 (0: keep the file's classifier), got "
                           f"{num_classes}")
     check_out_dir(out_dir)  # before the (slow) conversion
-    digest = file_digest(input_path) if Path(input_path).is_file() else ""
+    digest = (check_input_file(input_path, name, source, allow_mismatch=allow_checksum_mismatch)
+              if Path(input_path).is_file() else "")
     tree = convert_file(input_path, preset.converter)
     file_classes = int(np.shape(tree["head"]["kernel"])[-1]) if "head" in tree else 0
     classes = int(num_classes) or file_classes
@@ -402,6 +438,10 @@ def load_pretrained(model, name: str, source: str = "", path: str | os.PathLike 
         file = resolve_weights(name, source) if path is None else Path(path)
         if not preset.converter:
             raise WeightsError(f"model {name!r} source {source or '(default)'!r} has no converter")
+        if path is not None and file.is_file():
+            check_input_file(file, name, source, how_to_allow=(
+                f"convert it once with scripts/convert_weights.py --model {name} --input {file} "
+                "--out DIR --allow_checksum_mismatch and set config.model.pretrained=DIR"))
         tree = convert_cached(file, preset.converter, name=name)
     if dont_load is None:
         dont_load = default_dont_load(model, tree)
@@ -432,8 +472,9 @@ def load_from_config(model, model_cfg) -> bool:
 resolve = resolve_weights  # the name docs/CONTRACTS.md uses
 
 
-__all__ = ["CONVERTERS", "candidates", "check_converted_matches", "check_out_dir",
-           "convert_cached", "convert_file", "default_dont_load", "download", "file_digest",
+__all__ = ["CONVERTERS", "candidates", "check_converted_matches", "check_input_file",
+           "check_out_dir", "convert_cached", "convert_file", "default_dont_load", "download",
+           "file_digest",
            "keras_cache", "load_converted", "load_from_config", "load_pretrained",
            "pretrained_path", "resolve", "resolve_weights", "save_converted", "torch_cache",
            "verify"]
