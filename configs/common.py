@@ -18,6 +18,8 @@ def data() -> ml_collections.ConfigDict:
                                  # face alignment to another (ArcFace 112 -> dlib 150 chips).
         max_pixels=50_000_000,   # larger images are skipped (decompression bombs)
         cache_dir="",            # '' -> $FACEJAX_CACHE or ~/.cache/facejax
+        max_cache_gb=1000.0,     # refuse to build a cache entry larger than this (N x S x S x 3
+                                 # bytes); the free disk is checked too. 0 = free disk only
         decode_workers=0,        # 0 -> one per core
         protocol="closed_set",   # closed_set | open_set
         val_fraction=0.2,        # per-class fraction held out to select the model (early stop)
@@ -31,6 +33,9 @@ def data() -> ml_collections.ConfigDict:
         max_classes=0,           # 0 = all
         max_images=0,            # 0 = all; a seeded subset (demo on a laptop)
         workers=0,               # grain worker processes for the train iterator (0 = in-process)
+        allow_changed_data=False,  # resume training / evaluate an index although the data's
+                                   # files or pixels differ from what the checkpoint / index
+                                   # recorded (refused otherwise); applies to this command only
     ))
 
 

@@ -6,11 +6,13 @@ import ast
 import difflib
 import importlib.util
 import json
+import numbers
 import os
 from collections.abc import Sequence
 
 import ml_collections
 
+from facejax import limits
 from facejax.errors import ConfigError
 
 _PREFIX = "--config."
@@ -43,6 +45,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
                           f"got {type(config).__name__}")
     for item in overrides:
         apply_override(config, item)
+    check_limits(config)
     return config
 
 
@@ -84,7 +87,9 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
         if depth < len(parts) - 1:
             node = node[part]
     old = node[parts[-1]]
-    node[parts[-1]] = _coerce(key, raw, old)
+    value = _coerce(key, raw, old)
+    limits.check_size(key, value)
+    node[parts[-1]] = value
 
 
 def _coerce(key: str, raw: str, old):
@@ -137,6 +142,48 @@ def has_key(config: ml_collections.ConfigDict, dotted: str) -> bool:
             return False
         node = node[part]
     return True
+
+
+def get_key(config: ml_collections.ConfigDict, dotted: str, default=None):
+    """The value of the (possibly nested) field `a.b.c`, or `default` when it is missing."""
+    if not has_key(config, dotted):
+        return default
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def check_limits(config: ml_collections.ConfigDict) -> None:
+    """Refuses size-like settings above their bounds (`facejax.limits.SIZE_LIMITS`) and batches
+    whose input alone cannot fit in this machine's memory, before anything is allocated.
+
+    Raises:
+      ConfigError: naming the setting to lower.
+    """
+    for key in limits.SIZE_LIMITS:
+        if has_key(config, key):
+            limits.check_size(key, get_key(config, key))
+    side = max(_int(get_key(config, "data.image_size", 0)),
+               _int(get_key(config, "model.input_size", 0)))
+    if not side:
+        return
+    # Lower bounds of the real need (the model's activations come on top): what certainly
+    # cannot fit is refused now rather than by the OOM killer.
+    batch = _int(get_key(config, "train.batch_size", 0))
+    if batch > 0:
+        limits.check_memory(batch * side * side * 3 * 4,
+                            f"a training batch of {batch} float32 images of {side}x{side}",
+                            "lower train.batch_size or data.image_size / model.input_size")
+    batch = _int(get_key(config, "index.batch_size", 0))
+    if batch > 0:
+        limits.check_memory(batch * side * side * 3 * 5,
+                            f"an embedding batch of {batch} images of {side}x{side}",
+                            "lower index.batch_size or data.image_size / model.input_size")
+
+
+def _int(value) -> int:
+    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else 0
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -254,3 +254,53 @@ def test_workers_fall_back_to_in_process_when_spawn_cannot_work(monkeypatch):
     assert cache._resolve_workers(4, 10_000, parallel=False) == 1
     monkeypatch.setattr(sys.modules["__main__"], "__file__", "<stdin>", raising=False)
     assert cache._resolve_workers(2, 10_000, parallel=True) == 1
+
+
+def test_the_content_id_ignores_file_times_and_names_pixels_and_labels(image_folder, tmp_path):
+    root, _ = image_folder({"a": 2, "b": 2})
+    first = _build(scan_folder(root), tmp_path)
+    assert first.content["images"] == 4 and first.content["classes"] == 2
+    with open(os.path.join(first.directory, "manifest.json")) as f:
+        assert json.load(f)["content"] == first.content
+    for name in os.listdir(os.path.join(root, "a")):  # new times, same bytes: a new entry
+        path = os.path.join(root, "a", name)
+        os.utime(path, ns=(1, 1))
+    touched = _build(scan_folder(root), tmp_path)
+    assert touched.directory != first.directory and touched.content == first.content
+    os.rename(os.path.join(root, "b"), os.path.join(root, "c"))  # same pixels, other label
+    renamed = _build(scan_folder(root), tmp_path).content
+    assert renamed["pixels"] == first.content["pixels"]
+    assert renamed["files"] != first.content["files"]
+
+
+def test_an_entry_from_before_content_ids_gets_one_equal_to_a_fresh_build(image_folder, tmp_path,
+                                                                         capsys):
+    root, _ = image_folder({"a": 3, "b": 2})
+    listing = scan_folder(root)
+    fresh = _build(listing, tmp_path, cache_dir=str(tmp_path / "c1"))
+    old = _build(listing, tmp_path, cache_dir=str(tmp_path / "c2"))
+    path = os.path.join(old.directory, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    del manifest["content"]  # as written before the content id existed
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    capsys.readouterr()
+    again = _build(listing, tmp_path, cache_dir=str(tmp_path / "c2"))
+    assert again.reused and again.content == fresh.content
+    assert "hashing the 5 images of an older cache entry (once)" in capsys.readouterr().out
+    with open(path) as f:
+        assert json.load(f)["content"] == fresh.content  # recorded: not hashed again
+
+
+def test_a_disk_that_fills_up_while_writing_is_one_data_error(image_folder, tmp_path,
+                                                             monkeypatch):
+    root, _ = image_folder({"a": 2, "b": 2})
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "save", full)
+    with pytest.raises(DataError, match="cannot write the cache entry .* No space left"):
+        _build(scan_folder(root), tmp_path)
+    assert _entries(tmp_path) == []  # no entry, no temporary folder

@@ -9,7 +9,7 @@ from PIL import Image
 
 from facejax.data import decode
 from facejax.data.decode import BadImage, decode_image, fit_array
-from facejax.errors import DataError
+from facejax.errors import ConfigError, DataError
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +159,11 @@ def test_big_jpeg_reduced_decoding_matches_full_decoding(tmp_path):
     upright = Image.open(tmp_path / "big.jpg").convert("RGB").transpose(Image.Transpose.ROTATE_270)
     ref = np.asarray(upright.resize((40, 80), Image.BILINEAR).crop((0, 20, 40, 60))).astype(int)
     assert np.abs(out - ref).mean() < 3
+
+
+def test_a_size_above_the_bound_is_refused_before_a_canvas_is_allocated(corpus):
+    # data.image_size=100000 made a 30 GB canvas; the embedder's input_size reaches here too.
+    with pytest.raises(ConfigError, match=r"data\.image_size=5000 is above its upper bound"):
+        _decode(corpus, "rgb.jpg", size=5000)
+    with pytest.raises(ConfigError, match="upper bound"):
+        fit_array(np.zeros((4, 4), np.uint8), 5000)

@@ -264,3 +264,25 @@ def test_prepare_data_script(image_folder, tmp_path, capsys):
         cli.run(main, argv[:3] + ["--config.data.root=" + str(tmp_path / "missing")])
     assert exit_info.value.code == 2
     assert "image folder not found" in capsys.readouterr().err
+
+
+def test_data_change_says_what_changed():
+    from facejax.data.prepare import data_change
+
+    then = dict(images=10, classes=2, files="f", pixels="p", root="/a")
+    assert data_change(then, dict(then, root="/b")) == ""  # moved: the same data
+    assert data_change(then, {}) == data_change({}, then) == ""  # older runs: nothing to compare
+    assert data_change(then, dict(then, images=12, files="g", pixels="q")) == \
+        "10 images in 2 classes then, 12 images in 2 classes now"
+    assert "but other file names or labels" in data_change(then, dict(then, files="g"))
+    assert data_change(then, dict(then, pixels="q", root="/b")) == (
+        "the same 10 file names and labels, but other pixels (images replaced or edited); "
+        "the root was /a, now /b")
+
+
+def test_prepared_data_carries_its_data_id(image_folder, data_config):
+    root, _ = image_folder({"a": 3, "b": 3})
+    data_config.root = root
+    data = prepare_data(data_config)
+    assert data.data_id["images"] == 6 and data.data_id["root"] == root
+    assert len(data.data_id["pixels"]) == len(data.data_id["files"]) == 64

@@ -10,6 +10,12 @@ entry says how much the older entries of the same source and settings hold; `pru
 (`scripts/prepare_data.py --prune_cache`) deletes them. They are not deleted unasked: a run
 still training on the old files reopens its entry by path in its data workers. Removing the
 cache folder is always safe.
+
+The manifest also records the entry's `content` (`content_identity`): counts, a hash of the
+file names and labels, and a hash of the decoded pixels (each row's sha256, taken in the decode
+worker). Unlike the key it ignores file times and the root, so a copied folder has the same
+content; runs and indexes record it to notice changed data. A new entry must fit the free
+disk and `max_cache_gb` before anything is written.
 """
 
 from __future__ import annotations
@@ -31,10 +37,11 @@ from concurrent.futures.process import BrokenProcessPool
 import numpy as np
 from tqdm import tqdm
 
+from facejax import limits
 from facejax.data import decode, sources
 from facejax.data.decode import BadImage
 from facejax.data.sources import Listing
-from facejax.errors import DataError
+from facejax.errors import ConfigError, DataError
 
 FORMAT_VERSION = 1
 _NPY_MAGIC = b"\x93NUMPY\x01\x00"
@@ -48,6 +55,7 @@ class CachedImages:
     skipped: list[tuple[str, str]]
     directory: str
     reused: bool
+    content: dict | None = None  # the data's identity: see `content_identity`
 
 
 def default_cache_dir(cache_dir: str = "") -> str:
@@ -141,10 +149,12 @@ def _init_worker(reader) -> None:
 
 
 def _read(reader, i: int):
+    """(row, image, digest, reason, detail): the row's sha256 is taken here, in the worker."""
     try:
-        return i, reader(i), "", ""
+        image = np.ascontiguousarray(reader(i))
     except BadImage as e:
-        return i, None, e.reason, e.detail
+        return i, None, b"", e.reason, e.detail
+    return i, image, hashlib.sha256(image.data).digest(), "", ""
 
 
 def _read_in_worker(i: int):
@@ -176,6 +186,41 @@ def _entry_name(listing: Listing, size: int, mode: str, key: str, face_crop=()) 
     return f"{slug[:40]}-{size}{mode}{box}-{key[:20]}"
 
 
+def _utf8(text: str) -> bytes:
+    # File names that are not valid UTF-8 reach Python as surrogate escapes: hash those too.
+    return text.encode("utf-8", "surrogatepass")
+
+
+class _Content:
+    """Accumulates `content_identity` row by row, in row order."""
+
+    def __init__(self, class_names: list[str]):
+        self.class_names = list(class_names)
+        self.files, self.pixels, self.count = hashlib.sha256(), hashlib.sha256(), 0
+        self.files.update(_utf8(json.dumps(self.class_names)))
+
+    def add(self, path: str, label: int, digest: bytes) -> None:
+        name = self.class_names[label] if label >= 0 else ""
+        self.files.update(_utf8(f"{path}\0{name}\n"))
+        self.pixels.update(digest)
+        self.count += 1
+
+    def result(self) -> dict:
+        return {"version": 1, "images": self.count, "classes": len(self.class_names),
+                "files": self.files.hexdigest(), "pixels": self.pixels.hexdigest()}
+
+
+def content_identity(images: np.ndarray, paths, labels, class_names) -> dict:
+    """What the decoded data is, independent of where it lives and of file times: its number
+    of images and classes, a sha256 over (path, class name) of every row, and a sha256 over
+    the rows' own sha256 of their decoded pixels. Two entries with equal `files` and `pixels`
+    hold the same images under the same names and labels."""
+    content = _Content(class_names)
+    for j, (path, label) in enumerate(zip(paths, np.asarray(labels).tolist())):
+        content.add(path, label, hashlib.sha256(np.ascontiguousarray(images[j]).data).digest())
+    return content.result()
+
+
 def _manifest_key(listing: Listing, reader, size: int, mode: str, max_pixels: int,
                   face_crop=()) -> str:
     h = hashlib.sha256()
@@ -188,13 +233,13 @@ def _manifest_key(listing: Listing, reader, size: int, mode: str, max_pixels: in
     stats = reader.fingerprint()
     if listing.kind == "files":
         for path, label, stat in zip(listing.paths, listing.labels.tolist(), stats):
-            h.update(f"{path}\0{label}\0{stat}\n".encode())
+            h.update(_utf8(f"{path}\0{label}\0{stat}\n"))
     else:
         for stat in stats:
             h.update(f"{stat}\n".encode())
         h.update(np.ascontiguousarray(listing.ids, np.int64).tobytes())
         h.update(np.ascontiguousarray(listing.labels, np.int32).tobytes())
-        h.update("\n".join(listing.paths).encode())
+        h.update(_utf8("\n".join(listing.paths)))
     return h.hexdigest()
 
 
@@ -212,7 +257,29 @@ def _load_entry(directory: str, key: str, size: int) -> CachedImages | None:
         return None
     if images.dtype != np.uint8 or images.shape != (len(rows), size, size, 3):
         return None
-    return CachedImages(images, rows, skipped, directory, reused=True)
+    content = manifest.get("content")
+    content = content if isinstance(content, dict) and "pixels" in content else None
+    return CachedImages(images, rows, skipped, directory, reused=True, content=content)
+
+
+def _add_content(entry: CachedImages, listing: Listing) -> CachedImages:
+    """An entry built before contents were hashed: hashes it once and records it in its
+    manifest (when the cache folder is writable)."""
+    print(f"hashing the {len(entry.rows)} images of an older cache entry (once)", flush=True)
+    content = content_identity(entry.images, [listing.paths[r] for r in entry.rows],
+                               listing.labels[entry.rows], listing.class_names)
+    path = os.path.join(entry.directory, "manifest.json")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        manifest["content"] = content
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(manifest, f, indent=1)
+        os.replace(tmp, path)
+    except (OSError, ValueError):
+        pass  # a read-only cache: hashed again next time
+    return dataclasses.replace(entry, content=content)
 
 
 def _remove_stale_tmp(parent: str, name: str) -> None:
@@ -282,7 +349,7 @@ def _can_spawn() -> bool:
 
 
 def _decode_all(reader, n: int, workers: int):
-    """Yields (row, image | None, reason, detail) in row order."""
+    """Yields (row, image | None, sha256 of the image, reason, detail) in row order."""
     if workers <= 1:
         for i in range(n):
             yield _read(reader, i)
@@ -302,15 +369,36 @@ def _decode_all(reader, n: int, workers: int):
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+def check_entry_size(count: int, size: int, parent: str, max_cache_gb: float) -> None:
+    """Refuses an entry of `count` rows of size x size x 3 bytes above `max_cache_gb` (0: no
+    cap) or above the free disk under `parent`, before any of it is written."""
+    if isinstance(max_cache_gb, bool) or not isinstance(max_cache_gb, (int, float)) \
+            or not max_cache_gb >= 0:
+        raise ConfigError(f"data.max_cache_gb must be a number >= 0 (0 = no cap), "
+                          f"got {max_cache_gb!r}")
+    need = count * size * size * 3
+    what = f"the cache of {count} images of {size}x{size}"
+    if max_cache_gb and need > max_cache_gb * 1e9:
+        raise ConfigError(f"{what} would take {need / 1e9:,.1f} GB, above "
+                          f"data.max_cache_gb={max_cache_gb:g}: lower data.image_size, cap the "
+                          f"data (data.max_images) or raise data.max_cache_gb")
+    limits.check_disk(need, parent, "data.image_size (or cap the data with data.max_images)",
+                      what)
+
+
 def _build(listing: Listing, reader, directory: str, key: str, size: int, mode: str,
-           max_pixels: int, workers: int, face_crop=()) -> CachedImages:
+           max_pixels: int, workers: int, face_crop=(), max_cache_gb: float = 0.0
+           ) -> CachedImages:
     parent, name = os.path.split(directory)
+    check_entry_size(len(listing), size, parent, max_cache_gb)
     tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
     os.makedirs(tmp)
     n = len(listing)
     start = time.perf_counter()
     try:
         kept, failed = [], []
+        content = _Content(listing.class_names)
+        labels = listing.labels.tolist()
         row_bytes = size * size * 3
         with open(os.path.join(tmp, "images.npy"), "wb") as f:
             header = _npy_header((n, size, size, 3))
@@ -318,12 +406,13 @@ def _build(listing: Listing, reader, directory: str, key: str, size: int, mode: 
             bar = tqdm(total=n, desc=f"decoding {name.rsplit('-', 1)[0]}", unit="img",
                        disable=None, mininterval=0.5)
             with bar:
-                for i, image, reason, detail in _decode_all(reader, n, workers):
+                for i, image, digest, reason, detail in _decode_all(reader, n, workers):
                     if image is None:
                         failed.append((listing.paths[i], reason, detail))
                     else:
                         assert image.shape == (size, size, 3) and image.dtype == np.uint8
-                        f.write(np.ascontiguousarray(image).data)
+                        f.write(image.data)
+                        content.add(listing.paths[i], labels[i], digest)
                         kept.append(i)
                     bar.update(1)
             f.seek(0)
@@ -347,7 +436,7 @@ def _build(listing: Listing, reader, directory: str, key: str, size: int, mode: 
                     "image_size": size, "resize_mode": mode, "max_pixels": max_pixels,
                     "face_crop": list(face_crop), "num_images": len(kept),
                     "num_skipped": len(skipped),
-                    "class_names": list(listing.class_names),
+                    "class_names": list(listing.class_names), "content": content.result(),
                     "seconds": round(time.perf_counter() - start, 3), "workers": workers}
         with open(os.path.join(tmp, "manifest.json"), "w") as f:  # written last
             json.dump(manifest, f, indent=1)
@@ -356,6 +445,9 @@ def _build(listing: Listing, reader, directory: str, key: str, size: int, mode: 
         except OSError:  # another process finished the same entry first; use theirs
             if _load_entry(directory, key, size) is None:
                 raise
+    except OSError as e:  # e.g. the disk filled up after all: nothing half-written remains
+        raise DataError(f"cannot write the cache entry {directory}: {e.strerror or e} (set "
+                        f"data.cache_dir or $FACEJAX_CACHE to a disk with room)") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     entry = _load_entry(directory, key, size)
@@ -366,7 +458,8 @@ def _build(listing: Listing, reader, directory: str, key: str, size: int, mode: 
 
 def cache_listing(listing: Listing, *, image_size: int, resize_mode: str = "crop",
                   max_pixels: int = 50_000_000, cache_dir: str = "",
-                  workers: int = 0, face_crop=(), prune: bool = False) -> CachedImages:
+                  workers: int = 0, face_crop=(), prune: bool = False,
+                  max_cache_gb: float = 0.0) -> CachedImages:
     """Returns the decoded images of `listing`, building the cache entry if needed.
 
     Files that fail to decode are left out (see `rows`) and, with the scan's own skipped
@@ -374,11 +467,14 @@ def cache_listing(listing: Listing, *, image_size: int, resize_mode: str = "crop
     `workers=0` picks one process per core (and none for small listings). `face_crop` is
     `decode.decode_image`'s box; entries with different boxes never share a folder or key.
     `prune` deletes the older entries of the same source and settings (otherwise a newly
-    built entry only reports them).
+    built entry only reports them). A new entry must fit `max_cache_gb` (0: no cap) and the
+    free disk. The entry's `content` identifies the decoded data (`content_identity`).
 
     Raises:
-      DataError: when no image of the listing can be decoded, or the cache folder is unusable.
-      ConfigError: for an invalid `face_crop`.
+      DataError: when no image of the listing can be decoded, or the cache folder is unusable
+        or too small.
+      ConfigError: for an invalid `face_crop`, an image_size above its bound, or an entry
+        above `max_cache_gb`.
     """
     face_crop = decode.check_face_crop(face_crop)
     if resize_mode not in decode.RESIZE_MODES:
@@ -386,6 +482,7 @@ def cache_listing(listing: Listing, *, image_size: int, resize_mode: str = "crop
                         f"got {resize_mode!r}")
     if image_size < 1:
         raise DataError(f"data.image_size must be positive, got {image_size}")
+    limits.check_size("data.image_size", image_size)
     if len(listing) == 0:
         raise DataError(f"no images to decode under {listing.root}")
     reader = _READERS[listing.kind](listing, image_size, resize_mode, max_pixels, face_crop)
@@ -405,7 +502,9 @@ def cache_listing(listing: Listing, *, image_size: int, resize_mode: str = "crop
         _remove_stale_tmp(parent, name)
         workers = _resolve_workers(workers, len(listing), reader.parallel)
         entry = _build(listing, reader, directory, key, image_size, resize_mode, max_pixels,
-                       workers, face_crop)
+                       workers, face_crop, max_cache_gb=max_cache_gb)
+    if entry.content is None:
+        entry = _add_content(entry, listing)
     what = "reused cache of" if entry.reused else "decoded"
     line = f"{what} {len(entry.rows)} images"
     if entry.skipped:

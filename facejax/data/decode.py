@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
+from facejax import limits
 from facejax.errors import ConfigError, DataError
 
 RESIZE_MODES = ("crop", "pad")
@@ -46,7 +47,7 @@ def decode_image(path: str, size: int, mode: str = "crop",
     Raises:
       BadImage: for an empty, unreadable, truncated, corrupt or non-image file, or one with
         more than `max_pixels` pixels (checked from the header, before decoding).
-      ConfigError: for an invalid `face_crop`.
+      ConfigError: for an invalid `face_crop`, or `size` above `limits.MAX_IMAGE_SIDE`.
     """
     box = check_face_crop(face_crop)
     _check_args(size, mode)
@@ -144,6 +145,7 @@ def _check_args(size: int, mode: str) -> None:
         raise DataError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
     if size < 1:
         raise DataError(f"image size must be positive, got {size}")
+    limits.check_size("data.image_size", size)  # before a size x size canvas is allocated
 
 
 def _decode(fileobj, size: int, mode: str, max_pixels: int, box: tuple) -> np.ndarray:

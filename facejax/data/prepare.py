@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import numbers
 
 import numpy as np
 
+from facejax import limits
 from facejax.data import cache, decode, sources, splits
 from facejax.data.sources import Listing
 from facejax.data.splits import Subset
 from facejax.errors import ConfigError, DataError
 
-__all__ = ["PreparedData", "Subset", "prepare_data"]
+__all__ = ["PreparedData", "Subset", "data_change", "prepare_data"]
 
 SOURCES = ("folder", "competition", "idx", "tfds")
 PROTOCOLS = ("closed_set", "open_set")
@@ -30,6 +32,8 @@ class PreparedData:
     labels index `identity_names` (-1 = unlabelled) and `gallery is None` means leave-one-out.
     `protocol` is closed_set, open_set or competition. `val` only selects the model; the
     queries never overlap it, except closed_set with data.test_fraction=0 (query is val).
+    `data_id` identifies the decoded data (counts, a hash of the file names and labels, a hash
+    of the pixels, and the root): runs and indexes record it, and `data_change` compares two.
     """
     images: np.ndarray
     paths: list[str]
@@ -44,6 +48,7 @@ class PreparedData:
     skipped: list[tuple[str, str]]
     identity_names: list[str]
     cache_dir: str = ""
+    data_id: dict = dataclasses.field(default_factory=dict)
 
     def summary(self) -> str:
         g = "leave-one-out" if self.gallery is None else f"{len(self.gallery)} images"
@@ -74,6 +79,16 @@ def _face_crop(cfg) -> tuple[float, ...]:
 def _check_config(cfg) -> None:
     """Bad settings fail here, before any scanning or decoding."""
     _face_crop(cfg)
+    for key in ("image_size", "max_pixels", "decode_workers", "workers"):
+        if key in cfg:
+            limits.check_size(f"data.{key}", cfg[key])
+    if isinstance(cfg.max_pixels, bool) or not isinstance(cfg.max_pixels, numbers.Integral) \
+            or cfg.max_pixels < 1:
+        raise ConfigError(f"data.max_pixels must be a whole number >= 1, got {cfg.max_pixels!r}")
+    # The largest image that is decoded rather than skipped, as RGBA.
+    limits.check_memory(cfg.max_pixels * 4,
+                        f"decoding one image of data.max_pixels={cfg.max_pixels:,} pixels",
+                        "lower data.max_pixels (larger images are skipped)")
     if cfg.source not in SOURCES:
         raise ConfigError(f"data.source must be one of {SOURCES}, got {cfg.source!r}")
     if cfg.source != "competition" and cfg.protocol not in PROTOCOLS:
@@ -97,7 +112,48 @@ def _cache(listing: Listing, cfg, prune_cache: bool = False) -> cache.CachedImag
     return cache.cache_listing(listing, image_size=cfg.image_size, resize_mode=cfg.resize_mode,
                                max_pixels=cfg.max_pixels, cache_dir=cfg.cache_dir,
                                workers=cfg.decode_workers, face_crop=_face_crop(cfg),
-                               prune=prune_cache)
+                               prune=prune_cache,
+                               # A run's config.json from before the setting: free disk only.
+                               max_cache_gb=cfg.get("max_cache_gb", 0.0))
+
+
+def _data_id(cached: cache.CachedImages, root: str) -> dict:
+    return dict(cached.content or {}, root=root)
+
+
+def data_change(recorded: dict | None, current: dict | None) -> str:
+    """What differs between two `PreparedData.data_id`s, in words ('' when the images, their
+    names and labels are the same; a moved root or new file times do not count).
+
+    Either side empty (a run or index from before data ids were recorded) compares as ''.
+    """
+    if not recorded or not current:
+        return ""
+    if all(recorded.get(k) == current.get(k) for k in ("files", "pixels")):
+        return ""
+
+    def counts(d):
+        return f"{d.get('images')} images in {d.get('classes')} classes"
+
+    if counts(recorded) != counts(current):
+        what = f"{counts(recorded)} then, {counts(current)} now"
+    elif recorded.get("files") != current.get("files"):
+        what = (f"the same number of images ({current.get('images')}), but other file names "
+                f"or labels")
+    else:
+        what = (f"the same {current.get('images')} file names and labels, but other pixels "
+                f"(images replaced or edited)")
+    if recorded.get("root") != current.get("root"):
+        what += f"; the root was {recorded.get('root')}, now {current.get('root')}"
+    return what
+
+
+def _note_run_folders(listing: Listing) -> None:
+    runs = [p for p, reason in listing.skipped if reason == sources.RUN_FOLDER_REASON]
+    if runs:
+        print(f"note: left out {len(runs)} facejax run folder{'s' if len(runs) > 1 else ''} "
+              f"inside the data ({', '.join(runs[:3])}{', ...' if len(runs) > 3 else ''}): "
+              f"a --workdir holds the run's outputs, not images", flush=True)
 
 
 def _report_excluded(excluded: list[tuple[str, str]]) -> None:
@@ -126,6 +182,7 @@ def _prepare_competition(cfg, prune_cache: bool) -> PreparedData:
                     np.concatenate([part.labels for part in parts]), comp.identity_names,
                     [s for part in parts for s in part.skipped])
     part_of = np.repeat(np.arange(3), [len(p) for p in parts])
+    _note_run_folders(union)
     cached = _cache(union, cfg, prune_cache)
     paths = [union.paths[r] for r in cached.rows]
     labels = union.labels[cached.rows]
@@ -147,7 +204,7 @@ def _prepare_competition(cfg, prune_cache: bool) -> PreparedData:
         train=split.train, val=split.val, query=Subset(query, labels[query]),
         gallery=Subset(gallery, labels[gallery]), protocol="competition",
         skipped=cached.skipped + split.excluded, identity_names=comp.identity_names,
-        cache_dir=cached.directory)
+        cache_dir=cached.directory, data_id=_data_id(cached, comp.training.root))
 
 
 def prepare_data(cfg, *, prune_cache: bool = False) -> PreparedData:
@@ -171,6 +228,7 @@ def prepare_data(cfg, *, prune_cache: bool = False) -> PreparedData:
     if cfg.source == "competition":
         return _prepare_competition(cfg, prune_cache)
     listing = _limited(_scan(cfg), cfg)
+    _note_run_folders(listing)
     cached = _cache(listing, cfg, prune_cache)
     paths = [listing.paths[r] for r in cached.rows]
     labels = listing.labels[cached.rows]
@@ -194,4 +252,4 @@ def prepare_data(cfg, *, prune_cache: bool = False) -> PreparedData:
         num_classes=len(split.class_names), train=split.train, val=split.val,
         query=split.query, gallery=split.gallery, protocol=split.protocol,
         skipped=cached.skipped + split.excluded, identity_names=split.identity_names,
-        cache_dir=cached.directory)
+        cache_dir=cached.directory, data_id=_data_id(cached, listing.root))

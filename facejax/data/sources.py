@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import gzip
+import math
 import os
 import shutil
 import subprocess
@@ -11,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from facejax import limits
 from facejax.errors import DataError
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".webp"})
@@ -83,20 +86,120 @@ def _require_dir(path: str, what: str) -> None:
         raise DataError(f"{what} is not a folder: {path}")
 
 
-def _walk_images(root: str, top: str) -> tuple[list[str], list[tuple[str, str]]]:
-    """All image files under `top` (recursively, sorted), as paths relative to `root`."""
-    found, skipped = [], []
-    for dirpath, dirnames, filenames in os.walk(top):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-        for name in sorted(filenames):
-            if _is_hidden(name):
-                continue
-            rel = _rel(root, os.path.join(dirpath, name))
-            if _is_image(name):
-                found.append(rel)
+# A folder holding config.json and one of these is a facejax run folder (--workdir): its plots,
+# reports and enrolled images are the run's output, never data, even inside the data root.
+# lr_find.json marks scripts/lr_find.py's --workdir (its plot is no data either).
+RUN_FOLDER_FILE = "config.json"
+RUN_FOLDER_MARKERS = frozenset({"classes.json", "checkpoints", "embedder", "metrics.jsonl"})
+LR_FIND_FILE = "lr_find.json"
+RUN_FOLDER_REASON = "a facejax run folder (--workdir), not data"
+DUPLICATE_REASON = "duplicate: a link to another listed file (counted once)"
+LINKED_FOLDER_REASON = "symlinked folder inside a class folder (not followed)"
+
+
+def _is_run(names: set[str]) -> bool:
+    return (RUN_FOLDER_FILE in names and bool(names & RUN_FOLDER_MARKERS)) or \
+        LR_FIND_FILE in names
+
+
+def is_run_folder(path: str) -> bool:
+    """Whether `path` is a facejax run folder (config.json beside classes.json, checkpoints/,
+    embedder/ or metrics.jsonl; or lr_find.json)."""
+    try:
+        names = set(os.listdir(path))
+    except OSError:
+        return False
+    return _is_run(names)
+
+
+@dataclasses.dataclass
+class _Group:
+    """Image files found under one folder: `paths` relative to the scan's root, `real[i]` the
+    resolved location of `paths[i]` (symlinks followed), which tells links apart. `name` is
+    the class folder's name and `folder` its path relative to the root ('' for loose files)."""
+    name: str | None
+    folder: str
+    paths: list[str]
+    real: list[str]
+
+
+def _walk_images(root: str, top: str) -> tuple[_Group, list[tuple[str, str]]]:
+    """All image files under `top` (recursively, sorted as os.walk would), relative to `root`.
+
+    Hidden entries are ignored; run folders, symlinked sub-folders (not followed, so a link
+    loop cannot recurse), unreadable folders and non-image files are reported in `skipped`.
+    """
+    group = _Group(os.path.basename(top), _rel(root, top) + "/", [], [])
+    skipped = []
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        rel_folder = _rel(root, folder) + "/"
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted((e for e in it if not _is_hidden(e.name)), key=lambda e: e.name)
+        except OSError as e:
+            skipped.append((rel_folder, f"unreadable folder ({e.strerror or e})"))
+            continue
+        if _is_run({e.name for e in entries}):
+            skipped.append((rel_folder, RUN_FOLDER_REASON))
+            continue
+        real_folder = os.path.realpath(folder)
+        subfolders = []
+        for e in entries:
+            if e.is_dir():
+                if e.is_symlink():
+                    skipped.append((_rel(root, e.path) + "/", LINKED_FOLDER_REASON))
+                else:
+                    subfolders.append(e.path)
+            elif _is_image(e.name):
+                group.paths.append(_rel(root, e.path))
+                group.real.append(os.path.realpath(e.path) if e.is_symlink()
+                                  else os.path.join(real_folder, e.name))
             else:
-                skipped.append((rel, "not an image extension"))
-    return found, skipped
+                skipped.append((_rel(root, e.path), "not an image extension"))
+        stack += reversed(subfolders)  # depth first, in name order
+    return group, skipped
+
+
+def _drop_duplicates(root: str, groups: list[_Group]) -> list[tuple[str, str]]:
+    """Keeps one path per real file across `groups` (in place); reports the others.
+
+    A symlinked class folder (`s8_alias -> s8`) or file would give one image two entries, or
+    two labels. The copy kept is the one that lives where it is listed (no link on its path),
+    else the first in scan order. A class folder left with no file is reported once.
+    """
+    real_root = os.path.realpath(root)
+    owner: dict[str, tuple[int, int]] = {}
+    dropped: set[tuple[int, int]] = set()
+
+    def direct(g: int, i: int) -> bool:
+        return os.path.normpath(os.path.join(real_root, groups[g].paths[i])) == groups[g].real[i]
+
+    for g, group in enumerate(groups):
+        for i, real in enumerate(group.real):
+            first = owner.setdefault(real, (g, i))
+            if first == (g, i):
+                continue
+            if direct(g, i) and not direct(*first):
+                dropped.add(first)
+                owner[real] = (g, i)
+            else:
+                dropped.add((g, i))
+    skipped = []
+    for g, group in enumerate(groups):
+        gone = [i for i in range(len(group.paths)) if (g, i) in dropped]
+        if gone and len(gone) == len(group.paths) and group.folder:
+            kept_in = collections.Counter(groups[owner[group.real[i]][0]].folder or "./"
+                                          for i in gone).most_common(1)[0][0]
+            skipped.append((group.folder, f"same files as {kept_in} (links; counted once there)"))
+        else:
+            skipped += [(group.paths[i], DUPLICATE_REASON) for i in gone]
+    for g, group in enumerate(groups):
+        keep = [i for i in range(len(group.paths)) if (g, i) not in dropped]
+        group.paths = [group.paths[i] for i in keep]
+        group.real = [group.real[i] for i in keep]
+    return skipped
 
 
 def _class_dirs(top: str) -> tuple[list[str], list[str]]:
@@ -108,27 +211,53 @@ def _class_dirs(top: str) -> tuple[list[str], list[str]]:
     return dirs, files
 
 
+def _refuse_run_folder(path: str, what: str) -> None:
+    if is_run_folder(path):
+        raise DataError(f"{what} {path} is a facejax run folder (a --workdir: it holds "
+                        f"{RUN_FOLDER_FILE} and the run's files), not images: point "
+                        f"--config.data.root at the image folder")
+
+
+def _class_groups(base: str, top: str, loose: _Group | None = None
+                  ) -> tuple[list[_Group], list[tuple[str, str]]]:
+    """One group per visible sub-folder of `top` (its images, recursively), after `loose`
+    (files directly in `top`, if given), with duplicates across all of them dropped. Class
+    folders left without images are reported, not returned."""
+    dirs, _ = _class_dirs(top)
+    groups, skipped = [], []
+    for d in dirs:
+        group, bad = _walk_images(base, os.path.join(top, d))
+        skipped += bad
+        groups.append(group)
+    skipped += _drop_duplicates(base, ([loose] if loose else []) + groups)
+    reported = {p for p, _ in skipped}
+    for group in groups:
+        if not group.paths and group.folder not in reported:
+            skipped.append((group.folder, "empty class folder"))
+    return [g for g in groups if g.paths], skipped
+
+
 def scan_folder(root: str, *, _rel_root: str | None = None) -> Listing:
     """One sub-folder per class (searched recursively); labels follow sorted folder names.
 
     Extensions in IMAGE_EXTS count in any letter case; hidden files and folders are ignored.
     Other files, loose images beside the class folders and empty class folders are reported
-    in `skipped`, and an empty class folder gets no label.
+    in `skipped`, and an empty class folder gets no label. A file reached twice through
+    symlinks (a linked class folder or file) is listed once, where it really lives, and the
+    other paths are reported; a facejax run folder (a --workdir inside the data) is left out.
     """
     _require_dir(root, "image folder")
+    _refuse_run_folder(root, "image folder")
     base = root if _rel_root is None else _rel_root
-    dirs, loose = _class_dirs(root)
+    _, loose = _class_dirs(root)
     skipped = [(_rel(base, os.path.join(root, f)), "not in a class folder") for f in loose]
+    groups, bad = _class_groups(base, root)
+    skipped += bad
     paths, labels, class_names = [], [], []
-    for d in dirs:
-        files, bad = _walk_images(base, os.path.join(root, d))
-        skipped += bad
-        if not files:
-            skipped.append((_rel(base, os.path.join(root, d)) + "/", "empty class folder"))
-            continue
-        paths += files
-        labels += [len(class_names)] * len(files)
-        class_names.append(d)
+    for group in groups:
+        paths += group.paths
+        labels += [len(class_names)] * len(group.paths)
+        class_names.append(group.name)
     if not paths:
         raise DataError(f"no images found under {root}: expected one sub-folder per class, "
                         f"e.g. {root}/<class>/<image>.jpg (extensions: "
@@ -140,17 +269,17 @@ def _scan_eval_part(root: str, part: str) -> tuple[list[str], list[str | None], 
     """query/ or gallery/: loose files are unlabelled, sub-folders are identities."""
     top = os.path.join(root, part)
     _require_dir(top, f"competition {part}/ folder")
-    dirs, loose = _class_dirs(top)
-    paths = [_rel(root, os.path.join(top, f)) for f in loose]
-    names: list[str | None] = [None] * len(paths)
-    skipped = []
-    for d in dirs:
-        files, bad = _walk_images(root, os.path.join(top, d))
-        skipped += bad
-        if not files:
-            skipped.append((_rel(root, os.path.join(top, d)) + "/", "empty class folder"))
-        paths += files
-        names += [d] * len(files)
+    _, loose_names = _class_dirs(top)
+    loose = _Group(None, "", [], [])
+    for f in loose_names:
+        full = os.path.join(top, f)
+        loose.paths.append(_rel(root, full))
+        loose.real.append(os.path.realpath(full))
+    dirs, skipped = _class_groups(root, top, loose)
+    paths, names = list(loose.paths), [None] * len(loose.paths)
+    for group in dirs:
+        paths += group.paths
+        names += [group.name] * len(group.paths)
     if not paths:
         raise DataError(f"competition {part}/ folder has no images: {top}")
     return paths, names, skipped
@@ -221,10 +350,14 @@ def _read_idx(path: str, ndim: int, header_only: bool = False) -> np.ndarray | t
             shape = _idx_header(f, path, ndim)
             if header_only:
                 return shape
-            data = f.read()
+            count = math.prod(shape)
+            # The header sets the size: check it before reading (a .gz can expand without end).
+            limits.check_memory(count, f"the idx file {path} (shape {shape})",
+                                "is the file damaged? Its header asks for that much",
+                                error=DataError)
+            data = f.read(count)
     except (OSError, EOFError) as e:  # bad gzip stream, unreadable file
         raise DataError(f"cannot read idx file {path}: {e}") from None
-    count = int(np.prod(shape))
     if len(data) < count:
         raise DataError(f"{path} is truncated: {len(data)} bytes of pixel data, expected {count}")
     return np.frombuffer(data, np.uint8, count).reshape(shape)

@@ -60,8 +60,12 @@ class Split:
 
 
 def unit_hash(*parts) -> float:
-    """A uniform number in [0, 1) determined only by `parts` (stable across runs/machines)."""
-    key = "\x1f".join(str(p) for p in parts).encode("utf-8")
+    """A uniform number in [0, 1) determined only by `parts` (stable across runs/machines).
+
+    Text is hashed as UTF-8; a file name that is not valid UTF-8 (which Python holds with
+    surrogate escapes) hashes as its escapes, so it is split like any other name.
+    """
+    key = "\x1f".join(str(p) for p in parts).encode("utf-8", "surrogatepass")
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") / 2.0 ** 64
 
 

@@ -33,6 +33,9 @@ _RUN_KEYS = ("seed", "model.name", "data.source", "data.root", "data.image_size"
 # Settings added after runs were first saved: older config.json files get these defaults, so
 # that they can also be overridden (--config.index.scann_init=kmeans++) on such a run.
 _LATER_KEYS = {"index.scann_init": "random"}
+# Settings that hold for one command only: config.json's value (a resumed training run may
+# have saved true) is never inherited; an override sets them again.
+_COMMAND_KEYS = {"data.allow_changed_data": False}
 # The report.json fields compare_workdirs reads.
 _REPORT_KEYS = ("ks", "metrics", "protocol", "num_queries", "gallery_size")
 
@@ -64,6 +67,9 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
         if not has_key(config, key):
             section, name = key.split(".")
             config[section][name] = default
+    for key, value in _COMMAND_KEYS.items():
+        section, name = key.split(".")
+        config[section][name] = value
     return config
 
 
@@ -127,7 +133,7 @@ def build_workdir_index(workdir: str, config, *, backend: str | None = None,
     emb = embed_to_shards(embedder, data.images, gallery.indices, paths, work,
                           batch_size=config.index.batch_size, progress=progress)
     info = dict(root=data.root, source=config.data.source, protocol=data.protocol,
-                leave_one_out=loo, label_names=_names(data))
+                leave_one_out=loo, label_names=_names(data), data_id=data.data_id)
     index = SearchIndex.build(emb, paths, gallery.labels, embedder.meta, backend=backend,
                               exact_max_items=config.index.exact_max_items,
                               target_recall=target, k=ks[-1], info=info,
@@ -153,6 +159,7 @@ def evaluate_workdir(workdir: str, config, *, progress: bool = True) -> dict:
     embedder = load_embedder(os.path.join(workdir, EMBEDDER_DIR))
     index = load_index(os.path.join(workdir, INDEX_DIR), expect=embedder.meta)
     data = prepare_run_data(config, embedder)
+    _check_index_data(index, data, workdir, allow=bool(config.data.get("allow_changed_data")))
     q_emb = None
     out_dir = os.path.join(workdir, REPORT_DIR)
     if data.protocol == "competition":
@@ -183,6 +190,30 @@ def evaluate_workdir(workdir: str, config, *, progress: bool = True) -> dict:
                         plots_dir=os.path.join(workdir, "plots"),
                         title=f"Retrieval report: {model}")
     return result
+
+
+def _check_index_data(index: SearchIndex, data, workdir: str, *, allow: bool) -> None:
+    """Refuses to score an index against data that changed since it was built (its gallery
+    embeddings would be stale), unless `allow` (data.allow_changed_data) says to go on."""
+    from facejax.data.prepare import data_change
+
+    recorded = index.info.get("data_id")
+    if not recorded:
+        print(f"note: the index in {workdir} records no data id (built by an older facejax): "
+              f"cannot check that the data is unchanged; rebuild it with "
+              f"scripts/build_index.py --workdir {workdir} to record one", flush=True)
+        return
+    change = data_change(recorded, data.data_id)
+    if not change:
+        return
+    if allow:
+        print(f"warning: the data changed since the index was built ({change}); evaluating "
+              f"anyway because data.allow_changed_data=true: the gallery embeddings are the "
+              f"old images'", flush=True)
+        return
+    raise DataError(f"the data changed since the index in {workdir} was built: {change}. "
+                    f"Rebuild the index (scripts/build_index.py --workdir {workdir}), or pass "
+                    f"--config.data.allow_changed_data=true to evaluate against it anyway")
 
 
 # ----------------------------------------------------------------------------- search

@@ -37,8 +37,9 @@ MONITORS = {"val_accuracy": "max", "val_top1": "max", "val_loss": "min"}
 # checkpoint means (where data lives, how long to run, logging, evaluation-only settings).
 RESUMABLE_FIELDS = (
     "data.root", "data.cache_dir", "data.tfds_data_dir", "data.decode_workers", "data.workers",
-    "train.epochs", "train.early_stopping_patience", "train.log_every_steps",
-    "train.checkpoint_every_steps", "index", "eval",
+    "data.allow_changed_data", "data.max_cache_gb", "train.epochs",
+    "train.early_stopping_patience", "train.log_every_steps", "train.checkpoint_every_steps",
+    "index", "eval",
 )
 
 
@@ -50,7 +51,13 @@ def _score(monitor: str):
 
 
 class RunCheckpoints:
-    """The `workdir/checkpoints` orbax manager, keeping the latest and the best step."""
+    """The `workdir/checkpoints` orbax manager, keeping the latest and the best step.
+
+    `data_id` (the training data's `PreparedData.data_id`, set by the loop) is recorded in
+    every checkpoint's meta, so that a resume can tell when the data changed.
+    """
+
+    data_id: dict | None = None
 
     def __init__(self, workdir: str, monitor: str = "val_top1", *, read_only: bool = False):
         if monitor not in MONITORS:
@@ -97,6 +104,8 @@ class RunCheckpoints:
     def save(self, step: int, state, *, meta: dict, data_state: Any,
              metrics: dict | None = None) -> None:
         """Saves asynchronously; `metrics` (with the monitor) marks an epoch-end checkpoint."""
+        if self.data_id:
+            meta = dict(meta, data=self.data_id)
         args = ocp.args.Composite(
             model=ocp.args.StandardSave({"params": state.params,
                                          "batch_stats": state.batch_stats}),
@@ -234,6 +243,37 @@ def check_compatible(meta: dict, config_dict: dict, num_classes: int, directory:
         raise CheckpointError(
             f"the checkpoint in {directory} was written with another config ({shown}). Resume "
             f"with the original settings, or start a new --workdir")
+
+
+def check_same_data(meta: dict, data_id: dict, directory: str, *, allow: bool = False) -> None:
+    """Refuses to resume a checkpoint trained on other data than `data_id` describes.
+
+    The checkpoint's meta records the data it was trained on (`PreparedData.data_id`): file
+    names, labels and decoded pixels, not file times or where the data lives, so a moved or
+    copied folder resumes. `allow` (data.allow_changed_data) accepts a change with a warning.
+    Checkpoints saved before data ids were recorded resume with a note.
+    """
+    from facejax.data.prepare import data_change
+
+    recorded = meta.get("data")
+    if not data_id:
+        return
+    if not recorded:
+        print(f"note: the checkpoint in {directory} records no data id (saved by an older "
+              f"facejax): resuming without checking that the data is unchanged", flush=True)
+        return
+    change = data_change(recorded, data_id)
+    if not change:
+        return
+    if allow:
+        print(f"warning: the training data changed since the checkpoint in {directory} "
+              f"({change}); resuming on the new data because data.allow_changed_data=true",
+              flush=True)
+        return
+    raise CheckpointError(
+        f"the checkpoint in {directory} was trained on other data: {change}. Resume with the "
+        f"original data, start a new --workdir, or pass --config.data.allow_changed_data=true "
+        f"to continue training on the new data")
 
 
 def abstract_like(tree, sharding=None):

@@ -134,9 +134,12 @@ def _train(run: _Run, ckpt: ckpt_lib.RunCheckpoints):
     config_dict = json.loads(to_json(config))
     state = run.state
     latest = ckpt.latest_step()
+    ckpt.data_id = data.data_id  # recorded in every checkpoint, checked on resume
     if latest is not None:  # refuse another run's checkpoint before reading its arrays
         meta = ckpt.read_meta(latest)
         ckpt_lib.check_compatible(meta, config_dict, data.num_classes, ckpt.directory)
+        ckpt_lib.check_same_data(meta, data.data_id, ckpt.directory,
+                                 allow=bool(config.data.get("allow_changed_data", False)))
         if meta.get("classes") != list(data.class_names):
             raise ckpt_lib.CheckpointError(
                 f"the checkpoint in {ckpt.directory} was trained on other classes than the "
