@@ -281,6 +281,7 @@ def test_kill_9_during_enrolments_loses_no_acknowledged_change(run, tmp_path):
     colours = [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(400)]
     acked: dict[int, tuple] = {}
     deleted: list[int] = []
+    deleting: list[int] = []  # a delete sent but not answered: it may or may not have happened
     server = Server(work, extra_args=["--compact_every", "7"]).wait_ready()
     stop = threading.Event()
 
@@ -297,10 +298,12 @@ def test_kill_9_during_enrolments_loses_no_acknowledged_change(run, tmp_path):
                         acked[r.json()["ids"][0]] = colour
                     if i % 9 == 8:
                         victim = next(iter(acked))
+                        deleting.append(victim)
                         if c.delete(server.url + f"/v1/gallery/{victim}",
                                     headers=KEY).status_code == 200:
                             deleted.append(victim)
                             acked.pop(victim)
+                        deleting.remove(victim)
                 except httpx.HTTPError:
                     return  # the server died mid-request: that change was never acknowledged
 
@@ -311,7 +314,8 @@ def test_kill_9_during_enrolments_loses_no_acknowledged_change(run, tmp_path):
     assert server.kill() == -9
     stop.set()
     writers[0].join()
-    assert os.path.getsize(os.path.join(work, "gallery", "log.jsonl")) > 0
+    # (The log may be empty: with --compact_every 7 the kill can follow a compaction.)
+    assert os.path.exists(os.path.join(work, "gallery", "log.jsonl"))
 
     with start_server(work) as s, httpx.Client(timeout=30) as c:
         items = []
@@ -320,16 +324,16 @@ def test_kill_9_during_enrolments_loses_no_acknowledged_change(run, tmp_path):
                            ).json()["items"]
         ids = [it["id"] for it in items]
         assert len(ids) == len(set(ids))                  # nothing twice
-        assert set(acked) <= set(ids)                     # nothing acknowledged lost
+        assert set(acked) - set(deleting) <= set(ids)     # nothing acknowledged lost
         assert not set(deleted) & set(ids)                # no acknowledged delete undone
         assert len(set(ids) - set(acked)) <= 1            # at most the one in flight
-        for item_id in list(acked)[::7]:
+        for item_id in [i for i in acked if i in ids][::7]:
             top = _search(c, s.url, _png(acked[item_id]), k=3).json()["results"]
             assert item_id in [h["id"] for h in top if h["score"] > 0.9999], item_id
     # The graceful stop compacted the log into the saved index, which loads and checks out.
     meta = load_embedder(os.path.join(work, "embedder")).meta
     index = load_index(os.path.join(work, "index"), expect=meta)
-    assert set(acked) <= set(index.ids.tolist())
+    assert set(acked) - set(deleting) <= set(index.ids.tolist())
     assert os.path.getsize(os.path.join(work, "gallery", "log.jsonl")) == 0
 
 

@@ -22,6 +22,7 @@ def atomic_dir(final: str) -> Iterator[str]:
     final = os.path.abspath(final)
     parent = os.path.dirname(final)
     os.makedirs(parent, exist_ok=True)
+    recover_dir(final)
     base = os.path.basename(final)
     tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
     try:
@@ -40,6 +41,27 @@ def atomic_dir(final: str) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def recover_dir(final: str) -> bool:
+    """Puts back the previous `final` if a crash fell between `atomic_dir`'s two renames (the
+    old copy moved aside, the new one not yet in place); True if it did. Readers call it
+    before they open `final`, so such a crash leaves the old version, never none."""
+    final = os.path.abspath(final)
+    if os.path.lexists(final):
+        return False
+    parent, base = os.path.dirname(final), os.path.basename(final)
+    try:
+        olds = [e for e in os.scandir(parent)
+                if e.name.startswith(f".{base}.old-") and e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return False
+    if not olds:
+        return False
+    newest = max(olds, key=lambda e: e.stat(follow_symlinks=False).st_mtime_ns)
+    os.rename(newest.path, final)
+    fsync_dir(parent)
+    return True
 
 
 def write_file_atomic(path: str, data: bytes) -> None:

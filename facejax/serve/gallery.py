@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from facejax.errors import CheckpointError, DataError
-from facejax.retrieval.atomic import fsync_dir, write_file_atomic
+from facejax.retrieval.atomic import fsync_dir, recover_dir, write_file_atomic
 from facejax.retrieval.index import SearchIndex, load_index
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,9 @@ class Gallery:
     def open(cls, workdir: str, index_dir: str, expect: Mapping[str, Any],
              compact_every: int = 1000) -> Gallery:
         """Loads the saved index (checked against the embedder `expect`) and replays the log."""
+        if recover_dir(index_dir):
+            log.warning("%s was being replaced when the last process stopped; restored the "
+                        "previous copy (the log replays what came after)", index_dir)
         gallery = cls(workdir, load_index(index_dir, expect=expect), index_dir, compact_every)
         gallery._replay()
         return gallery
