@@ -37,13 +37,18 @@ def file_digest(path: str) -> str:
     return h.hexdigest()
 
 
+def _digests(paths: list[str]) -> list[str]:
+    """file_digest of each path, in turn. Hashing the two 512 MB files of a 1M-item ScaNN index
+    on two threads was no faster on this (busy) 2-core machine: 1.47 s against 1.37 s."""
+    return [file_digest(p) for p in paths]
+
+
 def hash_files(root: str, names: Iterable[str]) -> dict[str, dict[str, Any]]:
     """{name: {"bytes", "sha256"}} for files `names` (relative to `root`, '/'-separated)."""
-    out = {}
-    for name in sorted(names):
-        path = os.path.join(root, *name.split("/"))
-        out[name] = {"bytes": os.path.getsize(path), ALGORITHM: file_digest(path)}
-    return out
+    names = sorted(names)
+    paths = [os.path.join(root, *name.split("/")) for name in names]
+    return {name: {"bytes": os.path.getsize(path), ALGORITHM: digest}
+            for name, path, digest in zip(names, paths, _digests(paths))}
 
 
 def files_under(root: str, exclude: Iterable[str] = ()) -> list[str]:
@@ -67,7 +72,10 @@ def verify_files(root: str, files: Any, *, what: str, fix: str) -> None:
     """
     if not isinstance(files, Mapping):
         raise CheckpointError(f"{what}: its manifest's file table is damaged; {fix}")
-    for name, entry in sorted(files.items()):
+    names, paths = sorted(files), []
+    # Sizes first: a missing, empty or truncated file fails before anything is read.
+    for name in names:
+        entry = files[name]
         path = os.path.join(root, *str(name).split("/"))
         if (not isinstance(entry, Mapping) or not isinstance(entry.get("bytes"), int)
                 or not isinstance(entry.get(ALGORITHM), str)):
@@ -81,11 +89,14 @@ def verify_files(root: str, files: Any, *, what: str, fix: str) -> None:
         if size != entry["bytes"]:
             raise CheckpointError(f"{what}: {name} is {size} bytes, the manifest says "
                                   f"{entry['bytes']} (truncated or damaged); {fix}")
-        try:
-            digest = file_digest(path)
-        except OSError as e:
-            raise CheckpointError(f"{what}: cannot read {name} ({e}); {fix}") from None
-        if digest != entry[ALGORITHM]:
+        paths.append(path)
+    try:
+        digests = _digests(paths)
+    except OSError as e:
+        raise CheckpointError(f"{what}: cannot read {e.filename} ({e.strerror}); {fix}") \
+            from None
+    for name, digest in zip(names, digests):
+        if digest != files[name][ALGORITHM]:
             raise CheckpointError(f"{what}: {name} does not match its {ALGORITHM} in the "
                                   f"manifest (the file is damaged); {fix}")
 
