@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 
 from facejax import cli, config
+from facejax.retrieval import report
 from facejax.retrieval import workdir as wd
-from facejax.retrieval.index import BACKENDS
+from facejax.retrieval.index import BACKENDS, DEFAULT_TARGET_RECALL
 
 
 def main(argv: list[str]) -> int:
@@ -23,7 +24,8 @@ def main(argv: list[str]) -> int:
                         help="default: the run's index.backend")
     parser.add_argument("--target_recall", type=float, default=None,
                         help="in (0, 1]: tune ScaNN to this recall@k against exact search "
-                             "(no effect with exact search, whose recall is 1)")
+                             f"(default: the run's index.target_recall, {DEFAULT_TARGET_RECALL}; "
+                             "no effect with exact search, whose recall is 1)")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(rest)
     cfg = wd.read_run_config(args.workdir)
@@ -40,6 +42,11 @@ def main(argv: list[str]) -> int:
               f"recall@{t['k']}={t['recall']:.4f} on {t['num_queries']} gallery queries, "
               f"{t.get('recall_lower', t['recall']):.4f} less 2 standard errors "
               f"(target {t['target_recall']}, {'met' if t['met'] else 'NOT met'})")
+        if not t["met"]:
+            print(report.bold(
+                f"WARNING: this ScaNN index serves recall@{t['k']} {t['recall']:.4f}, below "
+                f"its target {t['target_recall']}: no setting tried reached it. Searches miss "
+                f"neighbours that exact search finds; use --backend exact, or a lower target"))
     return 0
 
 

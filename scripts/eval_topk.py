@@ -28,6 +28,8 @@ def main(argv: list[str]) -> int:
         config.apply_override(cfg, item)
     result = wd.evaluate_workdir(args.workdir, cfg, progress=not args.no_progress)
     report_dir = os.path.join(args.workdir, wd.REPORT_DIR)
+    for line in report.warning_lines(result):
+        print(report.bold(line))
     if result.get("competition_json"):
         print(f"wrote the top-k ranking of {result['num_queries_total']} queries "
               f"({result['num_queries_unlabelled']} unlabelled) to "
@@ -38,6 +40,9 @@ def main(argv: list[str]) -> int:
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
         for line in [header] + rows:
             print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
+    for line in (report.search_line(result), report.ann_line(result)):
+        if line:
+            print(line)
     # Without scored queries this says why, instead of a table of NaNs.
     print(result_summary(result))
     print(f"report: {os.path.join(report_dir, 'report.html')}")

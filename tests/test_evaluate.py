@@ -166,3 +166,113 @@ def test_nothing_scored_summary_has_no_nan():
     line = E.result_summary(r)
     assert "nan" not in line.lower()
     assert "none of the 2 queries could be scored (2 unlabelled" in line
+
+
+def two_people(n, d=64, seed=0):
+    """A leave-one-out face gallery of 2 identities whose neighbours spread over many ScaNN
+    leaves (the issue: 1,362 faces of 2 people, default ScaNN recall@10 0.56, mAP@R 0.19)."""
+    centers = np.random.default_rng(100).standard_normal((2, d))
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    x = centers[labels] + rng.standard_normal((n, d))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), labels.astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def faces():
+    x, y = two_people(1362)
+    meta = dict(META, embed_dim=64)
+    paths = [f"p{label}/img{i}.jpg" for i, label in enumerate(y)]
+    untuned = SearchIndex.build(x, paths, y, meta, backend="scann", target_recall=0)
+    exact = SearchIndex.build(x, paths, y, meta, backend="exact")
+    kw = dict(ks=(1, 5, 10), self_rows=np.arange(len(x)), protocol="open_set")
+    return x, y, untuned, E.evaluate_embeddings(x, y, exact, **kw), kw
+
+
+def test_metrics_come_from_exact_search_when_affordable(faces, tmp_path):
+    from facejax.retrieval import report as R
+
+    x, y, untuned, want, kw = faces
+    got = E.evaluate_embeddings(x, y, untuned, **kw)
+    assert got["search"]["metrics_from"] == "exact" and got["search"]["pairs"] == 1362 * 1362
+    assert got["metrics"] == want["metrics"]
+    # The served (untuned) setting is measured against exact search and flagged.
+    assert got["ann_recall"]["recall@10"] < 0.6
+    assert any("recall@10 against exact search on these queries is" in w
+               for w in got["warnings"])
+    assert any("never tuned" in w for w in got["warnings"])
+    R.write_report(got, str(tmp_path))
+    md = (tmp_path / "report.md").read_text()
+    page = (tmp_path / "report.html").read_text()
+    assert "**Warning: the ScaNN index's recall@10 against exact search on these queries" in md
+    assert "<b>Warning: the ScaNN index&#x27;s recall@10 against exact search" in page
+    assert ("Metrics from exact search (1,855,044 query x gallery pairs, within "
+            "eval.exact_max_pairs=10,000,000,000), not from the scann index.") in md
+
+
+def test_metrics_beyond_the_bound_come_from_scann_tuned_for_their_depth(faces):
+    from facejax.retrieval import report as R
+
+    x, y, untuned, want, kw = faces
+    before = dict(untuned.scann_params)
+    got = E.evaluate_embeddings(x, y, untuned, exact_max_pairs=1000, **kw)
+    s = got["search"]
+    # mAP@R reads R (~680) results deep: the search is tuned for that depth, not for 10.
+    assert s["metrics_from"] == "scann" and s["depth"] > 600
+    assert s["tuned_for"] == f"recall@{s['depth']}" and s["depth_recall"] >= 0.93
+    assert abs(got["metrics"]["map@r"] - want["metrics"]["map@r"]) < 0.03
+    assert "Metrics from the ScaNN index re-tuned for recall@" in R.search_line(got)
+    # The index itself is left as it was served.
+    assert untuned.scann_params == before and untuned.tuning is None
+    with pytest.raises(ConfigError, match="eval.exact_max_pairs must be a whole number"):
+        E.evaluate_embeddings(x, y, untuned, exact_max_pairs=-1, **kw)
+
+
+def test_chance_levels_are_what_random_rankings_score():
+    from facejax.retrieval import metrics as M
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 40)
+    n, ks = len(labels), (1, 5, 10)
+    num_rel = M.count_relevant(labels, labels, leave_one_out=True)
+    want = E.chance_levels(num_rel, n - 1, ks)
+    others = np.array([np.delete(np.arange(n), i) for i in range(n)])  # [Q, n-1]
+    sums = {}
+    trials = 3000
+    for _ in range(trials):
+        order = np.argsort(rng.random(others.shape), axis=1)
+        rel = labels[np.take_along_axis(others, order, axis=1)] == labels[:, None]
+        for key, v in M.per_query_metrics(rel, num_rel, ks).items():
+            sums[key] = sums.get(key, 0.0) + v.mean() / trials
+    assert set(want) == set(sums)
+    for key in sums:
+        assert want[key] == pytest.approx(sums[key], abs=0.006), key
+
+
+def test_open_set_results_state_their_held_out_identities_and_chance(tmp_path):
+    from facejax.retrieval import report as R
+
+    x, y = two_people(300, d=8)
+    paths = [f"p{label}/img{i}.jpg" for i, label in enumerate(y)]
+    index = SearchIndex.build(x, paths, y, dict(META, embed_dim=8), backend="exact")
+    r = E.evaluate_embeddings(x, y, index, ks=(1, 5), self_rows=np.arange(300),
+                              protocol="open_set")
+    assert r["held_out_identities"] == 2
+    assert r["chance"]["top1"] == pytest.approx(0.5, abs=0.02)
+    assert any("only 2 held-out identities (fewer than 10)" in w for w in r["warnings"])
+    assert f"(2 held-out identities; chance Top-1={r['chance']['top1']:.4f}" in \
+        E.result_summary(r)
+    R.write_report(r, str(tmp_path))
+    md = (tmp_path / "report.md").read_text()
+    assert "**Warning: only 2 held-out identities (fewer than 10)" in md
+    assert "Held-out identities (never trained on): 2" in md
+    assert f"| chance, k=1 | {r['chance']['top1']:.4f} |" in md
+    assert f"(chance {r['chance']['map@r']:.4f}; 2 held-out identities)" in md
+    table = R.compare_table([("a", r)]).splitlines()
+    assert table[0].endswith("| Held-out identities | Top-1 by chance |")
+    assert table[2].endswith(f"| 2 | {r['chance']['top1']:.4f} |")
+    # A closed-set result carries none of it.
+    closed = E.evaluate_embeddings(x[:50], y[:50], index, ks=(1,))
+    assert closed["held_out_identities"] is None and not closed["warnings"]
+    assert not any(row[0].startswith("chance") for row in R.metric_rows(closed)[1])

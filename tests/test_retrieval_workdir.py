@@ -302,3 +302,49 @@ def test_search_marks_results_below_the_calibrated_threshold(run, capsys):
             _script("search").main(args + ["--threshold", "2"])
     finally:
         report.unlink()
+
+
+def test_a_scann_index_below_its_target_is_flagged_in_bold(run, tmp_path, monkeypatch, capsys):
+    """Every setting measured below the target (as on a gallery ScaNN cannot serve well):
+    build_index and eval_topk say so in bold on stdout, and the report does too."""
+    import shutil
+
+    from facejax.retrieval import metrics
+
+    work = str(tmp_path / "miss")
+    shutil.copytree(run[0], work)
+    monkeypatch.setattr(metrics, "ann_recall_per_query",
+                        lambda approx, exact, k: np.zeros(len(approx)))
+    capsys.readouterr()
+    assert _script("build_index").main(["--workdir", work, "--no_progress",
+                                        "--backend", "scann"]) == 0
+    out = capsys.readouterr().out
+    assert "(target 0.95, NOT met)" in out
+    assert "**WARNING: this ScaNN index serves recall@3 0.0000, below its target 0.95" in out
+    assert _script("eval_topk").main(["--workdir", work, "--no_progress"]) == 0
+    out = capsys.readouterr().out
+    assert "**Warning: the ScaNN index serves a setting below its target: recall@3" in out
+    assert "**Warning: the ScaNN index's recall@3 against exact search on these queries" in out
+    assert "Metrics from exact search" in out
+    md = pathlib.Path(work, "report", "report.md").read_text()
+    assert "**Warning: the ScaNN index serves a setting below its target" in md
+    assert "tuned at build for recall@3 >= 0.95" in md and "(NOT met)" in md
+
+
+def test_open_set_with_a_holdout_count_through_the_scripts(run, tmp_path, capsys):
+    import shutil
+
+    work = str(tmp_path / "open")
+    shutil.copytree(run[0], work)
+    overrides = ["--config.data.protocol=open_set", "--config.data.open_set_holdout=3",
+                 "--config.data.open_set_min_images=2"]
+    assert _script("build_index").main(["--workdir", work, "--no_progress"] + overrides) == 0
+    assert "holds out only 3 identities (fewer than 10)" in capsys.readouterr().out
+    assert _script("eval_topk").main(["--workdir", work, "--no_progress"] + overrides) == 0
+    out = capsys.readouterr().out
+    assert "Held-out identities (never trained on): 3" in out
+    assert "**Warning: only 3 held-out identities (fewer than 10)" in out
+    assert re.search(r"chance, k=1 +0\.\d{4}", out), out
+    result = _json(work, "report", "report.json")
+    assert result["held_out_identities"] == 3 and result["protocol"] == "open_set"
+    assert 0 < result["chance"]["top1"] < 1

@@ -304,3 +304,31 @@ def test_check_disjoint_catches_overlap():
                        None, ["a"], [])
     with pytest.raises(DataError, match="overlap"):
         splits.check_disjoint(bad)
+
+
+def test_open_set_holdout_as_a_count_and_a_warning_for_few_identities(capsys):
+    """24 identities: a 0.2 holdout kept 2 (Top-1 near trivial); a whole count holds out
+    exactly that many, the lowest hashes; fewer than 10 held out prints a warning."""
+    counts = {f"id{k:02d}": 6 for k in range(24)}
+    paths, labels, names = _dataset(counts)
+    kw = dict(min_eval_images=5, val_fraction=0.2, seed=3)
+    s = open_set(paths, labels, names, holdout=10.0, **kw)
+    held = {s.identity_names[l] for l in s.query.labels}
+    assert len(held) == 10
+    assert held == set(sorted(names, key=lambda n: unit_hash(3, "identity", n))[:10])
+    assert not {s.class_names[l] for l in s.train.labels} & held
+    assert "warning" not in capsys.readouterr().out
+    check_fractions(open_set_holdout=10.0)  # the config check accepts a count
+    two = open_set(paths, labels, names, holdout=2, **kw)
+    assert len(set(two.query.labels.tolist())) == 2
+    assert "holds out only 2 identities (fewer than 10)" in capsys.readouterr().out
+    few = open_set(paths, labels, names, holdout=0.2, **kw)
+    n_few = len(set(few.query.labels.tolist()))
+    assert n_few < 10 and f"holds out only {n_few} identities" in capsys.readouterr().out
+    for bad in (1.0, 1, 2.5, -3, True):  # one held-out identity makes every metric 1
+        with pytest.raises(ConfigError, match="a whole count >= 2"):
+            open_set(paths, labels, names, holdout=bad, **kw)
+    with pytest.raises(DataError, match="asks for 25 held-out identities, but only 24 have"):
+        open_set(paths, labels, names, holdout=25, **kw)
+    with pytest.raises(DataError, match="leaves 1 identities to train on"):
+        open_set(paths, labels, names, holdout=23, **kw)

@@ -29,6 +29,9 @@ from facejax.errors import ConfigError, DataError
 # Side codes of `split_sides`.
 NONE, TRAIN, VAL, TEST = -1, 0, 1, 2
 MIN_TRAIN_CLASSES = 2  # a softmax over one class learns nothing
+# Open-set figures over fewer held-out identities than this are flagged: on a 24-identity set
+# a 0.2 holdout kept 2, where a random ranking already gets Top-1 about 0.5.
+MIN_OPEN_SET_IDENTITIES = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,9 +80,10 @@ def _hashes(seed: int, purpose: str, class_names: Sequence[str], labels: np.ndar
 
 def check_fractions(val_fraction: float = 0.0, test_fraction: float = 0.0,
                     open_set_holdout: float = 0.0) -> None:
-    """Raises ConfigError unless each fraction is in [0, 1) and val + test leaves train some."""
-    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction),
-                        ("open_set_holdout", open_set_holdout)):
+    """Raises ConfigError unless each fraction is in [0, 1) and val + test leaves train some;
+    `open_set_holdout` may also be a whole count >= 2 (see `holdout_count`)."""
+    holdout_count(open_set_holdout)
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
             raise ConfigError(f"data.{name} must be in [0, 1), got {value!r}")
     if val_fraction + test_fraction >= 1.0:
@@ -231,6 +235,20 @@ def closed_set(paths: Sequence[str], labels: np.ndarray, class_names: Sequence[s
     return Split("closed_set", names, train, val, query, train, names, excluded)
 
 
+def holdout_count(holdout) -> int:
+    """0 when `data.open_set_holdout` is a fraction in [0, 1), else the whole count (>= 2) of
+    identities it asks to hold out; ConfigError for anything else. One held-out identity is
+    refused: every result would be relevant and every metric 1."""
+    ok = isinstance(holdout, numbers.Real) and not isinstance(holdout, bool)
+    if ok and 0.0 <= holdout < 1.0:
+        return 0
+    if ok and holdout >= 2 and float(holdout).is_integer():
+        return int(holdout)
+    raise ConfigError(f"data.open_set_holdout must be in [0, 1) (a fraction of the "
+                      f"identities) or a whole count >= 2 (how many identities to hold out), "
+                      f"got {holdout!r}")
+
+
 def open_set(paths: Sequence[str], labels: np.ndarray, class_names: Sequence[str], *,
              holdout: float, min_eval_images: int, val_fraction: float, seed: int,
              min_images: int = 2) -> Split:
@@ -239,11 +257,16 @@ def open_set(paths: Sequence[str], labels: np.ndarray, class_names: Sequence[str
     identities are the test).
 
     Only identities with at least `min_eval_images` (and 2) images can be held out, since
-    the others could not be evaluated; each such identity is held out when its hash is below
-    `holdout`. At least one identity is held out, and held-out identities go back to training
-    (highest hash first) while fewer than 2 identities would be left to train on.
+    the others could not be evaluated. A fractional `holdout` holds out each such identity
+    whose hash is below it: at least one, and held-out identities go back to training
+    (highest hash first) while fewer than 2 identities would be left to train on. A whole
+    `holdout` >= 2 holds out that many, lowest hash first (a DataError if there are not that
+    many, or if fewer than 2 identities would be left to train on); a new identity with a lower
+    hash can take an old one's place. Fewer than MIN_OPEN_SET_IDENTITIES held out prints a
+    warning: the evaluation's scores are then close to chance (the report gives chance levels).
     """
     check_fractions(val_fraction, 0.0, holdout)
+    count = holdout_count(holdout)
     if holdout <= 0:
         raise ConfigError("data.protocol=open_set needs data.open_set_holdout > 0")
     labels = np.asarray(labels)
@@ -254,13 +277,21 @@ def open_set(paths: Sequence[str], labels: np.ndarray, class_names: Sequence[str
         raise DataError(f"open_set needs identities with at least open_set_min_images={need} "
                         f"images to hold out; the largest has {counts.max() if len(counts) else 0}")
     u = np.array([unit_hash(seed, "identity", n) for n in class_names])
-    held = eligible & (u < holdout)
-    if not held.any():
-        held[np.flatnonzero(eligible)[np.argmin(u[eligible])]] = True
     trainable = counts >= max(min_images, 1)
-    while (trainable & ~held).sum() < MIN_TRAIN_CLASSES and (held & trainable).sum() > 1:
-        back = np.flatnonzero(held & trainable)
-        held[back[np.argmax(u[back])]] = False
+    if count:
+        held = _hold_out_count(count, eligible, trainable, u, need)
+    else:
+        held = eligible & (u < holdout)
+        if not held.any():
+            held[np.flatnonzero(eligible)[np.argmin(u[eligible])]] = True
+        while (trainable & ~held).sum() < MIN_TRAIN_CLASSES and (held & trainable).sum() > 1:
+            back = np.flatnonzero(held & trainable)
+            held[back[np.argmax(u[back])]] = False
+    if held.sum() < MIN_OPEN_SET_IDENTITIES:
+        print(f"warning: open_set holds out only {held.sum()} identities (fewer than "
+              f"{MIN_OPEN_SET_IDENTITIES}): its scores are close to what a random ranking gets "
+              f"(the report gives chance levels); hold out more, e.g. "
+              f"data.open_set_holdout={MIN_OPEN_SET_IDENTITIES} (a count)", flush=True)
     row_held = (labels >= 0) & held[np.maximum(labels, 0)]
     train_rows = np.flatnonzero((labels >= 0) & ~row_held)
     names, train, val, _, excluded = _split_classes(
@@ -269,6 +300,24 @@ def open_set(paths: Sequence[str], labels: np.ndarray, class_names: Sequence[str
     q = np.flatnonzero(row_held)
     query = Subset(q, labels[q])
     return Split("open_set", names, train, val, query, None, list(class_names), excluded)
+
+
+def _hold_out_count(count: int, eligible: np.ndarray, trainable: np.ndarray, u: np.ndarray,
+                    need: int) -> np.ndarray:
+    """The `count` eligible identities with the lowest hashes; DataError if that is more
+    than there are, or leaves fewer than MIN_TRAIN_CLASSES identities to train on."""
+    if count > eligible.sum():
+        raise DataError(f"data.open_set_holdout={count} asks for {count} held-out identities, but "
+                        f"only {eligible.sum()} have at least open_set_min_images={need} images; "
+                        f"lower the count or data.open_set_min_images")
+    order = np.flatnonzero(eligible)[np.argsort(u[eligible], kind="stable")]
+    held = np.zeros(len(u), bool)
+    held[order[:count]] = True
+    left = int((trainable & ~held).sum())
+    if left < MIN_TRAIN_CLASSES:
+        raise DataError(f"data.open_set_holdout={count} leaves {left} identities to train on; "
+                        f"training needs {MIN_TRAIN_CLASSES}: hold out fewer")
+    return held
 
 
 def check_disjoint(split: Split) -> None:

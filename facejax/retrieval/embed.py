@@ -5,7 +5,10 @@ Artifact layout (`workdir/embedder/`):
   with a symbolic batch `b`, lowered for cpu, cuda and tpu when possible.
 - `params.bin`: the parameter leaves as raw bytes (tree-flatten order, 64-byte aligned).
 - `embedder.json`: preprocessing and identity: input_size, resize_mode, normalization, model,
-  embed_dim, l2_normalized, metric, params_hash, the leaf table, facejax version, creation time.
+  embed_dim, l2_normalized, metric, params_hash, the leaf table, facejax version, creation time,
+  `files` (size and sha256 of embedder.bin; params.bin is covered by params_hash, a sha256 of
+  its leaves) and `manifest_sha256` (of embedder.json itself). Every load checks them before
+  parsing; artifacts exported before they existed load with a note.
 
 Parameters are passed as arguments rather than baked into the module as constants: a VGG16 would
 otherwise put 0.5 GB of constants through MLIR and XLA constant folding on every load. The leaves
@@ -30,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 import facejax
 from facejax.errors import CheckpointError, DataError
+from facejax.retrieval import integrity
 from facejax.retrieval.atomic import atomic_dir, write_file_atomic
 
 log = logging.getLogger(__name__)
@@ -40,6 +44,7 @@ _ALIGN = 64
 # Lowered for all of these when possible, so an artifact exported on a GPU box runs on a laptop.
 _PLATFORMS = ("cpu", "cuda", "tpu")
 _REQUIRED_META = ("model", "input_size", "resize_mode", "normalization")
+_FIX = "export it again (scripts/export.py --workdir WORKDIR)"
 
 
 def params_hash(leaves: Sequence[np.ndarray]) -> str:
@@ -113,8 +118,9 @@ def export_embedder(fn: Callable[[Any, jax.Array], jax.Array], params: Any,
             for a, entry in zip(host_leaves, table):
                 f.seek(entry["offset"])
                 f.write(np.ascontiguousarray(a).tobytes())
+        full["files"] = integrity.hash_files(tmp, [_BIN])
         with open(os.path.join(tmp, _JSON), "w") as f:
-            json.dump(full, f, indent=2)
+            json.dump(integrity.seal(full), f, indent=2)
     return full
 
 
@@ -201,18 +207,27 @@ def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
 def load_embedder(path: str, verify: bool = True) -> Embedder:
     """Loads an artifact directory written by `export_embedder`; needs jax only.
 
-    Raises CheckpointError for a missing, unreadable or corrupt artifact. With `verify`, the
-    parameter bytes are re-hashed against `params_hash`.
+    Raises CheckpointError for a missing, unreadable or corrupt artifact. With `verify`,
+    embedder.bin is checked against its sha256 in embedder.json and the parameter bytes are
+    re-hashed against `params_hash`. An artifact exported before embedder.bin had a hash loads
+    with a note, after its module has been parsed and lowered once (that catches most damage,
+    which would otherwise surface only at the first call).
     """
     meta = read_embedder_meta(path)
+    hashed = "files" in meta
+    if hashed and verify:
+        integrity.verify_files(path, meta["files"], what=f"embedder {path}", fix=_FIX)
+    elif not hashed:
+        print(f"note: embedder {path} has no hash of {_BIN} (exported by an older facejax), "
+              f"so damage shows only when it fails to load; {_FIX} to add it", flush=True)
     try:
         with open(os.path.join(path, _BIN), "rb") as f:
             exported = jax.export.deserialize(bytearray(f.read()))
     except FileNotFoundError:
-        raise CheckpointError(f"embedder artifact {path} has no {_BIN}") from None
+        raise CheckpointError(f"embedder artifact {path} has no {_BIN}; {_FIX}") from None
     except Exception as e:  # flatbuffer/MLIR parse errors have no common type
         raise CheckpointError(f"embedder {os.path.join(path, _BIN)} is corrupt or from an "
-                              f"incompatible jax ({type(e).__name__}: {e})") from e
+                              f"incompatible jax ({type(e).__name__}: {e}); {_FIX}") from None
     leaves = _read_params(os.path.join(path, _PARAMS), meta)
     if verify and params_hash(leaves) != meta["params_hash"]:
         raise CheckpointError(f"embedder parameters in {path}/{_PARAMS} do not match "
@@ -224,7 +239,22 @@ def load_embedder(path: str, verify: bool = True) -> Embedder:
     if platform not in exported.platforms:
         raise CheckpointError(f"embedder {path} was exported for {list(exported.platforms)} and "
                               f"cannot run on {platform}; export it again on this machine")
+    if not hashed:
+        _check_module(exported, leaves, int(meta["input_size"]), path)
     return Embedder(exported, leaves, meta)
+
+
+def _check_module(exported, leaves: list[np.ndarray], size: int, path: str) -> None:
+    """Parses and lowers the module once: without a hash this is where a damaged embedder.bin
+    shows (parse errors, impossible device counts, shapes that no longer verify)."""
+    try:
+        exported.mlir_module()
+        specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in leaves]
+        jax.jit(exported.call).lower(specs, jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8))
+    except Exception as e:  # noqa: BLE001  (MLIR and jax raise many types for a bad module)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"embedder {os.path.join(path, _BIN)} is damaged: it does not "
+                              f"load ({type(e).__name__}: {first[:200]}); {_FIX}") from None
 
 
 def read_embedder_meta(path: str) -> dict:
@@ -239,9 +269,10 @@ def read_embedder_meta(path: str) -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"embedder artifact {path} has no {_JSON}") from None
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {meta_path}: {e}") from e
+        raise CheckpointError(f"cannot read {meta_path}: {e}; {_FIX}") from None
     if not isinstance(meta, dict):
-        raise CheckpointError(f"{meta_path} is not a JSON object")
+        raise CheckpointError(f"{meta_path} is not a JSON object; {_FIX}")
+    integrity.check_seal(meta, meta_path, _FIX)
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{meta_path} has format_version {version!r}; this facejax "
@@ -258,7 +289,7 @@ def _read_params(path: str, meta: dict) -> list[np.ndarray]:
         size = os.path.getsize(path)
         raw = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
     except FileNotFoundError:
-        raise CheckpointError(f"embedder parameters {path} are missing") from None
+        raise CheckpointError(f"embedder parameters {path} are missing; {_FIX}") from None
     leaves = []
     for i, entry in enumerate(meta["param_leaves"]):
         try:
@@ -269,7 +300,8 @@ def _read_params(path: str, meta: dict) -> list[np.ndarray]:
             raise CheckpointError(f"bad parameter entry {i} in embedder.json: {e}") from e
         stop = start + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if stop > size:
-            raise CheckpointError(f"{path} is truncated ({size} bytes; leaf {i} needs {stop})")
+            raise CheckpointError(f"{path} is truncated ({size} bytes; leaf {i} needs {stop}); "
+                                  f"{_FIX}")
         leaves.append(np.array(raw[start:stop]).view(dtype).reshape(shape))
     return leaves
 

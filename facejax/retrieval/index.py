@@ -5,10 +5,14 @@ searcher, so it can answer exact queries (for ANN recall), grow, shrink and rebu
 `search` returns row positions into `index.paths / labels / ids` as they are at that moment.
 
 Saved layout (`workdir/index/`, written atomically):
-  manifest.json   backend, count, dim, the embedder's identity, ScaNN params, tuning, info
+  manifest.json   backend, count, dim, the embedder's identity, ScaNN params, tuning, info,
+                  `files` (size and sha256 of every other file) and its own `manifest_sha256`
   embeddings.npy  float32 [N, D]     labels.npy int32 [N]    ids.npy int64 [N]
   paths.json      list of N gallery paths
   scann/          ScaNN's own serialization (relative paths) + order.npy: ids in ScaNN's order
+
+Every load checks the file sizes and hashes before parsing anything (integrity.py); indexes
+saved before the hashes existed load with a note and get them on their next save.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from facejax.errors import CheckpointError, ConfigError, DataError
+from facejax.retrieval import integrity
 from facejax.retrieval.atomic import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -40,6 +45,11 @@ EMBEDDER_FIELDS = ("model", "params_hash", "embed_dim", "normalization", "l2_nor
 _SCANN_MIN_TREE = 1000
 # Rebuild ScaNN when the item count has drifted this far from the count it was trained on.
 _REBUILD_RATIO = 2.0
+# ScaNN indexes tune to this recall@k against exact search unless told otherwise: ScaNN's
+# untuned shape (~sqrt(N) leaves, 5% searched) reached recall@10 of only 0.56 on a 1,362-face
+# gallery of 2 people (27 leaves, 2 searched), and tuning costs seconds at such sizes.
+DEFAULT_TARGET_RECALL = 0.95
+_FIX = "rebuild it with scripts/build_index.py"
 
 
 # ----------------------------------------------------------------------------- exact search
@@ -260,14 +270,17 @@ class SearchIndex:
     @classmethod
     def build(cls, embeddings: np.ndarray, paths: Sequence[str], labels, embedder_meta,
               *, backend: str = "auto", exact_max_items: int = 200_000,
-              target_recall: float = 0.0, k: int = 10, tune_queries: np.ndarray | None = None,
+              target_recall: float | None = None, k: int = 10,
+              tune_queries: np.ndarray | None = None,
               scann_params: Mapping[str, Any] | None = None, info: dict | None = None,
               seed: int = 0) -> SearchIndex:
         """Builds an index over `embeddings[N, D]` (row i is `paths[i]`, `labels[i]`).
 
-        backend 'auto' is exact up to `exact_max_items` items, ScaNN above. With
-        `target_recall` > 0 a ScaNN index tunes leaves_to_search and reorder to reach that
-        recall@k against exact search (on `tune_queries`, or on noisy gallery items).
+        backend 'auto' is exact up to `exact_max_items` items, ScaNN above. A ScaNN index
+        tunes leaves_to_search and reorder to reach `target_recall` (None:
+        DEFAULT_TARGET_RECALL) recall@k against exact search, on `tune_queries` or on gallery
+        items left out in turn; `index.tuning["met"]` says whether it got there. 0 keeps
+        ScaNN's untuned shape (for benchmarks of that shape; nothing is measured then).
         """
         embeddings = _check_embeddings(embeddings, embedder_meta)
         n = len(embeddings)
@@ -280,6 +293,8 @@ class SearchIndex:
             raise DataError(f"{n} embeddings but labels of shape {labels.shape}")
         if backend not in BACKENDS:
             raise ConfigError(f"index backend must be one of {BACKENDS}, got {backend!r}")
+        if target_recall is None:
+            target_recall = DEFAULT_TARGET_RECALL if backend != "exact" else 0.0
         check_target_recall(target_recall)
         if backend == "auto":
             backend = "exact" if n <= exact_max_items else "scann"
@@ -290,7 +305,7 @@ class SearchIndex:
             check_scann_init(params.get("init", "random"))
         index = cls(embeddings, paths, labels, np.arange(n, dtype=np.int64), embedder_meta,
                     backend, scann_params=params, info=info)
-        if backend == "scann" and target_recall > 0:
+        if backend == "scann" and target_recall > 0 and n >= 2:
             index.tune(target_recall, k=k, queries=tune_queries, seed=seed)
         elif target_recall > 0:
             # Exact search has recall 1 by construction: there is nothing to tune.
@@ -378,6 +393,7 @@ class SearchIndex:
             lambda leaves, reorder: run(leaves_to_search=leaves, reorder=reorder),
             truth, k, target_recall, self.scann_params["num_leaves"], self.size, len(queries))
         result["queries"] = "gallery items, leave-one-out" if self_rows is not None else "given"
+        result["gallery_size"] = self.size
         self.scann_params.update(leaves_to_search=result["leaves_to_search"],
                                  reorder=result["reorder"])
         self.tuning = result
@@ -462,6 +478,13 @@ class SearchIndex:
         self._scann = _build_scann(self.embeddings, self.ids, params)
         self.built_count = self.size
         self._sync_scann_rows()
+        # A new tree needs its own search effort: the kept fraction is only a starting point.
+        # An index that was never tuned (saved before tuning was the default) is tuned now.
+        tuned = self.tuning or {}
+        self.tuning = None
+        if self.size >= 2:
+            self.tune(tuned.get("target_recall") or DEFAULT_TARGET_RECALL,
+                      k=tuned.get("k") or 10)
 
     def _sync_scann_rows(self, order: np.ndarray | None = None) -> None:
         # ScaNN reorders items on delete (swap with last); map its positions to our rows.
@@ -513,38 +536,58 @@ class SearchIndex:
                     os.remove(pkl)
                 order = np.array([int(d) for d in self._scann.docids], np.int64)
                 np.save(os.path.join(sdir, "order.npy"), order)
+            manifest = self.manifest()
+            # Hashed from the written files (the page cache): ~0.45 s per 512 MB (integrity.py).
+            manifest["files"] = integrity.hash_files(tmp, integrity.files_under(tmp))
             # The manifest goes last: a directory with a manifest is a complete index.
             with open(os.path.join(tmp, "manifest.json"), "w") as f:
-                json.dump(self.manifest(), f, indent=2)
+                json.dump(integrity.seal(manifest), f, indent=2)
 
     @classmethod
     def load(cls, path: str, expect: Mapping[str, Any] | None = None) -> SearchIndex:
-        """Loads an index; with `expect` (an embedder's meta) refuses a mismatched embedder."""
+        """Loads an index; with `expect` (an embedder's meta) refuses a mismatched embedder.
+
+        Every file is checked against the sizes and sha256 hashes in the manifest before it is
+        parsed; an index saved before the hashes existed loads with a note, after checks of
+        its arrays' types, ranges and finiteness.
+        """
         manifest = read_manifest(path)
+        what = f"index {path}"
+        hashed = "files" in manifest
+        if hashed:
+            integrity.verify_files(path, manifest["files"], what=what, fix=_FIX)
+        else:
+            print(f"note: {what} has no file hashes (saved by an older facejax), so damaged "
+                  f"files may go unnoticed; {_FIX} to add them", flush=True)
         if expect is not None:
             check_embedder(manifest, expect, path)
+        emb = _load_array(path, "embeddings.npy", np.float32)
+        labels = _load_array(path, "labels.npy", np.int32)
+        ids = _load_array(path, "ids.npy", np.int64)
         try:
-            emb = np.load(os.path.join(path, "embeddings.npy"))
-            labels = np.load(os.path.join(path, "labels.npy"))
-            ids = np.load(os.path.join(path, "ids.npy"))
             with open(os.path.join(path, "paths.json")) as f:
                 paths = json.load(f)
         except (OSError, ValueError) as e:
-            raise CheckpointError(f"index {path} is incomplete or corrupt: {e}") from e
+            raise CheckpointError(f"{what}: paths.json is missing or damaged ({e}); "
+                                  f"{_FIX}") from None
         n = manifest.get("count")
-        if not (emb.ndim == 2 and len(emb) == len(labels) == len(ids) == len(paths) == n
+        if not (isinstance(paths, list) and emb.ndim == 2
+                and len(emb) == len(labels) == len(ids) == len(paths) == n
                 and emb.shape[1] == manifest.get("dim")):
             raise CheckpointError(f"index {path} is inconsistent: manifest says {n} items of dim "
                                   f"{manifest.get('dim')}, files hold {emb.shape}, "
-                                  f"{len(labels)} labels, {len(ids)} ids, {len(paths)} paths")
+                                  f"{len(labels)} labels, {len(ids)} ids, {len(paths)} paths; "
+                                  f"{_FIX}")
+        _check_contents(manifest, emb, labels, ids, paths, what, check_values=not hashed)
         searcher = order = None
         if manifest["backend"] == "scann":
             sdir = os.path.join(path, "scann")
+            order = _load_array(sdir, "order.npy", np.int64, what=what, prefix="scann/")
             try:
-                order = np.load(os.path.join(sdir, "order.npy"))
                 searcher = _load_scann(sdir, order)
-            except (OSError, ValueError, RuntimeError) as e:
-                raise CheckpointError(f"cannot load the ScaNN searcher in {sdir}: {e}") from e
+            except Exception as e:  # noqa: BLE001  (ScaNN's C++ errors: IndexError and others)
+                raise CheckpointError(f"{what}: cannot load the ScaNN searcher in scann/ "
+                                      f"({type(e).__name__}: {e}); {_FIX}") from None
         return cls(emb, paths, labels, ids, manifest["embedder"], manifest["backend"],
                    scann_params=manifest.get("scann"), tuning=manifest.get("tuning"),
                    info=manifest.get("info"), next_id=manifest.get("next_id"),
@@ -571,6 +614,7 @@ def check_target_recall(target_recall) -> None:
 
 
 def read_manifest(path: str) -> dict:
+    """The index's manifest.json, its own hash checked (when it has one)."""
     mpath = os.path.join(path, "manifest.json")
     if not os.path.isdir(path):
         raise CheckpointError(f"no index at {path}; build one with scripts/build_index.py")
@@ -581,10 +625,11 @@ def read_manifest(path: str) -> dict:
         raise CheckpointError(f"{path} has no manifest.json: not an index, or an interrupted "
                               f"build; build it again") from None
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {mpath}: {e}") from e
+        raise CheckpointError(f"cannot read {mpath}: {e}; {_FIX}") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{mpath} is not a facejax index manifest of version "
                               f"{FORMAT_VERSION}")
+    integrity.check_seal(manifest, mpath, _FIX)
     if manifest.get("backend") not in ("exact", "scann"):
         raise CheckpointError(f"{mpath} names an unknown backend {manifest.get('backend')!r}")
     return manifest
@@ -703,6 +748,43 @@ def _check_embeddings(embeddings, meta: Mapping[str, Any], dim: int | None = Non
     if not np.isfinite(e).all():
         raise DataError("embeddings contain NaN or inf; the model or its inputs are broken")
     return np.ascontiguousarray(e)
+
+
+def _load_array(directory: str, name: str, dtype, *, what: str | None = None,
+                prefix: str = "") -> np.ndarray:
+    """np.load of one index array as `dtype`; CheckpointError naming the file otherwise."""
+    what = what or f"index {directory}"
+    try:
+        a = np.load(os.path.join(directory, name), allow_pickle=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} is missing {prefix}{name}; {_FIX}") from None
+    # A 0-byte or torn file: EOFError; a damaged header: ValueError or SyntaxError.
+    except (OSError, ValueError, EOFError, SyntaxError) as e:
+        raise CheckpointError(f"{what}: {prefix}{name} is damaged ({type(e).__name__}: {e}); "
+                              f"{_FIX}") from None
+    if a.dtype != dtype:
+        raise CheckpointError(f"{what}: {prefix}{name} holds {a.dtype}, not {np.dtype(dtype)}; "
+                              f"{_FIX}")
+    return a
+
+
+def _check_contents(manifest: Mapping[str, Any], emb: np.ndarray, labels: np.ndarray,
+                    ids: np.ndarray, paths: list, what: str, check_values: bool) -> None:
+    """Ranges every index satisfies; with `check_values` (no hashes) also finite embeddings."""
+    names = (manifest.get("info") or {}).get("label_names") or []
+    top = len(names) - 1 if names else np.iinfo(np.int32).max
+    if len(labels) and (labels.min() < -1 or labels.max() > top):
+        raise CheckpointError(f"{what}: labels.npy holds labels from {labels.min()} to "
+                              f"{labels.max()}, outside -1..{top}; {_FIX}")
+    next_id = manifest.get("next_id")
+    if len(ids) and (ids.min() < 0 or (isinstance(next_id, int) and ids.max() >= next_id)
+                     or len(np.unique(ids)) != len(ids)):
+        raise CheckpointError(f"{what}: ids.npy holds negative, repeated or out-of-range ids "
+                              f"(next_id {next_id}); {_FIX}")
+    if not all(isinstance(p, str) for p in paths):
+        raise CheckpointError(f"{what}: paths.json holds entries that are not paths; {_FIX}")
+    if check_values and not np.isfinite(emb).all():
+        raise CheckpointError(f"{what}: embeddings.npy holds NaN or inf; {_FIX}")
 
 
 # Contract names (docs/CONTRACTS.md).

@@ -7,6 +7,7 @@ import html
 import json
 import math
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -102,11 +103,32 @@ def _fmt(x) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
 
+def bold(text: str, stream=None) -> str:
+    """`text` in bold for a terminal (ANSI), else between Markdown's ** marks."""
+    stream = sys.stdout if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    if isatty is not None and isatty():
+        return f"\033[1m{text}\033[0m"
+    return f"**{text}**"
+
+
+def _open_set(result: Mapping[str, Any]) -> int | None:
+    """The held-out identity count of an open-set result (None otherwise, or for reports
+    written before it was recorded)."""
+    return result.get("held_out_identities")
+
+
 def metric_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The metric table; open-set results get each k's chance level on the row below it."""
     m = result["metrics"]
     header = ["k", "Top-k (hit@k)", "Precision@k", "Recall@k", "F1@k"]
-    rows = [[str(k), _fmt(m[f"top{k}"]), _fmt(m[f"precision@{k}"]), _fmt(m[f"recall@{k}"]),
-             _fmt(m[f"f1@{k}"])] for k in result["ks"]]
+    chance = result.get("chance") if _open_set(result) is not None else None
+    rows = []
+    for k in result["ks"]:
+        keys = (f"top{k}", f"precision@{k}", f"recall@{k}", f"f1@{k}")
+        rows.append([str(k)] + [_fmt(m[key]) for key in keys])
+        if chance:
+            rows.append([f"chance, k={k}"] + [_fmt(chance.get(key)) for key in keys])
     return header, rows
 
 
@@ -116,11 +138,37 @@ def setting_line(result: Mapping[str, Any]) -> str:
     line = (f"Protocol: **{result['protocol']}**{loo}; {result['num_queries']} queries over "
             f"{result['num_identities']} identities; gallery of {result['gallery_size']} images; "
             f"index backend: {result['backend']}.")
+    held = _open_set(result)
+    if held is not None:
+        line += (f" Held-out identities (never trained on): {held}; chance levels are those of "
+                 f"a random ranking of this gallery.")
     skipped = result["num_queries_unlabelled"] + result["num_queries_without_relevant"]
     if skipped:
         line += (f" {skipped} of {result['num_queries_total']} queries were not scored "
                  f"(unlabelled, or no image of their identity in the gallery).")
     return line
+
+
+def search_line(result: Mapping[str, Any]) -> str:
+    """Which search ranked the results the metrics score (exact, or ScaNN tuned for depth)."""
+    s = result.get("search")
+    if not s:
+        return ""
+    pairs = f"{s['pairs']:,} query x gallery pairs"
+    if s["metrics_from"] == "exact":
+        if result["backend"] == "exact":
+            return "Metrics from exact search (the index is exact)."
+        return (f"Metrics from exact search ({pairs}, within eval.exact_max_pairs="
+                f"{s['exact_max_pairs']:,}), not from the {result['backend']} index.")
+    return (f"Metrics from the ScaNN index re-tuned for recall@{s['depth']} (the depth the "
+            f"metrics read): leaves_to_search={s['leaves_to_search']}, reorder={s['reorder']}, "
+            f"recall@{s['depth']} {_fmt(s['depth_recall'])} against exact search on "
+            f"{s['ann_queries']} sampled queries ({pairs} is above eval.exact_max_pairs="
+            f"{s['exact_max_pairs']:,}).")
+
+
+def warning_lines(result: Mapping[str, Any]) -> list[str]:
+    return [f"Warning: {w}" for w in result.get("warnings") or []]
 
 
 def scored(result: Mapping[str, Any]) -> bool:
@@ -171,8 +219,11 @@ def write_report(result: Mapping[str, Any], out_dir: str, *,
     figure = None
     if image_loader is not None and result.get("examples"):
         figure = FIGURE
+        held = _open_set(result)
+        setting = result["protocol"] + (f" ({held} held-out identities)" if held is not None
+                                        else "")
         examples_figure(result["examples"], image_loader, os.path.join(out_dir, FIGURE),
-                        title=f"{result['protocol']}: query and top-5")
+                        title=f"{setting}: query and top-5")
         paths["figure"] = os.path.join(out_dir, FIGURE)
     curves = []
     if plots_dir and os.path.isdir(plots_dir):
@@ -185,30 +236,54 @@ def write_report(result: Mapping[str, Any], out_dir: str, *,
     return paths
 
 
-def _ann_line(result) -> str:
+def ann_line(result) -> str:
     ann = result.get("ann_recall")
     if not ann:
         return ""
     parts = ", ".join(f"{k} = {_fmt(v)}" for k, v in ann.items())
-    return f"ANN recall of the {result['backend']} index against exact search: {parts}."
+    line = f"ANN recall of the {result['backend']} index against exact search: {parts}"
+    s = result.get("search") or {}
+    if s.get("ann_queries"):
+        line += f" (on {s['ann_queries']} queries)"
+    t = result.get("index_tuning")
+    if t:
+        line += (f"; tuned at build for recall@{t['k']} >= {t['target_recall']}: "
+                 f"{_fmt(t['recall'])} on {t['num_queries']} gallery queries "
+                 f"({'met' if t.get('met') else 'NOT met'})")
+    return line + "."
+
+
+def _map_note(result) -> str:
+    """After the mAP@R figure of an open-set result: its chance level and identity count."""
+    held = _open_set(result)
+    if held is None:
+        return ""
+    chance = (result.get("chance") or {}).get("map@r")
+    return f" (chance {_fmt(chance)}; {held} held-out identities)"
 
 
 def _markdown(result, title, figure, curves) -> str:
     emb = result.get("embedder") or {}
     m = result["metrics"]
-    out = [f"# {title}", "", setting_line(result), "",
-           (f"Model: `{emb.get('model')}` (embedder {str(emb.get('params_hash'))[:12]}, "
-            f"dim {emb.get('embed_dim')})."), ""]
+    out = [f"# {title}", ""]
+    warnings = warning_lines(result)
+    if warnings:
+        out += [f"**{w}**" for w in warnings] + [""]
+    out += [setting_line(result), "",
+            (f"Model: `{emb.get('model')}` (embedder {str(emb.get('params_hash'))[:12]}, "
+             f"dim {emb.get('embed_dim')})."), ""]
+    if search_line(result):
+        out += [search_line(result), ""]
     if scored(result):
         out += [_md_table(*metric_rows(result)), "",
                 f"mAP@R (R = the query's number of relevant gallery images): "
-                f"**{_fmt(m['map@r'])}**"]
+                f"**{_fmt(m['map@r'])}**{_map_note(result)}"]
     else:
         out.append(no_score_line(result))
     if result.get("map_r_truncated"):
         out.append(f"({result['map_r_truncated']} queries had R above the retrieved depth; "
                    f"their AP@R counts unretrieved items as misses.)")
-    ann = _ann_line(result)
+    ann = ann_line(result)
     if ann:
         out += ["", ann]
     header, rows = _class_table(result)
@@ -228,7 +303,8 @@ def _markdown(result, title, figure, curves) -> str:
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
 color:#222}table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;
 padding:4px 10px;text-align:right}th{background:#f0f0f0}td:first-child,th:first-child{
-text-align:left}img{max-width:100%;border:1px solid #ddd}.note{color:#555}"""
+text-align:left}img{max-width:100%;border:1px solid #ddd}.note{color:#555}
+.warn{color:#b00020}"""
 
 
 def _html_table(header, rows) -> str:
@@ -243,12 +319,17 @@ def _html(result, title, figure, curves) -> str:
     m = result["metrics"]
     parts = [(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
               f"</title><style>{_CSS}</style></head><body>"),
-             f"<h1>{html.escape(title)}</h1><p>{setting}</p>"]
+             f"<h1>{html.escape(title)}</h1>"]
+    parts += [f"<p class='warn'><b>{html.escape(w)}</b></p>" for w in warning_lines(result)]
+    parts.append(f"<p>{setting}</p>")
+    if search_line(result):
+        parts.append(f"<p class='note'>{html.escape(search_line(result))}</p>")
     if scored(result):
-        parts += [_html_table(*metric_rows(result)), f"<p>mAP@R: <b>{_fmt(m['map@r'])}</b></p>"]
+        parts += [_html_table(*metric_rows(result)),
+                  f"<p>mAP@R: <b>{_fmt(m['map@r'])}</b>{html.escape(_map_note(result))}</p>"]
     else:
         parts.append(f"<p>{html.escape(no_score_line(result))}</p>")
-    ann = _ann_line(result)
+    ann = ann_line(result)
     if ann:
         parts.append(f"<p class='note'>{html.escape(ann)}</p>")
     header, rows = _class_table(result)
@@ -293,6 +374,10 @@ def compare_table(runs: Sequence[tuple[str, Mapping[str, Any]]], k: int | None =
         k = 10 if 10 in common or not common else max(common)
     header = ["Model", "Top-1", "Top-5", "Top-10", f"Precision@{k}", "mAP@R", f"F1@{k}",
               "Protocol", "Queries", "Gallery"]
+    # Open-set rows: how many identities were held out, and a random ranking's Top-1 there.
+    open_set = any(_open_set(r) is not None for _, r in runs)
+    if open_set:
+        header += ["Held-out identities", "Top-1 by chance"]
     rows = []
     for name, r in runs:
         m = r["metrics"]
@@ -300,6 +385,10 @@ def compare_table(runs: Sequence[tuple[str, Mapping[str, Any]]], k: int | None =
         rows.append([name] + [_fmt(m.get(key)) for key in
                               ("top1", "top5", "top10", f"precision@{k}", "map@r", f"f1@{k}")]
                     + [proto, str(r["num_queries"]), str(r["gallery_size"])])
+        if open_set:
+            held = _open_set(r)
+            rows[-1] += ["–", "–"] if held is None else [
+                str(held), _fmt((r.get("chance") or {}).get("top1"))]
     settings = {(r["protocol"], r["num_queries"], r["gallery_size"]) for _, r in runs}
     note = "" if len(settings) <= 1 else (
         "\n\nNote: the runs were evaluated on different query/gallery settings; compare "

@@ -19,9 +19,10 @@ from facejax.config import has_key
 from facejax.errors import CheckpointError, ConfigError, DataError
 from facejax.retrieval import competition, report
 from facejax.retrieval.embed import Embedder, embed_to_shards, load_embedder
-from facejax.retrieval.evaluate import check_ks, check_num_examples, evaluate
-from facejax.retrieval.index import (BACKENDS, SearchIndex, check_k, check_scann_init,
-                                     check_target_recall, load_index)
+from facejax.retrieval.evaluate import (EXACT_MAX_PAIRS, check_exact_max_pairs, check_ks,
+                                        check_num_examples, evaluate)
+from facejax.retrieval.index import (BACKENDS, DEFAULT_TARGET_RECALL, SearchIndex, check_k,
+                                     check_scann_init, check_target_recall, load_index)
 
 EMBEDDER_DIR, INDEX_DIR, WORK_DIR, REPORT_DIR = "embedder", "index", "index_work", "report"
 COMPETITION_JSON = "competition_topk.json"
@@ -32,7 +33,7 @@ _RUN_KEYS = ("seed", "model.name", "data.source", "data.root", "data.image_size"
              "index.target_recall", "index.batch_size", "eval.ks", "eval.num_figure_queries")
 # Settings added after runs were first saved: older config.json files get these defaults, so
 # that they can also be overridden (--config.index.scann_init=kmeans++) on such a run.
-_LATER_KEYS = {"index.scann_init": "random"}
+_LATER_KEYS = {"index.scann_init": "random", "eval.exact_max_pairs": EXACT_MAX_PAIRS}
 # Settings that hold for one command only: config.json's value (a resumed training run may
 # have saved true) is never inherited; an override sets them again.
 _COMMAND_KEYS = {"data.allow_changed_data": False}
@@ -112,7 +113,9 @@ def build_workdir_index(workdir: str, config, *, backend: str | None = None,
     """Embeds the gallery (resumably, in shards) and saves `workdir/index/`.
 
     The gallery is the protocol's gallery subset, or the query subset for leave-one-out.
-    `backend` and `target_recall` default to the run's `index` settings.
+    `backend` and `target_recall` default to the run's `index` settings. A ScaNN index is
+    always tuned: a target of 0 (no tuning, the default of runs saved before tuning was)
+    means DEFAULT_TARGET_RECALL.
     """
     backend = backend or config.index.backend
     target = config.index.target_recall if target_recall is None else target_recall
@@ -120,6 +123,7 @@ def build_workdir_index(workdir: str, config, *, backend: str | None = None,
     if backend not in BACKENDS:
         raise ConfigError(f"index.backend must be one of {BACKENDS}, got {backend!r}")
     check_target_recall(target)
+    untuned, target = not target, target or DEFAULT_TARGET_RECALL
     init = check_scann_init(config.index.scann_init)
     ks = check_ks(config.eval.ks)
     embedder = load_embedder(os.path.join(workdir, EMBEDDER_DIR))
@@ -138,7 +142,10 @@ def build_workdir_index(workdir: str, config, *, backend: str | None = None,
                               exact_max_items=config.index.exact_max_items,
                               target_recall=target, k=ks[-1], info=info,
                               scann_params=dict(init=init), seed=config.seed)
-    if target and index.backend == "exact":
+    if untuned and index.backend == "scann":
+        print(f"note: index.target_recall=0 (no tuning) is read as {target}: ScaNN indexes are "
+              f"always tuned", flush=True)
+    if target_recall and index.backend == "exact":
         print(f"note: target_recall={target} does not apply: the index uses exact search "
               f"(recall 1 by construction; {index.size} items, backend {backend!r}, "
               f"exact_max_items={config.index.exact_max_items})", flush=True)
@@ -156,6 +163,7 @@ def evaluate_workdir(workdir: str, config, *, progress: bool = True) -> dict:
     # Checked before the index, data and embeddings are loaded.
     ks = check_ks(config.eval.ks)
     num_examples = check_num_examples(config.eval.num_figure_queries)
+    exact_max_pairs = check_exact_max_pairs(config.eval.exact_max_pairs)
     embedder = load_embedder(os.path.join(workdir, EMBEDDER_DIR))
     index = load_index(os.path.join(workdir, INDEX_DIR), expect=embedder.meta)
     data = prepare_run_data(config, embedder)
@@ -174,7 +182,7 @@ def evaluate_workdir(workdir: str, config, *, progress: bool = True) -> dict:
     result = evaluate(embedder, data, ks=ks, index=index,
                       batch_size=config.index.batch_size,
                       num_examples=num_examples, seed=config.seed,
-                      progress=progress, query_emb=q_emb)
+                      progress=progress, query_emb=q_emb, exact_max_pairs=exact_max_pairs)
     if data.protocol == "competition":
         result["competition_json"] = COMPETITION_JSON
     model = embedder.meta.get("model") or config.model.name
