@@ -198,7 +198,7 @@ def bench_scann(x, q, truth, quick: bool, check: tuple | None = None) -> list[Re
     meta = dict(META, embed_dim=x.shape[1])
     paths = [""] * len(x)
     index, build, memory = built(
-        lambda: SearchIndex.build(x, paths, None, meta, backend="scann"))
+        lambda: SearchIndex.build(x, paths, None, meta, backend="scann", target_recall=0))
     with tempfile.TemporaryDirectory() as tmp:
         index.save(os.path.join(tmp, "i"))
         size = dir_size(os.path.join(tmp, "i", "scann"))

@@ -95,6 +95,8 @@ def main(argv: list[str]) -> int:
     service = SearchService(args.workdir, settings)
     print(f"facejax: serving {os.path.abspath(args.workdir)} ({service.gallery.size} gallery "
           f"items, {service.embedder.meta.get('model')}) at {url}", flush=True)
+    if service.search_warning():
+        print(f"**WARNING: {service.search_warning()}**", flush=True)
     if made_key:
         print(f"facejax: no API key configured; this run's key for writes: {made_key}\n"
               f"         (set $FACEJAX_API_KEYS or --api_keys_file to choose keys)", flush=True)

@@ -364,3 +364,18 @@ def test_faces_info_and_alignment(run, monkeypatch):
         service.decode(_png((90, 90, 90)), "image", align=True)
     assert e.value.status == 422
     assert "pip install" in service.info()["faces_note"]
+
+
+def test_a_scann_index_below_its_target_is_announced(run):
+    from facejax.serve.service import SearchService
+    from facejax.serve.settings import ServeSettings
+
+    service = SearchService(run[0], ServeSettings())
+    assert service.search_warning() == "" and service.info()["search_warning"] == ""
+    index = service.gallery.index
+    index.backend, index.tuning = "scann", None
+    assert "never tuned" in service.info()["search_warning"]
+    index.tuning = dict(k=10, recall=0.61, target_recall=0.95, met=False)
+    assert "recall@10 0.610, below its target 0.95" in service.info()["search_warning"]
+    index.tuning["met"] = True
+    assert service.search_warning() == ""

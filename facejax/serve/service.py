@@ -110,10 +110,26 @@ class SearchService:
             alignment_available=self.alignment_available,
             faces_note=self._faces_note(),
             gallery_size=self.gallery.size, backend=self.gallery.index.backend,
+            search_warning=self.search_warning(),
             threshold=self.threshold, threshold_source=self.threshold_source,
             auth=dict(writes=True, reads=s.auth_reads),
             limits=dict(max_upload_bytes=s.max_upload_bytes, max_pixels=self.max_pixels,
                         max_k=s.max_k, max_batch=s.max_batch, max_files=s.max_files))
+
+    def search_warning(self) -> str:
+        """'' unless the ScaNN index serves a setting that missed its recall target (or was
+        never tuned): the service then says so in /v1/info and at start-up."""
+        index = self.gallery.index
+        if index.backend != "scann":
+            return ""
+        tuning = index.tuning or {}
+        if not tuning:
+            return ("the ScaNN index was never tuned: its recall against exact search is "
+                    "unknown; rebuild it with scripts/build_index.py")
+        if tuning.get("met") is False:
+            return (f"the ScaNN index serves recall@{tuning.get('k')} {tuning.get('recall'):.3f}, "
+                    f"below its target {tuning.get('target_recall')}")
+        return ""
 
     def _faces_note(self) -> str:
         if not self.expects_face_chips:
