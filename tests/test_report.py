@@ -110,3 +110,22 @@ def test_report_without_scored_queries_has_no_nan_table(tmp_path):
         assert "nan" not in text.lower() and "–" not in text and "Top-k (hit@k)" not in text
     loaded = json.loads((tmp_path / "report.json").read_text())
     assert loaded["metrics"]["top1"] is None
+
+
+def test_names_that_are_not_utf8_reach_the_report(tmp_path):
+    """A file or folder name that is not UTF-8 (os.fsdecode gives surrogate escapes) is shown
+    as \\xNN in the figure, report.md and report.html instead of failing the report."""
+    bad = os.fsdecode(b"Ren\xe9e")  # Latin-1 bytes: not UTF-8
+    result = _result()
+    for ex in result["examples"]:
+        ex["name"] = bad
+        ex["query"] = f"{bad}/{ex['query']}"
+        for r in ex["results"]:
+            r["name"] = bad
+    out = tmp_path / "report"
+    R.write_report(result, str(out), title=f"Report {bad}",
+                   image_loader=lambda p: _loader(p.removeprefix(f"{bad}/")))
+    assert "Ren\\xe9e" in (out / "report.md").read_text()
+    assert "Ren\\xe9e" in (out / "report.html").read_text()
+    assert os.path.getsize(out / R.FIGURE) > 0
+    assert R.displayable("plain é") == "plain é"

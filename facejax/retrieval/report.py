@@ -64,7 +64,7 @@ def draw_grid(rows: Sequence[Mapping[str, Any]], out_png: str, *, title: str = "
             for spine in ax.spines.values():
                 spine.set_edgecolor(color)
                 spine.set_linewidth(5 if j else 3)
-            ax.set_title(caption, fontsize=8, color="black" if j else QUERY)
+            ax.set_title(displayable(caption), fontsize=8, color="black" if j else QUERY)
     axes[0, 0].annotate("query", xy=(0.5, 1.35), xycoords="axes fraction", ha="center",
                         fontsize=9, fontweight="bold", color=QUERY)
     if ncols > 1:
@@ -76,6 +76,12 @@ def draw_grid(rows: Sequence[Mapping[str, Any]], out_png: str, *, title: str = "
     tmp = out_png + ".tmp.png"
     fig.savefig(tmp, dpi=110)
     os.replace(tmp, out_png)
+
+
+def displayable(text: str) -> str:
+    """`text` with bytes that are not UTF-8 (file names taken as surrogate escapes) shown as
+    \\xNN: matplotlib and Markdown take only valid text."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _short(name: str, width: int = 18) -> str:
@@ -231,8 +237,8 @@ def write_report(result: Mapping[str, Any], out_dir: str, *,
                   for p in sorted(glob.glob(os.path.join(plots_dir, "*.png")))]
 
     write_file_atomic(paths["json"], json.dumps(_jsonable(result), indent=2).encode())
-    write_file_atomic(paths["md"], _markdown(result, title, figure, curves).encode())
-    write_file_atomic(paths["html"], _html(result, title, figure, curves).encode())
+    write_file_atomic(paths["md"], displayable(_markdown(result, title, figure, curves)).encode())
+    write_file_atomic(paths["html"], displayable(_html(result, title, figure, curves)).encode())
     return paths
 
 
