@@ -13,6 +13,7 @@ from test_train_loop import TINY, overrides, tiny_idx
 
 from facejax import runlock
 from facejax.errors import FacejaxError
+from facejax.train import checkpoint as ckpt_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT)
@@ -166,3 +167,28 @@ def test_kill_9_of_training_leaves_no_data_worker_alive(tmp_path):
     for p in survivors:  # do not leave them behind either
         os.kill(p, signal.SIGKILL)
     assert not survivors, survivors
+
+
+def test_the_processes_of_one_multi_host_job_share_the_workdir(tmp_path):
+    """Each process locks its own index: two processes of one job (jax.distributed on the CPU)
+    train, checkpoint (SHA256SUMS by process 0, covering both processes' files) and finish."""
+    import socket
+
+    idx_dir = tiny_idx(tmp_path / "idx")
+    workdir = str(tmp_path / "run")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(_train_cmd(workdir, idx_dir, "train.epochs=1"),
+                              env=dict(ENV, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                       JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    assert {_holder_pid(runlock.workdir_lock_path(workdir, i)) for i in range(2)} == \
+        {p.pid for p in procs}
+    step_dir = os.path.join(workdir, "checkpoints", "5")
+    with open(os.path.join(step_dir, ckpt_lib.CHECKSUMS_NAME)) as f:
+        assert "/ocdbt.process_1/" in f.read()
+    assert ckpt_lib.verify_checksums(step_dir) == ""
