@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -20,12 +21,12 @@ TINY = os.path.join(ROOT, "configs", "tiny.py")
 STEP = 2
 
 
-@pytest.fixture(scope="module")
-def saved_run(tmp_path_factory) -> str:
-    """A workdir as training leaves it (config, classes, one best checkpoint), made directly."""
-    workdir = str(tmp_path_factory.mktemp("run"))
+def write_run(workdir: str, poison: str = "") -> str:
+    """A workdir as training leaves it (config, classes, one best checkpoint), made directly;
+    `poison` names a parameter written as NaN."""
     config = load_config(TINY, ["data.root=/nowhere"])  # restoring never reads the data
     config_dict = json.loads(to_json(config))
+    os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(to_json(config))
     with open(os.path.join(workdir, "classes.json"), "w") as f:
@@ -33,6 +34,13 @@ def saved_run(tmp_path_factory) -> str:
     model = state_lib.build_model(config, 3)
     state, _, _, _ = state_lib.create_train_state(config, model, steps_per_epoch=2,
                                                   total_steps=4)
+    if poison:
+        def poisoned(path, x):
+            name = jax.tree_util.keystr(path, simple=True, separator="/")
+            return x * np.nan if name == poison else x
+
+        state = state.replace(params=jax.tree_util.tree_map_with_path(
+            poisoned, {"params": state.params})["params"])
     ckpt = ckpt_lib.RunCheckpoints(workdir, config.train.monitor)
     ckpt.save(STEP, state, meta={"model": "scratch_cnn", "num_classes": 3,
                                  "config": config_dict},
@@ -42,11 +50,19 @@ def saved_run(tmp_path_factory) -> str:
     return workdir
 
 
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory) -> str:
+    return write_run(str(tmp_path_factory.mktemp("run")))
+
+
 def damage(src: str, dst, how: str) -> str:
-    """A copy of run `src` whose checkpoint arrays are truncated or whose manifest is garbage."""
+    """A copy of run `src` whose checkpoint arrays are truncated or whose manifest is garbage,
+    without its checksums (as a checkpoint from before facejax kept them): the damage reaches
+    orbax itself, whose errors must still come out as one line."""
     dst = str(dst)
     shutil.copytree(src, dst)
     model_dir = os.path.join(dst, "checkpoints", str(STEP), "model")
+    os.remove(os.path.join(dst, "checkpoints", str(STEP), ckpt_lib.CHECKSUMS_NAME))
     if how == "truncated":
         data_dir = os.path.join(model_dir, "ocdbt.process_0", "d")
         for name in os.listdir(data_dir):
@@ -56,6 +72,12 @@ def damage(src: str, dst, how: str) -> str:
         with open(os.path.join(model_dir, "manifest.ocdbt"), "wb") as f:
             f.write(b"garbage\n")
     return dst
+
+
+def export_cli(workdir: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "export.py"),
+                           "--workdir", workdir], capture_output=True, text=True, timeout=240,
+                          env=dict(os.environ, PYTHONPATH=ROOT), check=False)
 
 
 @pytest.fixture
@@ -83,12 +105,50 @@ def test_restoring_a_damaged_checkpoint_names_it_and_closes_the_manager(saved_ru
 def test_export_of_a_damaged_checkpoint_prints_one_line(saved_run, tmp_path):
     """The script's whole stderr: no traceback from orbax's abandoned reads or threads."""
     workdir = damage(saved_run, tmp_path / "run", "truncated")
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "export.py"),
-                          "--workdir", workdir], capture_output=True, text=True, timeout=240,
-                         env=dict(os.environ, PYTHONPATH=ROOT), check=False)
+    out = export_cli(workdir)
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot restore checkpoint"), \
+        out.stderr[-3000:]
+    assert not os.path.exists(os.path.join(workdir, "embedder"))
+
+
+def test_a_flipped_byte_in_a_checkpoint_stops_restore_and_export(saved_run, tmp_path):
+    """8 bytes flipped inside the weights used to restore (and export) as wrong or NaN
+    weights without a word; the step's checksums now name the checkpoint and the file."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(saved_run, workdir)
+    step_dir = os.path.join(workdir, "checkpoints", str(STEP))
+    files = [os.path.join(root, n) for root, _, names in os.walk(os.path.join(step_dir, "model"))
+             for n in names]
+    arrays = max(files, key=os.path.getsize)  # the weights' data file
+    with open(arrays, "r+b") as f:
+        f.seek(os.path.getsize(arrays) // 2)
+        flipped = bytes(b ^ 0xFF for b in f.read(8))
+        f.seek(os.path.getsize(arrays) // 2)
+        f.write(flipped)
+    rel = os.path.relpath(arrays, step_dir)
+    with pytest.raises(CheckpointError, match="does not match the checksum") as err:
+        ckpt_lib.restore_model(workdir)
+    assert step_dir in str(err.value) and rel in str(err.value)
+    out = export_cli(workdir)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.strip() == f"error: {err.value}", out.stderr[-3000:]
+    assert not os.path.exists(os.path.join(workdir, "embedder"))
+
+
+def test_nan_weights_in_intact_files_stop_restore_and_export(tmp_path):
+    """Files that match their checksums but hold NaN weights: refused, naming the checkpoint
+    and the array, instead of exporting an embedder that returns NaN."""
+    workdir = write_run(str(tmp_path / "run"), poison="params/head/kernel")
+    step_dir = os.path.join(workdir, "checkpoints", str(STEP))
+    assert ckpt_lib.verify_checksums(step_dir) == ""
+    with pytest.raises(CheckpointError, match=r"NaN or infinite values \(params/head/kernel\)"):
+        ckpt_lib.restore_model(workdir)
+    out = export_cli(workdir)
+    assert out.returncode == 2, out.stderr[-3000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and step_dir in lines[0] and "params/head/kernel" in lines[0], \
         out.stderr[-3000:]
     assert not os.path.exists(os.path.join(workdir, "embedder"))
 

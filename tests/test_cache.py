@@ -3,6 +3,8 @@
 import json
 import os
 import subprocess
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -304,3 +306,44 @@ def test_a_disk_that_fills_up_while_writing_is_one_data_error(image_folder, tmp_
     with pytest.raises(DataError, match="cannot write the cache entry .* No space left"):
         _build(scan_folder(root), tmp_path)
     assert _entries(tmp_path) == []  # no entry, no temporary folder
+
+
+def test_a_second_build_of_the_same_entry_waits_for_the_first_and_reuses_it(
+        image_folder, tmp_path, monkeypatch, capsys):
+    """Two runs asking for one new entry used to decode it twice at once; the second now waits
+    on the entry's lock (naming the holder) and reuses what the first built."""
+    root, _ = image_folder({"a": 2, "b": 2})
+    listing = scan_folder(root)
+    started, release = threading.Event(), threading.Event()
+    decoded = []
+    real = decode.decode_image
+
+    def slow_decode(*args, **kw):  # the first build holds the lock until released
+        decoded.append(threading.current_thread().name)
+        started.set()
+        release.wait(120)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(decode, "decode_image", slow_decode)
+    results = {}
+    threads = [threading.Thread(target=lambda n=name: results.setdefault(n, _build(listing,
+                                                                                  tmp_path)),
+                                name=name) for name in ("first", "second")]
+    out = ""
+    try:
+        threads[0].start()
+        assert started.wait(60)
+        threads[1].start()
+        deadline = time.monotonic() + 60
+        while "waiting for another process" not in out and time.monotonic() < deadline:
+            out += capsys.readouterr().out
+            time.sleep(0.01)
+    finally:
+        release.set()
+        for t in threads:
+            t.join(120)
+    assert f"finish decoding the same images into {results['first'].directory}: decoding " \
+           f"(pid {os.getpid()}" in out
+    assert not results["first"].reused and results["second"].reused
+    assert decoded == ["first"] * 4  # decoded once, by the first
+    assert _entries(tmp_path) == [os.path.basename(results["first"].directory)]  # lock gone

@@ -127,3 +127,57 @@ def test_best_step_follows_the_monitor_direction(tmp_path, tiny_state, monitor, 
     assert ckpt.best_step() == best and ckpt.latest_step() == 8
     assert sorted(ckpt.all_steps()) == [best, 8]
     ckpt.close()
+
+
+def test_every_step_carries_checksums_that_catch_a_changed_byte(tmp_path, tiny_state):
+    """orbax 0.12 checksums no array data; each step gets a SHA256SUMS of its items' files,
+    written before orbax renames the step into place, and checked before any read."""
+    _, state = tiny_state
+    ckpt = ckpt_lib.RunCheckpoints(str(tmp_path), "val_accuracy")
+    for step in (1, 2):
+        ckpt.save(step, state, meta={}, data_state={}, metrics={"val_accuracy": step / 10})
+    ckpt.wait()
+    ckpt.close()
+    step_dir = os.path.join(str(tmp_path), "checkpoints", "2")
+    with open(os.path.join(step_dir, ckpt_lib.CHECKSUMS_NAME)) as f:
+        listed = [line.split("  ", 1)[1] for line in f.read().splitlines()]
+    for item in ("model", "train", "meta", "data"):
+        on_disk = [os.path.relpath(os.path.join(root, name), step_dir)
+                   for root, _, names in os.walk(os.path.join(step_dir, item)) for name in names]
+        assert on_disk and sorted(on_disk) == sorted(p for p in listed if p.startswith(item))
+    assert ckpt_lib.verify_checksums(step_dir) == ""
+    arrays = max((os.path.join(step_dir, p) for p in listed if p.startswith("model/")),
+                 key=os.path.getsize)
+    with open(arrays, "r+b") as f:
+        f.seek(os.path.getsize(arrays) // 2)
+        f.write(b"\xff" * 8)
+    assert "does not match the checksum" in ckpt_lib.verify_checksums(step_dir)
+    reopened = ckpt_lib.RunCheckpoints(str(tmp_path), "val_accuracy", read_only=True)
+    with pytest.raises(CheckpointError, match=rf"cannot restore checkpoint {step_dir}: it is "
+                                              rf"damaged \(model/.* does not match the checksum"):
+        reopened.read_meta(2)
+    reopened.close()
+    os.remove(arrays)
+    assert "cannot be read" in ckpt_lib.verify_checksums(step_dir)
+    with open(os.path.join(step_dir, ckpt_lib.CHECKSUMS_NAME), "w") as f:
+        f.write("not a checksum line\n")
+    assert "is not '<sha256>  <file>'" in ckpt_lib.verify_checksums(step_dir)
+
+
+def test_restoring_nan_arrays_names_the_step_and_the_arrays(tmp_path, tiny_state):
+    """Intact files holding NaN/inf (saved from a model that had gone bad): the resume names
+    the checkpoint instead of training on and blaming the learning rate."""
+    _, state = tiny_state
+    bad = state.replace(opt_state=jax.tree.map(
+        lambda x: np.full(np.shape(x), np.inf, x.dtype)
+        if np.issubdtype(np.asarray(x).dtype, np.floating) else x, state.opt_state))
+    ckpt = ckpt_lib.RunCheckpoints(str(tmp_path), "val_accuracy")
+    ckpt.save(5, bad, meta={}, data_state={})
+    ckpt.wait()
+    step_dir = os.path.join(str(tmp_path), "checkpoints", "5")
+    with pytest.raises(CheckpointError, match=rf"cannot restore checkpoint {step_dir}: it holds "
+                                              r"NaN or infinite values \(opt_state/"):
+        ckpt.restore(5, ckpt_lib.abstract_like(state))
+    ckpt.close()
+    assert ckpt_lib.nonfinite_leaves({"a": np.ones(2), "b": {"c": np.array([0.0, np.nan])},
+                                      "n": np.arange(3)}) == ["b/c"]

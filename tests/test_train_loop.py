@@ -204,6 +204,8 @@ def test_resuming_from_a_damaged_checkpoint_is_one_error(finished_run, tmp_path,
     workdir = str(tmp_path / "damaged")
     shutil.copytree(reference, workdir)
     latest = max(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+    # Without its checksums (written before facejax kept them), the damage reaches orbax.
+    os.remove(os.path.join(workdir, "checkpoints", str(latest), ckpt_lib.CHECKSUMS_NAME))
     data_dir = os.path.join(workdir, "checkpoints", str(latest), "model", "ocdbt.process_0", "d")
     for name in os.listdir(data_dir):  # orbax raises a bare Exception for these
         with open(os.path.join(data_dir, name), "r+b") as f:
@@ -217,6 +219,121 @@ def test_resuming_from_a_damaged_checkpoint_is_one_error(finished_run, tmp_path,
                        match=rf"checkpoints/{latest}: it is damaged.*Delete that folder"):
         loop.train_and_evaluate(config, workdir)
     assert closed == [1]  # an open manager's threads print tracebacks at exit
+
+
+def test_resuming_from_a_checkpoint_with_flipped_bytes_names_it(finished_run, tmp_path):
+    """8 flipped bytes in the weights used to restore as wrong (or NaN) weights, and the NaN
+    loss that followed blamed the learning rate: the resume now stops at the checkpoint."""
+    idx_dir, reference, _ = finished_run
+    workdir = str(tmp_path / "flipped")
+    shutil.copytree(reference, workdir)
+    latest = max(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+    step_dir = os.path.join(workdir, "checkpoints", str(latest))
+    files = [os.path.join(root, n) for root, _, names in os.walk(os.path.join(step_dir, "model"))
+             for n in names]
+    arrays = max(files, key=os.path.getsize)
+    with open(arrays, "r+b") as f:
+        f.seek(os.path.getsize(arrays) // 2)
+        flipped = bytes(b ^ 0xFF for b in f.read(8))
+        f.seek(os.path.getsize(arrays) // 2)
+        f.write(flipped)
+    config = load_config(TINY, overrides(idx_dir) + ["train.epochs=3"])
+    with pytest.raises(ckpt_lib.CheckpointError, match=rf"cannot restore checkpoint {step_dir}: "
+                                                       r"it is damaged \(model/.*checksum"):
+        loop.train_and_evaluate(config, workdir)
+
+
+def _nan_loss_from_step(monkeypatch, first_bad_step: int) -> None:
+    """Makes every train step from `first_bad_step` on report a NaN loss (a run diverging
+    there; the updates themselves stay finite)."""
+    import jax.numpy as jnp
+
+    real = loop.jit_train_step
+
+    def diverging(*args, **kw):
+        step_fn = real(*args, **kw)
+
+        def step(state, batch, key):
+            bad = int(state.step) >= first_bad_step  # (the step donates `state`)
+            new_state, metrics = step_fn(state, batch, key)
+            if bad:
+                metrics = dict(metrics, loss=jnp.float32(jnp.nan))
+            return new_state, metrics
+
+        return step
+
+    monkeypatch.setattr(loop, "jit_train_step", diverging)
+
+
+def test_after_a_nan_loss_the_advised_lower_learning_rate_resumes(finished_run, tmp_path,
+                                                                  monkeypatch, capsys):
+    """The advice used to be 'lower train.learning_rate and run the same command to resume',
+    and that resume refused the changed learning rate. Followed literally, it now resumes."""
+    from facejax.errors import TrainingError
+    from facejax.train.export import export_workdir
+
+    idx_dir, _, summary = finished_run
+    spe = summary["steps"] // 2
+    workdir = str(tmp_path / "run")
+    # Checkpoints: every 3 steps and at epoch ends. The loss turns NaN at the 3rd step of
+    # epoch 2, after the checkpoint of its 1st step (spe + 1).
+    _nan_loss_from_step(monkeypatch, spe + 2)
+    with pytest.raises(TrainingError) as err:
+        loop.train_and_evaluate(load_config(TINY, overrides(idx_dir)), workdir)
+    monkeypatch.undo()
+    message = str(err.value)
+    assert message.startswith("the training loss became nan at step 3 of epoch 2")
+    assert (f"To resume from step {spe + 1}, the latest checkpoint, run the same command with "
+            f"a lower --config.train.learning_rate (it is 0.001)") in message
+    capsys.readouterr()
+    again = loop.train_and_evaluate(
+        load_config(TINY, overrides(idx_dir) + ["train.learning_rate=0.0001"]), workdir)
+    assert f"resuming from step {spe + 1} " in capsys.readouterr().out
+    assert again["epochs_run"] == 2 and again["steps"] == 2 * spe
+    records = [json.loads(line) for line in read(os.path.join(workdir, "metrics.jsonl"))
+               .splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert records[1]["learning_rate"] == pytest.approx(1e-4 * 0.9)  # the new rate, decayed
+    assert json.loads(read(os.path.join(workdir, "config.json")))["train"][
+        "learning_rate"] == 1e-4
+    export_workdir(workdir)  # config.json and the checkpoints still agree
+
+
+def test_a_checkpoint_that_gave_the_nan_loss_is_named_for_deletion(finished_run, tmp_path,
+                                                                   capsys):
+    """A real divergence: with a checkpoint after every step, the latest one holds the blown-up
+    parameters whose loss is NaN at any learning rate. The advice says to delete it first;
+    followed literally, the run completes."""
+    import re
+
+    from facejax.errors import TrainingError
+
+    idx_dir, _, summary = finished_run
+    workdir = str(tmp_path / "run")
+    every_step = ["train.checkpoint_every_steps=1", "train.log_every_steps=1",
+                  "train.optimizer=sgd", "train.momentum=0.0"]
+    with pytest.raises(TrainingError) as err:
+        loop.train_and_evaluate(load_config(TINY, overrides(idx_dir) + every_step + [
+            "train.learning_rate=1e30"]), workdir)
+    message = str(err.value)
+    found = re.search(r"delete (\S+), then run the same command with a lower "
+                      r"--config\.train\.learning_rate \(it is 1e\+30\); it (resumes from step "
+                      r"\d+|starts over)", message)
+    assert found, message
+    doomed = found.group(1)
+    assert os.path.dirname(doomed) == os.path.join(workdir, "checkpoints")
+    assert ckpt_lib.RunCheckpoints(workdir, "val_accuracy", read_only=True).latest_step() == \
+        int(os.path.basename(doomed))
+    shutil.rmtree(doomed)
+    capsys.readouterr()
+    again = loop.train_and_evaluate(load_config(TINY, overrides(idx_dir) + every_step + [
+        "train.learning_rate=0.001"]), workdir)
+    assert again["steps"] == summary["steps"] and np.isfinite(again["final"]["train_loss"])
+    out = capsys.readouterr().out
+    if found.group(2) == "starts over":
+        assert "resuming from" not in out
+    else:
+        assert f"resuming from {found.group(2)[len('resumes from '):]} " in out
 
 
 def test_a_failed_start_leaves_no_folders(finished_run, tmp_path):

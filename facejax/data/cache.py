@@ -5,11 +5,12 @@ rows.npy (listing rows kept), labels.npy, paths.json, skipped.json and manifest.
 hashes the format version, decode settings (face_crop included) and every item's relative
 path, label, size and mtime, so a rerun reuses the entry and any changed file gives a new one.
 An entry is built in a hidden temporary folder and renamed into place, so a killed build never
-leaves one that looks valid. When a source changes (files added, edited or removed), its new
-entry says how much the older entries of the same source and settings hold; `prune=True`
-(`scripts/prepare_data.py --prune_cache`) deletes them. They are not deleted unasked: a run
-still training on the old files reopens its entry by path in its data workers. Removing the
-cache folder is always safe.
+leaves one that looks valid; one process at a time builds an entry (a second one asking for it
+waits on a lock, `.<name>.lock`, then reuses the result). When a source changes (files added,
+edited or removed), its new entry says how much the older entries of the same source and
+settings hold; `prune=True` (`scripts/prepare_data.py --prune_cache`) deletes them. They are
+not deleted unasked: a run still training on the old files reopens its entry by path in its
+data workers. Removing the cache folder is always safe.
 
 The manifest also records the entry's `content` (`content_identity`): counts, a hash of the
 file names and labels, and a hash of the decoded pixels (each row's sha256, taken in the decode
@@ -42,6 +43,7 @@ from facejax.data import decode, sources
 from facejax.data.decode import BadImage
 from facejax.data.sources import Listing
 from facejax.errors import ConfigError, DataError
+from facejax.runlock import hold_lock
 
 FORMAT_VERSION = 1
 _NPY_MAGIC = b"\x93NUMPY\x01\x00"
@@ -456,6 +458,34 @@ def _build(listing: Listing, reader, directory: str, key: str, size: int, mode: 
     return dataclasses.replace(entry, reused=False)
 
 
+def _build_once(listing: Listing, reader, directory: str, key: str, size: int, mode: str,
+                max_pixels: int, workers: int, face_crop, max_cache_gb: float) -> CachedImages:
+    """Builds the entry, one process at a time: a second process asking for the same entry
+    waits for the first (a lock the kernel drops if that one dies), then reuses its work."""
+    parent, name = os.path.split(directory)
+
+    def waiting(holder: str) -> None:
+        print(f"waiting for another process to finish decoding the same images into "
+              f"{directory}: {holder}", flush=True)
+
+    with hold_lock(os.path.join(parent, f".{name}.lock"), "decoding", wait=True,
+                   on_wait=waiting) as lock:
+        try:
+            entry = _load_entry(directory, key, size)  # built while this process waited
+            if entry is None:
+                if os.path.exists(directory):  # unreadable leftovers (edited by hand): rebuild
+                    shutil.rmtree(directory)
+                _remove_stale_tmp(parent, name)
+                workers = _resolve_workers(workers, len(listing), reader.parallel)
+                entry = _build(listing, reader, directory, key, size, mode, max_pixels, workers,
+                               face_crop, max_cache_gb=max_cache_gb)
+        finally:
+            # The lock only saves work (an entry appears by rename, whole): whoever still waits
+            # on this file finds the entry, or builds it, and nothing else is left behind.
+            lock.discard()
+    return entry
+
+
 def cache_listing(listing: Listing, *, image_size: int, resize_mode: str = "crop",
                   max_pixels: int = 50_000_000, cache_dir: str = "",
                   workers: int = 0, face_crop=(), prune: bool = False,
@@ -497,12 +527,8 @@ def cache_listing(listing: Listing, *, image_size: int, resize_mode: str = "crop
     directory = os.path.join(parent, name)
     entry = _load_entry(directory, key, image_size)
     if entry is None:
-        if os.path.exists(directory):  # unreadable leftovers (e.g. edited by hand): rebuild
-            shutil.rmtree(directory)
-        _remove_stale_tmp(parent, name)
-        workers = _resolve_workers(workers, len(listing), reader.parallel)
-        entry = _build(listing, reader, directory, key, image_size, resize_mode, max_pixels,
-                       workers, face_crop, max_cache_gb=max_cache_gb)
+        entry = _build_once(listing, reader, directory, key, image_size, resize_mode, max_pixels,
+                            workers, face_crop, max_cache_gb)
     if entry.content is None:
         entry = _add_content(entry, listing)
     what = "reused cache of" if entry.reused else "decoded"

@@ -10,11 +10,17 @@ One checkpoint step holds four items:
 Orbax writes each step into `<step>.orbax-checkpoint-tmp-*` and renames it when complete, so a
 checkpoint half-written when the process died is never listed as a step (and is deleted on the
 next start). Retention: the latest step (resume) and the best by the monitored metric (export).
+
+Every step also holds `SHA256SUMS`, the checksums of its items' files, written into the
+temporary folder before the rename. Restoring (resume, export) checks them before reading an
+array, then checks that the arrays are finite, and names the step's folder when either fails.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 from typing import Any
 
@@ -35,11 +41,13 @@ MONITORS = {"val_accuracy": "max", "val_top1": "max", "val_loss": "min"}
 
 # Config fields that may change between a run and its resume: they do not change what the
 # checkpoint means (where data lives, how long to run, logging, evaluation-only settings).
+# The learning rate too: the optimizer state holds no learning rate (the schedule is a function
+# of the step), and lowering it is how a run that diverged goes on (loop._divergence_advice).
 RESUMABLE_FIELDS = (
     "data.root", "data.cache_dir", "data.tfds_data_dir", "data.decode_workers", "data.workers",
     "data.allow_changed_data", "data.max_cache_gb", "train.epochs",
     "train.early_stopping_patience", "train.log_every_steps", "train.checkpoint_every_steps",
-    "index", "eval",
+    "train.learning_rate", "index", "eval",
 )
 
 
@@ -65,6 +73,8 @@ class RunCheckpoints:
                                   f"got {monitor!r}")
         self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
         self.monitor = monitor
+        self._saving: int | None = None  # the step whose async save is under way
+        self._verified: set[int] = set()
         options = ocp.CheckpointManagerOptions(
             best_fn=_score(monitor), best_mode="max",
             preservation_policy=ocm.AnyPreservationPolicy([
@@ -76,6 +86,9 @@ class RunCheckpoints:
             save_interval_steps=0 if read_only else 1,
             cleanup_tmp_directories=not read_only,
             enable_async_checkpointing=True,
+            # Runs on the primary host once every process has written the step, before the
+            # step folder is renamed into place: the checksums become part of the step.
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._write_checksums),
         )
         if read_only and not os.path.isdir(self.directory):
             raise CheckpointError(f"no checkpoints in {workdir} ({self.directory} is missing)")
@@ -115,7 +128,23 @@ class RunCheckpoints:
         )
         if metrics is not None:
             metrics = {"step": int(step), self.monitor: float(metrics[self.monitor])}
+        self._mgr.wait_until_finished()  # (orbax does too) so `_saving` names the step below
+        self._saving = int(step)
         self._mgr.save(int(step), args=args, metrics=metrics, force=True)
+
+    def _write_checksums(self) -> None:
+        """orbax's post-finalization callback: CHECKSUMS_NAME into the step being saved.
+
+        Never raises (it runs in orbax's save thread): without the file, restoring checks
+        finiteness only."""
+        step = self._saving
+        try:
+            folder = _unfinished_step_dir(self.directory, step) if step is not None else None
+            if folder is not None:
+                write_checksums(folder)
+        except OSError as e:
+            logging.getLogger(__name__).warning("no checksums for checkpoint step %s: %s",
+                                                step, e)
 
     def check_model_shapes(self, step: int, abstract_model: dict) -> None:
         """Raises CheckpointError naming the parameters whose shapes differ from the model's
@@ -143,7 +172,10 @@ class RunCheckpoints:
         return self._restore(step, meta=ocp.args.JsonRestore())["meta"]
 
     def restore(self, step: int, abstract_state) -> tuple[Any, dict, Any]:
-        """(state, meta, iterator state) at `step`, arrays placed as `abstract_state` says."""
+        """(state, meta, iterator state) at `step`, arrays placed as `abstract_state` says.
+
+        CheckpointError naming the step's folder when its files fail their checksums or its
+        arrays hold NaN/inf."""
         self.check_model_shapes(step, {"params": abstract_state.params,
                                        "batch_stats": abstract_state.batch_stats})
         items = self._restore(
@@ -156,6 +188,8 @@ class RunCheckpoints:
             data=ocp.args.JsonRestore(),
         )
         model, train = items["model"], items["train"]
+        self._check_finite(step, {"params": model["params"], "batch_stats": model["batch_stats"],
+                                  "opt_state": train["opt_state"]})
         state = abstract_state.replace(step=train["step"], params=model["params"],
                                        batch_stats=model["batch_stats"],
                                        opt_state=train["opt_state"])
@@ -164,19 +198,41 @@ class RunCheckpoints:
     def restore_model_arrays(self, step: int, abstract_model: dict) -> dict:
         """{params, batch_stats} at `step` (the optimizer state is not read)."""
         self.check_model_shapes(step, abstract_model)
-        return self._restore(step, model=ocp.args.StandardRestore(abstract_model))["model"]
+        arrays = self._restore(step, model=ocp.args.StandardRestore(abstract_model))["model"]
+        self._check_finite(step, arrays)
+        return arrays
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def _check_finite(self, step: int, tree) -> None:
+        bad = nonfinite_leaves(tree)
+        if bad:
+            raise CheckpointError(
+                f"cannot restore checkpoint {self.step_dir(step)}: it holds NaN or infinite "
+                f"values ({_listed(bad)}), so it is damaged or was saved by a run that "
+                f"diverged. {_DELETE_ADVICE}")
+
+    def _verify(self, step: int) -> None:
+        """Checks the step's files against its checksums (once per step and manager)."""
+        if step in self._verified:
+            return
+        problem = verify_checksums(self.step_dir(step))
+        if problem:
+            raise CheckpointError(f"cannot restore checkpoint {self.step_dir(step)}: it is "
+                                  f"damaged ({problem}). {_DELETE_ADVICE}")
+        self._verified.add(step)
 
     def _restore(self, step: int, **items) -> dict:
+        self._verify(step)
         try:
             with orbax_noise.quiet_failed_restore():
                 return self._mgr.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise bare Exception (and
             # ValueError, KeyError, ...) for damaged files: the checkpoint is the user's file.
-            step_dir = os.path.join(self.directory, str(step))
             raise CheckpointError(
-                f"cannot restore checkpoint {step_dir}: it is damaged or does not match this "
-                f"model ({_reason(e)}). Delete that folder to fall back to the run's other "
-                f"checkpoint (if any), or train again in a new --workdir") from e
+                f"cannot restore checkpoint {self.step_dir(step)}: it is damaged or does not "
+                f"match this model ({_reason(e)}). {_DELETE_ADVICE}") from e
 
     def wait(self) -> None:
         self._mgr.wait_until_finished()
@@ -189,6 +245,114 @@ class RunCheckpoints:
         if await_cleanup is not None:
             await_cleanup()
         self._mgr.close()
+
+
+_DELETE_ADVICE = ("Delete that folder to fall back to the run's other checkpoint (if any), or "
+                  "train again in a new --workdir")
+
+# ----------------------------------------------------------------------------- integrity
+# orbax 0.12 checksums none of the array data it writes (zarr v2 chunks; zarr v3 would add a
+# crc32c to shard indices only), so a flipped byte restores as a wrong number. Each step
+# therefore carries the SHA-256 of every file of its items, in `sha256sum` format (check one
+# by hand with `cd checkpoints/<step> && sha256sum -c SHA256SUMS`).
+CHECKSUMS_NAME = "SHA256SUMS"
+_TMP_MARK = ".orbax-checkpoint-tmp"  # orbax: '<step>.orbax-checkpoint-tmp-<n>' while writing
+
+
+def _unfinished_step_dir(directory: str, step: int) -> str | None:
+    """The folder orbax is finalizing for `step`: its temporary folder (renamed into place
+    after the callback), else the step folder itself (filesystems without renames)."""
+    prefix = f"{step}{_TMP_MARK}"
+    tmp = [os.path.join(directory, n) for n in os.listdir(directory) if n.startswith(prefix)]
+    if tmp:
+        return max(tmp, key=os.path.getmtime)
+    final = os.path.join(directory, str(step))
+    return final if os.path.isdir(final) else None
+
+
+def _item_files(folder: str) -> list[str]:
+    """Paths (relative, '/'-separated, sorted) of the files in the step's item folders."""
+    out = []
+    for item in sorted(os.listdir(folder)):
+        if not os.path.isdir(os.path.join(folder, item)):
+            continue  # step-level files (orbax's metadata, ours) are not item data
+        for root, dirs, files in os.walk(os.path.join(folder, item)):
+            dirs.sort()
+            out += [os.path.relpath(os.path.join(root, f), folder).replace(os.sep, "/")
+                    for f in sorted(files)]
+    return out
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_checksums(folder: str) -> None:
+    """Writes `folder/SHA256SUMS` for the files of the checkpoint step `folder`."""
+    lines = "".join(f"{_sha256(os.path.join(folder, rel))}  {rel}\n"
+                    for rel in _item_files(folder))
+    tmp = os.path.join(folder, CHECKSUMS_NAME + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(lines)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(folder, CHECKSUMS_NAME))
+
+
+def verify_checksums(folder: str) -> str:
+    """'' when the step's files match its SHA256SUMS (or it has none: written before facejax
+    kept checksums), else what is wrong."""
+    path = os.path.join(folder, CHECKSUMS_NAME)
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return ""
+    except (OSError, UnicodeDecodeError) as e:
+        return f"cannot read {CHECKSUMS_NAME}: {e}"
+    for n, line in enumerate(text.splitlines(), 1):
+        digest, sep, rel = line.partition("  ")
+        if not sep or len(digest) != 64 or not rel or rel.startswith("/") or ".." in rel.split("/"):
+            return f"line {n} of {CHECKSUMS_NAME} is not '<sha256>  <file>'"
+        try:
+            actual = _sha256(os.path.join(folder, rel))
+        except OSError as e:
+            return f"{rel} cannot be read ({e.strerror or e})"
+        if actual != digest:
+            return f"{rel} does not match the checksum recorded when it was saved"
+    return ""
+
+
+def nonfinite_leaves(tree) -> list[str]:
+    """Names ('params/head/kernel') of the floating-point arrays of `tree` holding NaN or inf.
+
+    jax.Arrays are read shard by shard, each distinct shard once: a replicated array costs one
+    host copy per process (every process of a multi-host job gets the same answer)."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [jax.tree_util.keystr(path, simple=True, separator="/")
+            for path, leaf in flat if not _all_finite(leaf)]
+
+
+def _all_finite(x) -> bool:
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or not jax.numpy.issubdtype(dtype, jax.numpy.inexact):
+        return True
+    if not isinstance(x, jax.Array):
+        return bool(np.isfinite(np.asarray(x)).all())
+    seen = set()
+    for shard in x.addressable_shards:
+        key = repr(shard.index)
+        if key not in seen:
+            seen.add(key)
+            if not np.isfinite(np.asarray(shard.data)).all():
+                return False
+    return True
+
+
+def _listed(names: list[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit
+                                       else "")
 
 
 def _reason(e: BaseException, limit: int = 300) -> str:

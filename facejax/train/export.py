@@ -15,6 +15,7 @@ from flax import nnx
 from facejax.data.augment import preprocess_eval
 from facejax.errors import ConfigError
 from facejax.retrieval.embed import export_embedder
+from facejax.runlock import hold_workdir_lock
 from facejax.train.checkpoint import restore_model
 from facejax.train.state import resolve_input, split_model
 
@@ -45,6 +46,15 @@ def export_workdir(workdir: str, which: str = "best", compute_dtype: str = "floa
     """
     if compute_dtype not in EXPORT_DTYPES:
         raise ConfigError(f"compute_dtype must be one of {EXPORT_DTYPES}, got {compute_dtype!r}")
+    if not os.path.isdir(workdir):  # restore_model says what a run folder needs
+        return _export(workdir, which, compute_dtype)
+    # Training in this folder could delete the checkpoint being read (retention) or rewrite
+    # config.json under the export: one process at a time (runlock.Busy names the holder).
+    with hold_workdir_lock(workdir, "export"):
+        return _export(workdir, which, compute_dtype)
+
+
+def _export(workdir: str, which: str, compute_dtype: str) -> str:
     model, config = restore_model(workdir, which, dtype=jnp.dtype(compute_dtype).type)
     size, normalization = resolve_input(config)
     fn, params = make_embed_fn(model, size, normalization)

@@ -31,6 +31,7 @@ from facejax.data.prepare import PreparedData, prepare_data
 from facejax.errors import ConfigError, DataError, TrainingError
 from facejax.retrieval.index import ExactSearcher
 from facejax.retrieval.metrics import hit_at_k, relevance
+from facejax.runlock import hold_workdir_lock
 from facejax.train import checkpoint as ckpt_lib
 from facejax.train import state as state_lib
 from facejax.train.events import EventWriter
@@ -63,12 +64,36 @@ def train_and_evaluate(config, workdir: str, data: PreparedData | None = None) -
     """Trains `config` in `workdir` (resuming when it holds a checkpoint); returns a summary.
 
     `data`: already prepared data (tests); by default `prepare_data(config.data)`.
+    One process at a time trains in a workdir: a second one (or an export of it) stops with
+    `runlock.Busy` naming the holder's pid. Each process of a multi-host job locks its own
+    index, so the hosts of one job share the folder.
     """
     t_start = time.time()
     workdir = check_workdir(workdir)
     config = with_absolute_paths(config)
-    t = config.train
     validate_config(config)
+    created = make_workdir(workdir)
+    ok = False
+    try:
+        with hold_workdir_lock(workdir, "train", process_index=jax.process_index()) as lock:
+            try:
+                summary = _prepare_and_train(config, workdir, data)
+                ok = True
+            finally:
+                if not ok and created:  # a failed start leaves nothing behind
+                    lock.discard()
+    finally:
+        if not ok and created:
+            _remove_empty(workdir)
+    summary["train_time_s"] = time.time() - t_start
+    if is_primary():
+        _print_summary(summary)
+    return summary
+
+
+def _prepare_and_train(config, workdir: str, data: PreparedData | None) -> dict:
+    """The body of `train_and_evaluate`, run while holding the workdir's lock."""
+    t = config.train
     data = data if data is not None else prepare_data(config.data)
     if len(data.train) == 0:
         raise DataError("the training split is empty")
@@ -91,22 +116,19 @@ def train_and_evaluate(config, workdir: str, data: PreparedData | None = None) -
                iterator=iterator, steps_per_epoch=spe, state=state, bundle=bundle, tx=tx,
                schedule=schedule, primary=is_primary())
     del model, state
-    created = make_workdir(workdir)
     ckpt = ckpt_lib.RunCheckpoints(workdir, t.monitor)
     ok = False
     try:
         summary = _train(run, ckpt)
         ok = True
+    except Diverged as e:
+        ckpt.wait()  # a save under way finishes first: it is where the rerun resumes
+        raise TrainingError(_divergence_advice(e, config, ckpt, spe)) from None
     finally:
         # Closing waits for orbax's threads: one left running at exit prints a traceback.
         ckpt.close()
         if not ok:
             _remove_empty(ckpt.directory)
-            if created:
-                _remove_empty(workdir)
-    summary["train_time_s"] = time.time() - t_start
-    if run.primary:
-        _print_summary(summary)
     return summary
 
 
@@ -202,6 +224,7 @@ def _epochs(run: _Run, ckpt, writer, state, run_key, progress: Progress, history
                      steps_per_epoch=spe)
 
     def save(step: int, metrics: dict | None) -> None:
+        _refuse_nonfinite(state, step)  # a NaN checkpoint would stop the resume, too
         meta = dict(meta_base, progress=dataclasses.asdict(progress))
         ckpt.save(step, state, meta=meta, data_state=iterator.get_state(), metrics=metrics)
 
@@ -380,18 +403,65 @@ def with_absolute_paths(config):
     return config
 
 
+class Diverged(TrainingError):
+    """A non-finite loss or model; `train_and_evaluate` adds what to run next.
+
+    `epoch`, `step_in_epoch`: where a non-finite loss appeared (the step's loss is computed
+    from the parameters of the checkpoint step `epoch * steps_per_epoch + step_in_epoch - 1`).
+    """
+
+    def __init__(self, message: str, epoch: int | None = None, step_in_epoch: int = 0):
+        super().__init__(message)
+        self.epoch, self.step_in_epoch = epoch, step_in_epoch
+
+
+def _divergence_advice(e: Diverged, config, ckpt: ckpt_lib.RunCheckpoints,
+                       steps_per_epoch: int) -> str:
+    """`e`'s message plus what to run, and where that resumes. A learning-rate change is
+    allowed on resume (checkpoint.RESUMABLE_FIELDS); warm-up reshapes the schedule from step 0,
+    so it is not. A checkpoint whose own parameters gave the non-finite loss would give it
+    again at any learning rate: the advice is then to delete it first."""
+    latest = ckpt.latest_step()
+    lower = (f"run the same command with a lower --config.train.learning_rate (it is "
+             f"{float(config.train.learning_rate):g})")
+    text = f"{e}; nothing after it was saved."
+    resume_from = latest
+    if latest is None:
+        text += f" To start over, {lower}"
+    elif e.epoch is not None and latest == e.epoch * steps_per_epoch + e.step_in_epoch - 1:
+        earlier = [s for s in ckpt.all_steps() if s < latest]
+        resume_from = max(earlier) if earlier else None
+        text += (f" That loss came from the parameters of the latest checkpoint, which any "
+                 f"learning rate would repeat: delete {ckpt.step_dir(latest)}, then {lower}; "
+                 + (f"it resumes from step {resume_from}" if earlier else "it starts over"))
+    else:
+        text += f" To resume from step {latest}, the latest checkpoint, {lower}"
+    if resume_from is None:
+        return text + " (warm-up, train.warmup_epochs, may be added too)"
+    return text + ". Adding warm-up (train.warmup_epochs) means starting over in a new --workdir"
+
+
+def _refuse_nonfinite(state, step: int) -> None:
+    """Raises Diverged when the parameters, statistics or optimizer state about to be saved
+    hold NaN/inf (an update can blow up after the last finite loss)."""
+    bad = ckpt_lib.nonfinite_leaves({"params": state.params, "batch_stats": state.batch_stats,
+                                     "opt_state": state.opt_state})
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise Diverged(f"the model became non-finite by step {step} ({shown})")
+
+
 def _drain(pending: list[dict], progress: Progress) -> None:
     """Moves finished steps' metrics into the epoch's running sums (host floats)."""
     if not pending:
         return
     values = jax.device_get(pending)
-    for v in values:
+    for i, v in enumerate(values):
         if not math.isfinite(float(v["loss"])):
             # Stop at once: more steps would only overwrite good checkpoints with NaNs.
-            raise TrainingError(
-                f"the training loss became {float(v['loss'])} in epoch {progress.epoch + 1}; "
-                f"the checkpoints saved before it are kept. Lower train.learning_rate (or add "
-                f"warm-up, train.warmup_epochs) and run the same command to resume")
+            at = progress.step_in_epoch - len(values) + i + 1
+            raise Diverged(f"the training loss became {float(v['loss'])} at step {at} of "
+                           f"epoch {progress.epoch + 1}", progress.epoch, at)
         progress.loss_sum += float(v["loss"])
         progress.acc_sum += float(v["accuracy"])
         progress.steps_summed += 1
