@@ -169,6 +169,44 @@ def test_kill_9_of_training_leaves_no_data_worker_alive(tmp_path):
     assert not survivors, survivors
 
 
+def test_kill_9_of_a_cache_build_leaves_no_decode_worker_alive(tmp_path):
+    """With data.decode_workers=2 the cache's decode pool outlived a kill -9 of its parent."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for c in range(4):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(500):  # noisy 256 px JPEGs: seconds of decoding for two workers
+            pixels = rng.integers(0, 256, (256, 256, 3), np.uint8)
+            Image.fromarray(pixels).save(root / f"c{c}" / f"{i}.jpg", quality=90)
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "prepare_data.py"), "--config", TINY,
+           f"--config.data.root={root}", "--config.data.source=folder",
+           f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.data.decode_workers=2",
+           "--config.data.image_size=224"]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    family: list[int] = []
+
+    def workers_up() -> bool:
+        family[:] = _descendants(proc.pid)
+        return sum("spawn_main" in _cmdline(p) for p in family) >= 2
+
+    try:
+        _wait_for(workers_up, "two decode workers", proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    try:
+        _wait_for(lambda: not any(_alive(p) for p in family), "the workers to exit", timeout=30)
+    except AssertionError:
+        pass
+    survivors = {p: _cmdline(p) for p in family if _alive(p)}
+    for p in survivors:
+        os.kill(p, signal.SIGKILL)
+    assert not survivors, survivors
+
+
 def test_the_processes_of_one_multi_host_job_share_the_workdir(tmp_path):
     """Each process locks its own index: two processes of one job (jax.distributed on the CPU)
     train, checkpoint (SHA256SUMS by process 0, covering both processes' files) and finish."""

@@ -39,6 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from facejax import limits
+from facejax.children import ExitWithParent
 from facejax.data import decode, sources
 from facejax.data.decode import BadImage
 from facejax.data.sources import Listing
@@ -145,9 +146,10 @@ _READERS = {"files": _FileReader, "idx": _IdxReader, "tfds": _TfdsReader}
 _worker_reader = None
 
 
-def _init_worker(reader) -> None:
+def _init_worker(reader, exit_with_parent: ExitWithParent) -> None:
     global _worker_reader
     _worker_reader = reader
+    exit_with_parent()  # a kill -9 of the parent must not leave the decoders running
 
 
 def _read(reader, i: int):
@@ -360,7 +362,7 @@ def _decode_all(reader, n: int, workers: int):
     # process can deadlock the child. An executor, unlike multiprocessing.Pool, notices a
     # worker that dies (a crashing decoder, the OOM killer) instead of waiting forever.
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker, initargs=(reader,))
+                               initializer=_init_worker, initargs=(reader, ExitWithParent()))
     try:
         chunk = max(1, min(64, n // (workers * 8)))
         yield from pool.map(_read_in_worker, range(n), chunksize=chunk)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import mmap
-import os
-import threading
-import time
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -15,6 +12,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from facejax.children import ExitWithParent
 from facejax.errors import CheckpointError, ConfigError, DataError
 
 DATA_AXIS = "data"
@@ -104,36 +102,6 @@ def _check_subset(images, indices, labels=None) -> tuple[np.ndarray, np.ndarray 
     return indices, labels
 
 
-class _ExitWithParent:
-    """grain `worker_init_fn`: the worker exits when the process that started it has gone.
-
-    grain 0.2.18 starts each worker with multiprocessing's 'spawn' (a fresh interpreter whose
-    parent is this process) and stops them from the parent (`close()`, atexit). After a
-    `kill -9` of the parent nothing stops them: they were adopted by init and kept ~200 MB
-    each. The worker polls its parent pid instead of prctl(PR_SET_PDEATHSIG), which fires when
-    the *thread* that started the child ends, and grain starts workers from a thread pool.
-    """
-
-    POLL_S = 0.25
-
-    def __init__(self):
-        self.parent = os.getpid()  # pickled into the worker with this value
-
-    def __call__(self, worker_index: int, worker_count: int) -> None:
-        del worker_index, worker_count
-        if os.getppid() != self.parent:  # died while this worker was starting
-            os._exit(1)
-        threading.Thread(target=self._watch, name="exit-with-parent", daemon=True).start()
-
-    def _watch(self) -> None:
-        while os.getppid() == self.parent:
-            time.sleep(self.POLL_S)
-        # No cleanup: nobody reads this worker's output any more, and grain's own shutdown
-        # would wait on queues whose reader is gone. Its shared memory is unlinked by
-        # multiprocessing's resource tracker, which exits once its last user has.
-        os._exit(1)
-
-
 class TrainIterator(grain.DatasetIterator):
     """Endless, seeded, checkpointable train batches for this process.
 
@@ -192,7 +160,7 @@ class TrainIterator(grain.DatasetIterator):
                 flags.FLAGS.mark_as_parsed()
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(
                 num_workers=self.workers, per_worker_buffer_size=self.prefetch),
-                worker_init_fn=_ExitWithParent())
+                worker_init_fn=ExitWithParent())
         return iter(ds)
 
     @property
