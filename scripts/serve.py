@@ -14,6 +14,7 @@ and printed. The OpenAPI page is at /docs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import socket
@@ -21,6 +22,7 @@ import sys
 
 from facejax import cli
 from facejax.errors import ConfigError
+from facejax.runlock import hold_workdir_lock
 from facejax.serve.settings import ServeSettings
 
 
@@ -68,11 +70,6 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: "
                                                              "%(message)s")
-    import uvicorn
-
-    from facejax.serve.app import create_app
-    from facejax.serve.service import SearchService
-
     settings = ServeSettings(
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
         max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
@@ -92,6 +89,20 @@ def main(argv: list[str]) -> int:
                           f"{getattr(e, 'strerror', None) or e}") from None
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    with contextlib.ExitStack() as stack:
+        if os.path.isdir(args.workdir):  # (a missing run gets SearchService's own message)
+            # The service writes the index and its log: no train, export or build_index of
+            # this run meanwhile, and no second service.
+            stack.enter_context(hold_workdir_lock(args.workdir, "serve"))
+        return serve(args, settings, keys, made_key, sock, url)
+
+
+def serve(args, settings, keys, made_key, sock, url) -> int:
+    import uvicorn
+
+    from facejax.serve.app import create_app
+    from facejax.serve.service import SearchService
+
     service = SearchService(args.workdir, settings)
     print(f"facejax: serving {os.path.abspath(args.workdir)} ({service.gallery.size} gallery "
           f"items, {service.embedder.meta.get('model')}) at {url}", flush=True)

@@ -215,8 +215,17 @@ def test_gallery_enrol_list_delete_and_auth(run, server):
             "identities"]]
 
 
+def _copy(run, tmp_path) -> str:
+    """A copy of the run: the module's server holds the run itself (one process per run)."""
+    import shutil
+
+    work = str(tmp_path / "run_copy")
+    shutil.copytree(run[0], work, ignore=shutil.ignore_patterns(".facejax.lock*"))
+    return work
+
+
 def test_verify_with_and_without_a_calibrated_threshold(run, tmp_path):
-    work, root = run
+    work, root = _copy(run, tmp_path), run[1]
     a = _file(os.path.join(root, "person_a", "person_a_000.png"))
     a2 = _file(os.path.join(root, "person_a", "person_a_001.png"))
     b = _file(os.path.join(root, "person_b", "person_b_000.png"))
@@ -248,8 +257,8 @@ def test_verify_with_and_without_a_calibrated_threshold(run, tmp_path):
         os.remove(path) if os.path.exists(path) else None
 
 
-def test_overload_answers_503_with_retry_after_and_nothing_else(run):
-    work, root = run
+def test_overload_answers_503_with_retry_after_and_nothing_else(run, tmp_path):
+    work, root = _copy(run, tmp_path), run[1]
     data = _file(os.path.join(root, "person_a", "person_a_000.png"))
     statuses = []
     with start_server(work, extra_args=["--queue_size", "2", "--max_batch", "1",
@@ -273,10 +282,7 @@ def test_overload_answers_503_with_retry_after_and_nothing_else(run):
 def test_kill_9_during_enrolments_loses_no_acknowledged_change(run, tmp_path):
     """kill -9 mid-stream: after a restart every acknowledged enrolment is there and
     searchable, nothing is twice, and the compacted index passes the manifest checks."""
-    import shutil
-
-    work = str(tmp_path / "run")
-    shutil.copytree(run[0], work)
+    work = _copy(run, tmp_path)
     rng = np.random.default_rng(0)
     colours = [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(400)]
     acked: dict[int, tuple] = {}
@@ -379,3 +385,16 @@ def test_a_scann_index_below_its_target_is_announced(run):
     assert "recall@10 0.610, below its target 0.95" in service.info()["search_warning"]
     index.tuning["met"] = True
     assert service.search_warning() == ""
+
+
+def test_a_served_run_is_locked(run, server):
+    """While a service holds the run, a second service and build_index stop with one line
+    naming it; the lock goes with the process."""
+    second = Server(run[0])
+    assert second.proc.wait(timeout=120) == 2
+    out = second.output()
+    assert "in use by serve (pid" in out and "Traceback" not in out, out
+    from facejax.runlock import Busy
+
+    with pytest.raises(Busy, match="in use by serve"):
+        wd.build_workdir_index(run[0], wd.read_run_config(run[0]), progress=False)

@@ -115,8 +115,17 @@ def build_workdir_index(workdir: str, config, *, backend: str | None = None,
     The gallery is the protocol's gallery subset, or the query subset for leave-one-out.
     `backend` and `target_recall` default to the run's `index` settings. A ScaNN index is
     always tuned: a target of 0 (no tuning, the default of runs saved before tuning was)
-    means DEFAULT_TARGET_RECALL.
+    means DEFAULT_TARGET_RECALL. Holds the run's lock: not while it trains or is served.
     """
+    from facejax.runlock import hold_workdir_lock
+
+    with hold_workdir_lock(workdir, "build_index"):
+        return _build_workdir_index(workdir, config, backend=backend,
+                                    target_recall=target_recall, progress=progress)
+
+
+def _build_workdir_index(workdir: str, config, *, backend: str | None, target_recall,
+                         progress: bool) -> SearchIndex:
     backend = backend or config.index.backend
     target = config.index.target_recall if target_recall is None else target_recall
     # Checked before the (long) embedding pass.
