@@ -2,6 +2,7 @@
 
   python scripts/serve.py --workdir runs/demo                # http://127.0.0.1:8000
   python scripts/serve.py --workdir RUN --host 0.0.0.0 --port 8080 --api_keys_file keys.txt
+  python scripts/serve.py --workdir RUN --max_batch 32 --embed_workers 2   # e.g. on a GPU
   python scripts/serve.py --new_key                          # a key, and its keys-file line
 
 Loads the run's exported embedder and index once, compiles the embedder for every batch size,
@@ -35,6 +36,9 @@ def parse(argv):
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--max_batch", type=int, default=d.max_batch,
                    help="images per embedder call (dynamic batching)")
+    p.add_argument("--embed_workers", type=int, default=d.embed_workers,
+                   help="embedder calls at once (threads): one XLA:CPU call keeps ~1.2 cores "
+                        "busy")
     p.add_argument("--max_wait_ms", type=float, default=d.max_wait_ms,
                    help="longest a query waits for others to share its batch")
     p.add_argument("--queue_size", type=int, default=d.queue_size,
@@ -71,7 +75,8 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: "
                                                              "%(message)s")
     settings = ServeSettings(
-        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
+        max_batch=args.max_batch, embed_workers=args.embed_workers,
+        max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
         max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
         max_k=args.max_k, auth_reads=args.auth_reads, cors_origins=tuple(args.cors_origin),
         compact_every=args.compact_every)

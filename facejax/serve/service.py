@@ -52,7 +52,8 @@ class SearchService:
         self.metrics = Metrics(settings.batch_sizes[-1])
         self.batcher = Batcher(self.embedder, self._search, batch_sizes=settings.batch_sizes,
                                max_wait_s=settings.max_wait_ms / 1000,
-                               queue_size=settings.queue_size, on_batch=self.metrics.on_batch)
+                               queue_size=settings.queue_size, on_batch=self.metrics.on_batch,
+                               workers=settings.embed_workers)
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
         self.metrics.gallery_size.set_function(lambda: self.gallery.size)
         self.ready = False

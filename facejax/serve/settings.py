@@ -9,7 +9,8 @@ from facejax.errors import ConfigError
 
 @dataclasses.dataclass(frozen=True)
 class ServeSettings:
-    max_batch: int = 32             # images per embedder call (rounded up to a power of two)
+    max_batch: int = 8              # images per embedder call (rounded up to a power of two)
+    embed_workers: int = 2          # embedder calls running at once (threads)
     max_wait_ms: float = 5.0        # longest a query waits for others to join its batch
     queue_size: int = 256           # queries waiting or being decoded; beyond: 503 Retry-After
     max_upload_bytes: int = 10 * 2**20  # one request body, all its files together
@@ -23,7 +24,7 @@ class ServeSettings:
     thumb_size: int = 160           # default thumbnail side for /v1/images/{id}
 
     def __post_init__(self):
-        ints = dict(max_batch=(1, 1024), queue_size=(1, 100_000),
+        ints = dict(max_batch=(1, 1024), embed_workers=(1, 64), queue_size=(1, 100_000),
                     max_upload_bytes=(1024, 2**31), max_pixels=(64, 2**31), max_files=(1, 1000),
                     max_k=(1, 10_000), max_label_chars=(1, 10_000),
                     compact_every=(1, 10_000_000), thumb_size=(16, 1024))
