@@ -83,6 +83,11 @@ def test_embed_array_pads_and_follows_indices(artifact):
     idx = np.array([10, 0, 5])
     np.testing.assert_allclose(emb.embed_array(x, batch_size=4, progress=False, indices=idx),
                                want[idx], atol=1e-6)
+    # Batches running on several threads land in their own rows, whatever order they finish in.
+    idx = np.random.default_rng(3).permutation(11)
+    for threads in (1, 2, 3, 8):
+        np.testing.assert_allclose(emb.embed_array(x, batch_size=2, progress=False, indices=idx,
+                                                   threads=threads), want[idx], atol=1e-6)
 
 
 def test_meta_and_hash_recorded(artifact):
