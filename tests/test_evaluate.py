@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from test_index import two_people
 
 from facejax.errors import ConfigError, DataError
 from facejax.retrieval import competition
@@ -166,17 +167,6 @@ def test_nothing_scored_summary_has_no_nan():
     line = E.result_summary(r)
     assert "nan" not in line.lower()
     assert "none of the 2 queries could be scored (2 unlabelled" in line
-
-
-def two_people(n, d=64, seed=0):
-    """A leave-one-out face gallery of 2 identities whose neighbours spread over many ScaNN
-    leaves (the issue: 1,362 faces of 2 people, default ScaNN recall@10 0.56, mAP@R 0.19)."""
-    centers = np.random.default_rng(100).standard_normal((2, d))
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 2, n)
-    x = centers[labels] + rng.standard_normal((n, d))
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x.astype(np.float32), labels.astype(np.int32)
 
 
 @pytest.fixture(scope="module")

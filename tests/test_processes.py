@@ -148,6 +148,12 @@ def test_kill_9_of_training_leaves_no_data_worker_alive(tmp_path):
     proc = subprocess.Popen(_train_cmd(str(tmp_path / "run"), idx_dir, "data.workers=2",
                                        "train.epochs=1000"),
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _kill_9_when_workers_run(proc, "two grain workers")
+
+
+def _kill_9_when_workers_run(proc: subprocess.Popen, what: str) -> None:
+    """Waits for two spawned workers of `proc`, kills it with -9, and asserts that every
+    descendant exits within 30 s (killing and naming any that do not)."""
     family: list[int] = []
 
     def workers_up() -> bool:
@@ -155,7 +161,7 @@ def test_kill_9_of_training_leaves_no_data_worker_alive(tmp_path):
         return sum("spawn_main" in _cmdline(p) for p in family) >= 2
 
     try:
-        _wait_for(workers_up, "two grain workers", proc)
+        _wait_for(workers_up, what, proc)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -186,25 +192,7 @@ def test_kill_9_of_a_cache_build_leaves_no_decode_worker_alive(tmp_path):
            f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.data.decode_workers=2",
            "--config.data.image_size=224"]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    family: list[int] = []
-
-    def workers_up() -> bool:
-        family[:] = _descendants(proc.pid)
-        return sum("spawn_main" in _cmdline(p) for p in family) >= 2
-
-    try:
-        _wait_for(workers_up, "two decode workers", proc)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    try:
-        _wait_for(lambda: not any(_alive(p) for p in family), "the workers to exit", timeout=30)
-    except AssertionError:
-        pass
-    survivors = {p: _cmdline(p) for p in family if _alive(p)}
-    for p in survivors:
-        os.kill(p, signal.SIGKILL)
-    assert not survivors, survivors
+    _kill_9_when_workers_run(proc, "two decode workers")
 
 
 def test_the_processes_of_one_multi_host_job_share_the_workdir(tmp_path):
