@@ -463,3 +463,33 @@ def test_a_diverging_run_stops_with_one_error(tmp_path):
         loop.train_and_evaluate(bad, workdir)
     ckpts = os.path.join(workdir, "checkpoints")
     assert not os.path.isdir(ckpts) or not [d for d in os.listdir(ckpts) if d.isdigit()]
+
+
+def test_a_pretrained_start_that_no_epoch_beats_is_kept_and_said(tmp_path, monkeypatch, capsys):
+    """From pretrained weights, epoch 0 (the starting model) is scored and a candidate for
+    "best": when no epoch beats it, the best checkpoint stays the starting point and the run
+    says so (a face config used to fine-tune dlib's model from val Top-1 1.00 down to 0.37)."""
+    calls = []
+    # Stand-in for loading real weights (the tiny CNN has no preset): the start is whatever
+    # the model is; plain SGD at a learning rate of 1e-30 and frozen BN statistics then change
+    # nothing measurable, so no epoch can beat epoch 0.
+    monkeypatch.setattr(loop, "load_from_config", lambda model, cfg: calls.append(1) or True)
+    idx_dir = tiny_idx(tmp_path / "idx")
+    workdir = str(tmp_path / "run")
+    config = load_config(TINY, overrides(idx_dir) + [
+        "model.pretrained=imagenet", "train.learning_rate=1e-30", "train.optimizer=sgd",
+        "train.momentum=0.0", "train.freeze_bn=true",
+        "train.epochs=2", "model.dropout=0.0"])
+    summary = loop.train_and_evaluate(config, workdir)
+    assert calls == [1]
+    history = [json.loads(line) for line in read(os.path.join(workdir, "metrics.jsonl")).split(
+        "\n") if line]
+    assert [r["epoch"] for r in history] == [0, 1, 2] and history[0]["best"]
+    assert not history[1]["best"] and not history[2]["best"]
+    assert summary["best_epoch"] == 0 and summary["kept_starting_point"]
+    assert summary["best_checkpoint"].endswith(os.path.join("checkpoints", "0"))
+    assert "training did not beat the starting point" in capsys.readouterr().out
+    # A run from scratch has no epoch 0 to keep (its start is random).
+    scratch = loop.train_and_evaluate(load_config(TINY, overrides(idx_dir) + ["train.epochs=1"]),
+                                      str(tmp_path / "scratch"))
+    assert not scratch["kept_starting_point"] and scratch["best_epoch"] == 1

@@ -232,9 +232,11 @@ def _epochs(run: _Run, ckpt, writer, state, run_key, progress: Progress, history
     stopped_early = progress.bad_epochs >= t.early_stopping_patience > 0
     record: dict[str, Any] = history[-1] if history else {}
     clock = _Throughput(t.batch_size)
-    if t.epochs == 0 and not history:
-        # Evaluate-only run: the initial (pretrained, or parameter-free) model is scored and
-        # saved as the best checkpoint, so export/index/eval work on it unchanged.
+    if (t.epochs == 0 or config.model.pretrained) and not history:
+        # Epoch 0: the starting model is scored and saved as a candidate for "best". With
+        # epochs=0 that is the whole run (pretrained baselines); from pretrained weights it
+        # means training never makes the model worse silently: when no epoch beats the start,
+        # the best checkpoint stays the starting point and the summary says so.
         record = dict(epoch=0, step=step)
         record.update(evaluate(eval_fn, state, data, gallery, t.batch_size, mesh))
         record["best"] = _update_best(progress, record, t.monitor, step)
@@ -303,6 +305,9 @@ def _epochs(run: _Run, ckpt, writer, state, run_key, progress: Progress, history
     return dict(
         workdir=run.workdir, epochs_run=progress.epoch, steps=step, stopped_early=stopped_early,
         monitor=t.monitor, best_value=progress.best_value, best_epoch=progress.best_epoch,
+        best_step=best_step,
+        kept_starting_point=bool(config.model.pretrained) and progress.epoch > 0
+        and progress.best_epoch == 0 and progress.best_value is not None,
         best_checkpoint=(os.path.join(ckpt.directory, str(best_step))
                          if best_step is not None else None),
         final=record)
@@ -577,4 +582,9 @@ def _print_summary(s: dict) -> None:
     print(f"done: {s['epochs_run']} epochs, {s['steps']} steps in {s['train_time_s']:.0f}s"
           + (" (stopped early)" if s["stopped_early"] else ""), flush=True)
     print(f"best {s['monitor']} {best} at epoch {s['best_epoch']}; "
-          f"best checkpoint: {s['best_checkpoint']}", flush=True)
+          f"best checkpoint (step {s['best_step']}): {s['best_checkpoint']}", flush=True)
+    if s.get("kept_starting_point"):
+        print(f"note: training did not beat the starting point: no epoch of {s['epochs_run']} "
+              f"improved {s['monitor']} over the pretrained model (epoch 0), so the best "
+              f"checkpoint is the untrained model; export, index and search use it. Try a lower "
+              f"train.learning_rate or train.head_init=imprint, or keep epochs=0", flush=True)
