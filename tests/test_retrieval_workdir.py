@@ -348,3 +348,21 @@ def test_open_set_with_a_holdout_count_through_the_scripts(run, tmp_path, capsys
     result = _json(work, "report", "report.json")
     assert result["held_out_identities"] == 3 and result["protocol"] == "open_set"
     assert 0 < result["chance"]["top1"] < 1
+
+
+def test_the_report_says_when_training_kept_its_starting_point(run, tmp_path, capsys):
+    import shutil
+
+    work = str(tmp_path / "kept")
+    shutil.copytree(run[0], work)
+    metrics = pathlib.Path(work, "metrics.jsonl")
+    rows = [dict(epoch=0, best=True), dict(epoch=1, best=False), dict(epoch=2, best=False)]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _script("eval_topk").main(["--workdir", work, "--no_progress"]) == 0
+    md = pathlib.Path(work, "report", "report.md").read_text()
+    assert "training did not beat the starting point: no epoch of 2" in md
+    rows[2]["best"] = True  # a trained epoch won: nothing to say
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert wd.kept_starting_point(work) == ""
+    metrics.unlink()
+    assert wd.kept_starting_point(work) == ""

@@ -197,6 +197,9 @@ def evaluate_workdir(workdir: str, config, *, progress: bool = True) -> dict:
     model = embedder.meta.get("model") or config.model.name
     result["run"] = dict(workdir=os.path.abspath(workdir), model=model,
                          source=config.data.source, root=data.root)
+    kept = kept_starting_point(workdir)
+    if kept:
+        result.setdefault("warnings", []).append(kept)
     row_of = {p: i for i, p in enumerate(data.paths)}
 
     def image_of(path: str):
@@ -231,6 +234,23 @@ def _check_index_data(index: SearchIndex, data, workdir: str, *, allow: bool) ->
     raise DataError(f"the data changed since the index in {workdir} was built: {change}. "
                     f"Rebuild the index (scripts/build_index.py --workdir {workdir}), or pass "
                     f"--config.data.allow_changed_data=true to evaluate against it anyway")
+
+
+def kept_starting_point(workdir: str) -> str:
+    """A warning when training from pretrained weights kept its starting point (no epoch
+    beat epoch 0, so the exported model is the untrained one), else ''. Reads the run's
+    metrics.jsonl; a run without one (or unreadable) gives ''."""
+    try:
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return ""
+    epochs = [r.get("epoch", 0) for r in records if isinstance(r, dict)]
+    best = [r.get("epoch") for r in records if isinstance(r, dict) and r.get("best")]
+    if not epochs or max(epochs) == 0 or not best or best[-1] != 0:
+        return ""
+    return (f"training did not beat the starting point: no epoch of {max(epochs)} improved on "
+            f"the pretrained model (epoch 0), so these results are the untrained model's")
 
 
 # ----------------------------------------------------------------------------- search
