@@ -67,6 +67,19 @@ BOUNDARY = "facejaxbenchboundary7c1e"
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def git_state() -> str:
+    """HEAD, and '+ changes' when the service's or this bench's files differ from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "facejax", "scripts",
+                                "bench/serve.py", "bench/serve_peer_dlib.py"], cwd=ROOT,
+                               text=True, capture_output=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head or 'unknown'}{' + uncommitted changes' if dirty else ''}"
+
+
 def machine() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -559,7 +572,8 @@ def report(r: dict) -> str:
     ours, peer, ceil, cli = r.get("ours"), r.get("peer"), r["ceiling"], r.get("search_cli")
     L = [f"# Serving benchmark: {r['workdir']} ({r['model']}, gallery {r['gallery_size']})", "",
          f"`{r['command']}`", "",
-         f"{r['date']}; {r['cpu']}, nproc {r['nproc']}; jax {r['jax']}; loopback client "
+         f"{r['date']}; git {r['git']}; {r['cpu']}, nproc {r['nproc']}; jax {r['jax']}; "
+         f"loopback client "
          f"({r['client_desc']}, one asyncio process); k={r['k']}; {r['num_queries']} query "
          f"files ({r['query_source']}) sent as their own bytes, cycled; per level "
          f"{r['warmup']:g} s warm-up then {r['seconds']:g} s timed, closed loop "
@@ -753,7 +767,7 @@ def main(argv=None) -> None:
                                "client"), workdir=os.path.relpath(workdir, ROOT)
              if workdir.startswith(ROOT) else workdir, model=model, gallery_size=gallery,
              k=args.k, levels=levels, seconds=args.seconds, warmup=args.warmup,
-             max_backoff=args.max_backoff, loadavg_start=os.getloadavg())
+             max_backoff=args.max_backoff, loadavg_start=os.getloadavg(), git=git_state())
     servers: list[Server] = []
     with tempfile.TemporaryDirectory(prefix="facejax_bench_serve_") as tmp:
         try:
