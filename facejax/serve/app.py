@@ -339,7 +339,7 @@ def create_app(service: SearchService, keys: ApiKeys, on_ready=None) -> FastAPI:
             raise ApiError(422, f"label must be 1-{s.max_label_chars} printable characters")
         if len(images) > s.max_files:
             raise ApiError(413, f"at most {s.max_files} images per request, got {len(images)}")
-        datas, exts = [], []
+        datas = []
         for i, f in enumerate(images):
             datas.append(await read_upload(f, describe(f, i)))
         answers = await asyncio.gather(*(embed(d, describe(f, i))
