@@ -62,7 +62,6 @@ class SearchService:
         self._thumbs: collections.OrderedDict = collections.OrderedDict()
         self._thumbs_lock = threading.Lock()
         self._data = None  # the run's decoded images, for galleries that are not files
-        self.started = time.time()
 
     # -- life cycle
 

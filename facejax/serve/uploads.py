@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from facejax.data.decode import BadImage, decode_bytes, read_rgb_bytes
+from facejax.data.decode import BadImage, decode_bytes, fit_array, read_rgb_bytes
 
 # Magic numbers of the raster formats the service takes (decode.SAFE_FORMATS, less TIFF).
 _SIGNATURES = (
@@ -69,6 +69,4 @@ def decode_upload(data: bytes, what: str, *, size: int, mode: str, max_pixels: i
         raise UploadError(status, f"{what}: {e}") from None
     if chip is None:
         raise UploadError(422, f"{what}: no face found to align")
-    from facejax.data.decode import fit_array
-
     return fit_array(chip, size, mode)
