@@ -26,6 +26,9 @@ def data() -> ml_collections.ConfigDict:
         test_fraction=0.2,       # closed_set: per-class fraction held out as the queries (gallery =
                                  # train); 0 = the seed's setup, queries = val (optimistic scores)
         split_seed=0,
+        exact_counts_below=200,  # classes with fewer images get exact per-class counts (round(
+                                 # fraction * n)); larger ones hash thresholds. 0 = thresholds
+                                 # for all (runs saved before this setting)
         min_images_per_class=2,  # classes with fewer are excluded from splits (and reported)
         open_set_holdout=0.2,    # open_set: identities never trained on: a fraction in (0, 1),
                                  # or a whole count >= 2 (e.g. 10.0); fewer than 10 held out

@@ -286,3 +286,44 @@ def test_prepared_data_carries_its_data_id(image_folder, data_config):
     data = prepare_data(data_config)
     assert data.data_id["images"] == 6 and data.data_id["root"] == root
     assert len(data.data_id["pixels"]) == len(data.data_id["files"]) == 64
+
+
+def test_small_classes_split_by_exact_counts_and_summary_shows_them(image_folder, data_config,
+                                                                    tmp_path, capsys):
+    # 10 images per person: each gets round(0.2 * 10) = 2 queries and 6 gallery (train) images.
+    people = {f"person{k}": 10 for k in range(6)}
+    root, _ = image_folder(people, size=(4, 4))
+    data_config.root = root
+    data = prepare_data(data_config)
+    assert np.bincount(data.query.labels).tolist() == [2] * 6
+    assert np.bincount(data.gallery.labels).tolist() == [6] * 6
+    assert np.bincount(data.val.labels).tolist() == [2] * 6
+    counts = data.class_counts()
+    assert counts["queries"] == dict(min=2, median=2, max=2)
+    assert counts["gallery"] == dict(min=6, median=6, max=6)
+    summary = data.summary()
+    assert "per class (6): queries 2 / 2 / 2, gallery 6 / 6 / 6 (min / median / max)" in summary
+    assert "person3: 2 queries, 6 gallery" in summary
+    # A run's config from before the setting keeps its (hash-threshold) split.
+    del data_config["exact_counts_below"]
+    old = prepare_data(data_config)
+    assert np.bincount(old.query.labels, minlength=6).tolist() != [2] * 6
+    # prepare_data.py prints the same lines.
+    config = tmp_path / "cfg.py"
+    config.write_text(
+        "import importlib.util\n"
+        "spec = importlib.util.spec_from_file_location("
+        f"'c', {os.path.join(ROOT, 'configs', 'common.py')!r})\n"
+        "common = importlib.util.module_from_spec(spec); spec.loader.exec_module(common)\n"
+        "def get_config():\n"
+        "    c = common.base()\n"
+        "    c.data.decode_workers = 1\n"
+        "    return c\n")
+    capsys.readouterr()
+    assert _script().main(["--config", str(config), f"--config.data.root={root}",
+                           "--config.data.image_size=8",
+                           f"--config.data.cache_dir={tmp_path / 'cache2'}"]) == 0
+    assert "per class (6): queries 2 / 2 / 2" in capsys.readouterr().out
+    data_config.exact_counts_below = -3
+    with pytest.raises(ConfigError, match="exact_counts_below"):
+        prepare_data(data_config)

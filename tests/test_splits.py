@@ -73,9 +73,10 @@ def test_three_way_split_is_stratified_seeded_and_repeatable():
 
 
 def test_adding_files_never_moves_old_ones():
+    # Hash thresholds: every class with exact_below=0, by default classes of 200+ images.
     before = _dataset({"a": 40, "b": 30, "c": 25})
     after = _dataset({"a": 55, "b": 31, "c": 25, "new": 12})
-    kw = dict(val_fraction=0.2, test_fraction=0.2, seed=3)
+    kw = dict(val_fraction=0.2, test_fraction=0.2, seed=3, exact_below=0)
     old = _sides(*before, **kw)
     new = _sides(*after, **kw)
     assert {p: new[p] for p in old} == old
@@ -84,6 +85,12 @@ def test_adding_files_never_moves_old_ones():
     p, l, n = after
     order = np.random.default_rng(0).permutation(len(p))
     assert _sides([p[i] for i in order], l[order], n, **kw) == new
+    big = splits.EXACT_COUNTS_BELOW
+    before = _dataset({"a": big, "b": big + 40})
+    after = _dataset({"a": big + 30, "b": big + 41, "new": 12})
+    kw = dict(val_fraction=0.2, test_fraction=0.2, seed=3)
+    old = _sides(*before, **kw)
+    assert {p: s for p, s in _sides(*after, **kw).items() if p in old} == old
 
 
 def test_test_fraction_zero_is_the_seeds_train_val_split():
@@ -91,7 +98,8 @@ def test_test_fraction_zero_is_the_seeds_train_val_split():
     counts = {f"c{k:02d}": int(n) for k, n in enumerate(rng.integers(1, 12, 60))}
     paths, labels, names = _dataset(counts)
     for frac, seed in ((0.2, 0), (0.05, 1), (0.6, 2)):
-        sides = split_sides(paths, labels, names, val_fraction=frac, test_fraction=0.0, seed=seed)
+        sides = split_sides(paths, labels, names, val_fraction=frac, test_fraction=0.0, seed=seed,
+                            exact_below=0)
         assert TEST not in sides
         np.testing.assert_array_equal(sides == VAL,
                                       _seed_split_val(paths, labels, names, frac, seed))
@@ -103,7 +111,7 @@ def test_small_classes_fill_train_then_test_then_val():
     counts = {f"one{k}": 1 for k in range(20)} | {f"two{k}": 2 for k in range(200)}
     counts |= {f"three{k}": 3 for k in range(100)}
     paths, labels, names = _dataset(counts)
-    kw = dict(val_fraction=0.2, test_fraction=0.2, seed=0)
+    kw = dict(val_fraction=0.2, test_fraction=0.2, seed=0, exact_below=0)
     sides = split_sides(paths, labels, names, **kw)
     u = np.array([unit_hash(0, "split", names[l], p) for l, p in zip(labels, paths)])
     eval_sides = []
@@ -124,8 +132,13 @@ def test_small_classes_fill_train_then_test_then_val():
             assert cu[side == TEST].min() > cu[side != TEST].max()
     # A 2-image class's second image goes to val or test by hash (test unless val was natural).
     assert 0.1 < eval_sides.count(VAL) / len(eval_sides) < 0.5
+    # With exact counts (the default for small classes) it is always one query (test).
+    exact = split_sides(paths, labels, names, **(kw | {"exact_below": 200}))
+    two = np.isin(labels, [c for c, n in enumerate(names) if n.startswith("two")])
+    assert (exact[two] == TEST).sum() == two.sum() // 2 and (exact[two] == VAL).sum() == 0
     # A side whose fraction is 0 is never filled.
-    no_val = split_sides(paths, labels, names, val_fraction=0.0, test_fraction=0.2, seed=0)
+    no_val = split_sides(paths, labels, names, val_fraction=0.0, test_fraction=0.2, seed=0,
+                         exact_below=0)
     assert VAL not in no_val and (no_val == TEST).sum() >= 300
 
 
@@ -332,3 +345,30 @@ def test_open_set_holdout_as_a_count_and_a_warning_for_few_identities(capsys):
         open_set(paths, labels, names, holdout=25, **kw)
     with pytest.raises(DataError, match="leaves 1 identities to train on"):
         open_set(paths, labels, names, holdout=23, **kw)
+
+
+def test_small_classes_get_exact_counts_ranked_by_hash():
+    # 10 images a person: hash thresholds gave 6 queries to one and 1 to another; exact
+    # counts give round(0.2 * 10) = 2 val and 2 test to each, still chosen by hash rank.
+    counts = {f"p{k:02d}": 10 for k in range(40)} | {"two": 2, "five": 5, "big": 300}
+    paths, labels, names = _dataset(counts)
+    kw = dict(val_fraction=0.2, test_fraction=0.2, seed=0)
+    sides = split_sides(paths, labels, names, **kw)
+    u = np.array([unit_hash(0, "split", names[l], p) for l, p in zip(labels, paths)])
+    for c, name in enumerate(names):
+        side, cu = sides[labels == c], u[labels == c]
+        n = len(side)
+        if name == "big":  # large classes keep the hash thresholds
+            np.testing.assert_array_equal(
+                side, split_sides(paths, labels, names, **kw, exact_below=0)[labels == c])
+            continue
+        want = {"two": (1, 0, 1), "five": (3, 1, 1)}.get(name, (6, 2, 2))
+        assert ((side == TRAIN).sum(), (side == VAL).sum(), (side == TEST).sum()) == want, name
+        assert n < 3 or cu[side == VAL].max() < cu[side == TRAIN].min()
+        assert cu[side == TEST].min() > cu[side == TRAIN].max()
+    # The old rule (exact_below=0) is uneven on these classes: that is what this fixes.
+    old = split_sides(paths, labels, names, **kw, exact_below=0)
+    tests = [int((old[labels == c] == TEST).sum()) for c in range(40)]
+    assert max(tests) - min(tests) >= 3
+    with pytest.raises(ConfigError, match="exact_counts_below"):
+        split_sides(paths, labels, names, **kw, exact_below=-1)

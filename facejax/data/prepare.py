@@ -9,7 +9,7 @@ import numbers
 import numpy as np
 
 from facejax import limits
-from facejax.data import cache, decode, sources, splits
+from facejax.data import cache, counts, decode, sources, splits
 from facejax.data.sources import Listing
 from facejax.data.splits import Subset
 from facejax.errors import ConfigError, DataError
@@ -60,15 +60,33 @@ class PreparedData:
              f"query {len(self.query)}, gallery {g}"),
             f"cache:    {self.cache_dir}",
         ]
+        lines += [("per class " + line[len("per identity "):] if line.startswith("per identity")
+                   else "       " + line) for line in counts.summary_lines(self.class_counts())]
         if self.skipped:
             lines.append(f"skipped:  {len(self.skipped)} ({cache.summarize_skipped(self.skipped)})")
         return "\n".join(lines)
+
+
+    def class_counts(self) -> dict:
+        """Queries and gallery images per identity (`counts.counts_summary`)."""
+        loo = self.gallery is None
+        rows = counts.identity_counts(self.query.labels,
+                                      None if loo else self.gallery.labels,
+                                      self.identity_names)
+        return counts.counts_summary(rows, gallery="gallery (leave-one-out)" if loo
+                                     else "gallery")
 
 
 def _test_fraction(cfg) -> float:
     # A run's config.json from before data.test_fraction existed trained on that split with
     # no test side: 0 reproduces its train set, so evaluation never queries training images.
     return cfg.get("test_fraction", 0.0)
+
+
+def _exact_below(cfg) -> int:
+    # A run's config.json from before data.exact_counts_below existed split every class by
+    # hash thresholds: 0 reproduces that split, so evaluation never queries training images.
+    return splits.check_exact_below(cfg.get("exact_counts_below", 0))
 
 
 def _face_crop(cfg) -> tuple[float, ...]:
@@ -79,6 +97,7 @@ def _face_crop(cfg) -> tuple[float, ...]:
 def _check_config(cfg) -> None:
     """Bad settings fail here, before any scanning or decoding."""
     _face_crop(cfg)
+    _exact_below(cfg)
     for key in ("image_size", "max_pixels", "decode_workers", "workers"):
         if key in cfg:
             limits.check_size(f"data.{key}", cfg[key])
@@ -192,7 +211,8 @@ def _prepare_competition(cfg, prune_cache: bool) -> PreparedData:
     split = splits.closed_set(paths, labels, comp.identity_names,
                               rows=np.flatnonzero(kept_part == 0), val_fraction=cfg.val_fraction,
                               test_fraction=0.0, seed=cfg.split_seed,
-                              min_images=cfg.min_images_per_class)
+                              min_images=cfg.min_images_per_class,
+                              exact_below=_exact_below(cfg))
     _report_excluded(split.excluded)
     query, gallery = (np.flatnonzero(kept_part == k) for k in (1, 2))
     for name, rows in (("query", query), ("gallery", gallery)):
@@ -235,7 +255,8 @@ def prepare_data(cfg, *, prune_cache: bool = False) -> PreparedData:
     if cfg.protocol == "closed_set":
         split = splits.closed_set(paths, labels, listing.class_names,
                                   val_fraction=cfg.val_fraction, test_fraction=_test_fraction(cfg),
-                                  seed=cfg.split_seed, min_images=cfg.min_images_per_class)
+                                  seed=cfg.split_seed, min_images=cfg.min_images_per_class,
+                                  exact_below=_exact_below(cfg))
         if not _test_fraction(cfg):
             print("note: data.test_fraction=0: closed-set queries are the validation images "
                   "that selected the checkpoint, so retrieval scores are optimistic", flush=True)
@@ -244,7 +265,8 @@ def prepare_data(cfg, *, prune_cache: bool = False) -> PreparedData:
                                 holdout=cfg.open_set_holdout,
                                 min_eval_images=cfg.open_set_min_images,
                                 val_fraction=cfg.val_fraction, seed=cfg.split_seed,
-                                min_images=cfg.min_images_per_class)
+                                min_images=cfg.min_images_per_class,
+                                exact_below=_exact_below(cfg))
         splits.check_disjoint(split)
     _report_excluded(split.excluded)
     return PreparedData(

@@ -6,13 +6,19 @@ exist: rerunning gives the same split and adding files never moves old ones.
 
 The train/val/test split ranks each class's files by hash: val takes those under
 `val_fraction`, test those at or above `1 - test_fraction`, train the rest (so val does not
-depend on test_fraction, and test_fraction=0 is the plain train/val split). Small classes get
-minimum counts, in priority order: train >= 1 always; then test >= 1 and val >= 1 (when their
-fraction is > 0), each only by taking a file from a side that has 2 or more. Hence a 1-image
-class is train only, a 2-image class is one train image plus one val *or* test image, and a
-class with 3+ images fills every side. A forced fill keeps the hash ranking (val lowest, test
-highest), so it is the one exception to stability: a class whose sides were not all filled by
-hash, before or after files are added, can reshuffle its files.
+depend on test_fraction, and test_fraction=0 is the plain train/val split). A class of fewer
+than EXACT_COUNTS_BELOW images is split by exact counts instead: the round(val_fraction * n)
+lowest-hash files are val and the round(test_fraction * n) highest-hash files test, since on
+10 images hash thresholds can give 6 test files to one class and 1 to the next. Larger classes
+keep the thresholds (their counts are already close to the fractions, and their files never
+move when others are added). Small classes then get minimum counts, in priority order:
+train >= 1 always; then test >= 1 and val >= 1 (when their fraction is > 0), each only by
+taking a file from a side that has 2 or more. Hence a 1-image class is train only, a 2-image
+class is one train image plus one test image (with exact counts; by hash thresholds, val *or*
+test), and a class with 3+ images fills every side. A forced fill keeps the hash ranking (val
+lowest, test highest). The exceptions to stability are small classes: adding files to a class
+of fewer than EXACT_COUNTS_BELOW images (or one whose sides were not all filled by hash) can
+move a file at a boundary between sides.
 """
 
 from __future__ import annotations
@@ -32,6 +38,11 @@ MIN_TRAIN_CLASSES = 2  # a softmax over one class learns nothing
 # Open-set figures over fewer held-out identities than this are flagged: on a 24-identity set
 # a 0.2 holdout kept 2, where a random ranking already gets Top-1 about 0.5.
 MIN_OPEN_SET_IDENTITIES = 10
+# Classes with fewer images than this are split by exact per-class counts (see the module
+# docstring; data.exact_counts_below): at this size hash thresholds give test counts of about
+# 0.2 * n +- 11 (2 sigma). It is below the ~1,200 images per class of the demo
+# (configs/demo.py), whose split is the same as before exact counts existed.
+EXACT_COUNTS_BELOW = 200
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,12 +113,23 @@ def check_caps(*, max_classes: int = 0, max_per_class: int = 0, max_images: int 
                           f"{MIN_TRAIN_CLASSES} (0 = all classes)")
 
 
-def _side_counts(u_sorted: np.ndarray, val_fraction: float,
-                 test_fraction: float) -> tuple[int, int]:
+def check_exact_below(value) -> int:
+    """`data.exact_counts_below` as an int >= 0 (0 = hash thresholds for every class)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ConfigError(f"data.exact_counts_below must be a whole number >= 0 (classes with "
+                          f"fewer images are split by exact counts; 0 = never), got {value!r}")
+    return int(value)
+
+
+def _side_counts(u_sorted: np.ndarray, val_fraction: float, test_fraction: float,
+                 exact_below: int = EXACT_COUNTS_BELOW) -> tuple[int, int]:
     """(val count, test count) of one class from its sorted hashes, after the minimums."""
     n = len(u_sorted)
-    k_val = int(np.searchsorted(u_sorted, val_fraction, side="left"))            # u < val
-    k_test = n - int(np.searchsorted(u_sorted, 1.0 - test_fraction, side="left"))  # u >= 1 - test
+    if n < exact_below:  # exact counts, rounded half up
+        k_val, k_test = int(val_fraction * n + 0.5), int(test_fraction * n + 0.5)
+    else:
+        k_val = int(np.searchsorted(u_sorted, val_fraction, side="left"))            # u < val
+        k_test = n - int(np.searchsorted(u_sorted, 1.0 - test_fraction, side="left"))  # u >= 1-t
     k = {VAL: k_val, TRAIN: n - k_val - k_test, TEST: k_test}
     wanted = [TRAIN] + [TEST] * (test_fraction > 0) + [VAL] * (val_fraction > 0)
     for side in wanted:
@@ -126,10 +148,14 @@ def _side_counts(u_sorted: np.ndarray, val_fraction: float,
 
 
 def split_sides(paths: Sequence[str], labels: np.ndarray, class_names: Sequence[str], *,
-                val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
+                val_fraction: float, test_fraction: float, seed: int,
+                exact_below: int = EXACT_COUNTS_BELOW) -> np.ndarray:
     """Stratified, stable train/val/test split (see the module docstring): returns side codes
-    int8 [N] (TRAIN, VAL, TEST; NONE for rows with label -1)."""
+    int8 [N] (TRAIN, VAL, TEST; NONE for rows with label -1). Classes of fewer than
+    `exact_below` images get exact counts (0: hash thresholds for all, the rule of runs saved
+    before data.exact_counts_below existed)."""
     check_fractions(val_fraction, test_fraction)
+    check_exact_below(exact_below)
     labels = np.asarray(labels)
     u = _hashes(seed, "split", class_names, labels, paths)
     sides = np.full(len(labels), NONE, np.int8)
@@ -139,7 +165,7 @@ def split_sides(paths: Sequence[str], labels: np.ndarray, class_names: Sequence[
     for group in np.split(rows, starts[1:]):
         if len(group) == 0:
             continue
-        k_val, k_test = _side_counts(u[group], val_fraction, test_fraction)
+        k_val, k_test = _side_counts(u[group], val_fraction, test_fraction, exact_below)
         sides[group] = TRAIN
         sides[group[:k_val]] = VAL
         sides[group[len(group) - k_test:]] = TEST
@@ -182,7 +208,8 @@ def limit_rows(paths: Sequence[str], labels: np.ndarray, class_names: Sequence[s
 
 def _split_classes(rows: np.ndarray, paths: Sequence[str], labels: np.ndarray,
                    class_names: Sequence[str], *, val_fraction: float, test_fraction: float,
-                   seed: int, min_images: int, what: str = "classes"
+                   seed: int, min_images: int, what: str = "classes",
+                   exact_below: int = EXACT_COUNTS_BELOW
                    ) -> tuple[list[str], Subset, Subset, Subset, list[tuple[str, str]]]:
     """Splits `rows` (global indices) per class; returns kept class names, train, val, test
     and the excluded classes. Raises DataError unless 2+ classes have `min_images` images."""
@@ -206,7 +233,8 @@ def _split_classes(rows: np.ndarray, paths: Sequence[str], labels: np.ndarray,
     remap[kept] = np.arange(len(kept), dtype=np.int32)
     rows = rows[remap[labels[rows]] >= 0]
     sides = split_sides([paths[r] for r in rows], labels[rows], class_names,
-                        val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+                        val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+                        exact_below=exact_below)
     new = remap[labels[rows]]
     train, val, test = (Subset(rows[sides == s], new[sides == s]) for s in (TRAIN, VAL, TEST))
     return [class_names[c] for c in kept], train, val, test, excluded
@@ -214,7 +242,7 @@ def _split_classes(rows: np.ndarray, paths: Sequence[str], labels: np.ndarray,
 
 def closed_set(paths: Sequence[str], labels: np.ndarray, class_names: Sequence[str], *,
                val_fraction: float, test_fraction: float, seed: int, min_images: int = 2,
-               rows: np.ndarray | None = None) -> Split:
+               rows: np.ndarray | None = None, exact_below: int = EXACT_COUNTS_BELOW) -> Split:
     """Per class, images split into train, val and test; retrieval queries test against train.
 
     val only selects the model (early stopping, best checkpoint). With test_fraction=0 there is
@@ -225,7 +253,7 @@ def closed_set(paths: Sequence[str], labels: np.ndarray, class_names: Sequence[s
     rows = np.flatnonzero(labels >= 0) if rows is None else np.asarray(rows, np.int64)
     names, train, val, test, excluded = _split_classes(
         rows, paths, labels, class_names, val_fraction=val_fraction,
-        test_fraction=test_fraction, seed=seed, min_images=min_images)
+        test_fraction=test_fraction, seed=seed, min_images=min_images, exact_below=exact_below)
     query = test if test_fraction > 0 else val
     if len(query) == 0:
         side = "test" if test_fraction > 0 else "val"
@@ -251,7 +279,7 @@ def holdout_count(holdout) -> int:
 
 def open_set(paths: Sequence[str], labels: np.ndarray, class_names: Sequence[str], *,
              holdout: float, min_eval_images: int, val_fraction: float, seed: int,
-             min_images: int = 2) -> Split:
+             min_images: int = 2, exact_below: int = EXACT_COUNTS_BELOW) -> Split:
     """Identity-disjoint: held-out identities are never trained on and are evaluated
     leave-one-out (gallery=None); the rest split train/val (no test side: the held-out
     identities are the test).
@@ -296,7 +324,8 @@ def open_set(paths: Sequence[str], labels: np.ndarray, class_names: Sequence[str
     train_rows = np.flatnonzero((labels >= 0) & ~row_held)
     names, train, val, _, excluded = _split_classes(
         train_rows, paths, labels, class_names, val_fraction=val_fraction, test_fraction=0.0,
-        seed=seed, min_images=min_images, what="identities left after the holdout")
+        seed=seed, min_images=min_images, what="identities left after the holdout",
+        exact_below=exact_below)
     q = np.flatnonzero(row_held)
     query = Subset(q, labels[q])
     return Split("open_set", names, train, val, query, None, list(class_names), excluded)
