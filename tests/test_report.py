@@ -129,3 +129,46 @@ def test_names_that_are_not_utf8_reach_the_report(tmp_path):
     assert "Ren\\xe9e" in (out / "report.html").read_text()
     assert os.path.getsize(out / R.FIGURE) > 0
     assert R.displayable("plain é") == "plain é"
+
+
+def _closed_set_result(num_people: int):
+    """Closed set: person 0 has a single query, whose nearest gallery image is person 1's
+    (Top-1 0, mAP@R 0); the others have 2 queries each, all right."""
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(num_people, 16)).astype(np.float32)
+    g_labels = np.repeat(np.arange(num_people), 6).astype(np.int32)
+    q_labels = np.r_[0, np.repeat(np.arange(1, num_people), 2)].astype(np.int32)
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    g = unit(centres[g_labels] + 0.01 * rng.normal(size=(len(g_labels), 16))).astype(np.float32)
+    q = unit(centres[q_labels] + 0.01 * rng.normal(size=(len(q_labels), 16))).astype(np.float32)
+    q[0] = unit(centres[1:2] + 0.01)[0]  # person 0's only query looks like person 1
+    paths = [f"Person_{lab}/g{i}.jpg" for i, lab in enumerate(g_labels)]
+    index = SearchIndex.build(g, paths, g_labels, dict(META, embed_dim=16), backend="exact")
+    return evaluate_embeddings(q, q_labels, index, ks=(1, 5), protocol="closed_set",
+                               query_paths=[f"Person_{lab}/q{i}.jpg"
+                                            for i, lab in enumerate(q_labels)],
+                               names={i: f"Person_{i}" for i in range(num_people)},
+                               num_examples=0)
+
+
+@pytest.mark.parametrize("num_people", [5, 40])
+def test_report_counts_and_single_query_identities(tmp_path, num_people):
+    result = _closed_set_result(num_people)
+    assert result["class_counts"]["queries"] == dict(min=1, median=2, max=2)
+    assert result["class_counts"]["gallery"] == dict(min=6, median=6, max=6)
+    R.write_report(result, str(tmp_path))
+    md = (tmp_path / "report.md").read_text()
+    page = (tmp_path / "report.html").read_text()
+    line = (f"Per identity ({num_people}): queries 1 / 2 / 2, gallery 6 / 6 / 6 "
+            f"(min / median / max).")
+    assert line in md and line in page
+    # The single-query identity that failed is listed first, marked, with its gallery count.
+    assert "| identity | queries | gallery | Top-1 | Top-5 | mAP@R |" in md
+    assert f"| Person_0 | {R.SINGLE} | 6 | 0.0000 |" in md
+    assert R.SINGLE in page and "Person_0" in page
+    table = [row for row in md.splitlines() if row.startswith("| Person_")]
+    # Small sets list every identity; large ones the 10 hardest.
+    assert len(table) == (num_people if num_people <= 30 else 10)

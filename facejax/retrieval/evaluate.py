@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from facejax.data import counts
 from facejax.data.splits import MIN_OPEN_SET_IDENTITIES
 from facejax.errors import ConfigError, DataError
 from facejax.retrieval import metrics as M
@@ -137,12 +138,24 @@ def evaluate_embeddings(query_emb: np.ndarray, query_labels: np.ndarray, index: 
         index_params=index.scann_params,
         index_tuning=_tuning_summary(index.tuning),
         embedder=dict(index.embedder),
-        per_class=M.per_class(per_q, query_labels, valid, names),
+        per_class=_per_class(per_q, query_labels, valid, names, num_rel, loo),
         examples=_examples(rows, scores, query_labels, valid, index, query_paths, names,
                            num_examples, seed),
     )
+    result["class_counts"] = counts.counts_summary(
+        [(r["name"], r["queries"], r["gallery"]) for r in result["per_class"]],
+        gallery="gallery (leave-one-out)" if loo else "gallery")
     result["warnings"] = _warnings(result, index)
     return result
+
+
+def _per_class(per_q, query_labels, valid, names, num_rel, loo: bool) -> list[dict]:
+    """M.per_class rows plus each identity's gallery images (its relevant items; for
+    leave-one-out, the other images of the identity)."""
+    rows = M.per_class(per_q, query_labels, valid, names)
+    for row in rows:
+        row["gallery"] = int(num_rel[valid & (query_labels == row["label"])].max())
+    return rows
 
 
 def _ranking(run, index: SearchIndex, q: int, ks: Sequence[int], depth: int,

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from facejax.data import counts
 from facejax.errors import ConfigError
 from facejax.retrieval.atomic import write_file_atomic
 
@@ -200,16 +201,43 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def hardest_classes(result: Mapping[str, Any], n: int = 10) -> list[Mapping[str, Any]]:
-    rows = [r for r in result["per_class"] if r["queries"] >= 2]
+    """The `n` identities with the lowest Top-1 (then mAP@R), single-query ones included."""
+    rows = list(result["per_class"])
     return sorted(rows, key=lambda r: (r["top1"], r["map@r"], -r["queries"]))[:n]
+
+
+SINGLE = "1 (single query)"
+
+
+def _lists_all(result) -> bool:
+    """Whether the identity table lists every identity (a small set), not only the hardest."""
+    return bool((result.get("class_counts") or {}).get("per_identity"))
 
 
 def _class_table(result) -> tuple[list[str], list[list[str]]]:
     k = result["ks"][-1]
-    header = ["identity", "queries", "Top-1", f"Top-{k}", "mAP@R"]
-    rows = [[r["name"], str(r["queries"]), _fmt(r["top1"]), _fmt(r[f"top{k}"]),
-             _fmt(r["map@r"])] for r in hardest_classes(result)]
+    gallery = any("gallery" in r for r in result["per_class"])
+    header = ["identity", "queries"] + ["gallery"] * gallery + ["Top-1", f"Top-{k}", "mAP@R"]
+    n = len(result["per_class"]) if _lists_all(result) else 10
+    rows = [[r["name"], SINGLE if r["queries"] == 1 else str(r["queries"])]
+            + [str(r.get("gallery", "–"))] * gallery
+            + [_fmt(r["top1"]), _fmt(r[f"top{k}"]), _fmt(r["map@r"])]
+            for r in hardest_classes(result, n)]
     return header, rows
+
+
+def class_heading(result) -> str:
+    what = "Identities, hardest first" if _lists_all(result) else \
+        "Hardest identities (lowest Top-1)"
+    return (f"{what}; an identity with a single query is marked: its figures are that one "
+            f"query's")
+
+
+def counts_line(result) -> str:
+    """Queries and gallery images per identity, min / median / max."""
+    lines = counts.summary_lines({k: v for k, v in (result.get("class_counts") or {}).items()
+                                  if k != "per_identity"})
+    return (lines[0][0].upper() + lines[0][1:] + ".") if lines else ""
 
 
 # ----------------------------------------------------------------------------- the report
@@ -278,6 +306,8 @@ def _markdown(result, title, figure, curves) -> str:
     out += [setting_line(result), "",
             (f"Model: `{emb.get('model')}` (embedder {str(emb.get('params_hash'))[:12]}, "
              f"dim {emb.get('embed_dim')})."), ""]
+    if counts_line(result):
+        out += [counts_line(result), ""]
     if search_line(result):
         out += [search_line(result), ""]
     if scored(result):
@@ -294,8 +324,7 @@ def _markdown(result, title, figure, curves) -> str:
         out += ["", ann]
     header, rows = _class_table(result)
     if rows:
-        out += ["", "## Hardest identities (lowest Top-1, at least 2 queries)", "",
-                _md_table(header, rows)]
+        out += ["", f"## {class_heading(result)}", "", _md_table(header, rows)]
     if figure:
         out += ["", "## Examples (the seed's Figure 9)", "",
                 ("Each row: a random query (blue) and its top-5 results; green border = same "
@@ -328,6 +357,8 @@ def _html(result, title, figure, curves) -> str:
              f"<h1>{html.escape(title)}</h1>"]
     parts += [f"<p class='warn'><b>{html.escape(w)}</b></p>" for w in warning_lines(result)]
     parts.append(f"<p>{setting}</p>")
+    if counts_line(result):
+        parts.append(f"<p>{html.escape(counts_line(result))}</p>")
     if search_line(result):
         parts.append(f"<p class='note'>{html.escape(search_line(result))}</p>")
     if scored(result):
@@ -340,7 +371,7 @@ def _html(result, title, figure, curves) -> str:
         parts.append(f"<p class='note'>{html.escape(ann)}</p>")
     header, rows = _class_table(result)
     if rows:
-        parts += ["<h2>Hardest identities</h2>", _html_table(header, rows)]
+        parts += [f"<h2>{html.escape(class_heading(result))}</h2>", _html_table(header, rows)]
     if figure:
         parts += ["<h2>Examples (the seed's Figure 9)</h2>",
                   ("<p class='note'>A random query (blue) and its top-5 results: green border = "
