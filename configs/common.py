@@ -126,6 +126,8 @@ def evaluate() -> ml_collections.ConfigDict:
         exact_max_pairs=10_000_000_000,  # with a ScaNN index, score with exact search while
                                  # queries x gallery <= this (~30 s on 2 CPU cores at 128-d);
                                  # above it, ScaNN re-tuned for the depth mAP@R reads
+        rejection_holdout=0.2,   # open-set rejection figures: this fraction of the identities is
+                                 # held out of the gallery as unknown people (0 = none)
     ))
 
 

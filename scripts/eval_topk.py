@@ -12,7 +12,7 @@ import argparse
 import os
 
 from facejax import cli, config
-from facejax.retrieval import report
+from facejax.retrieval import rejection, report
 from facejax.retrieval import workdir as wd
 from facejax.retrieval.evaluate import result_summary
 
@@ -43,6 +43,12 @@ def main(argv: list[str]) -> int:
     for line in (report.search_line(result), report.ann_line(result)):
         if line:
             print(line)
+    if result.get("rejection"):
+        print(rejection.summary_line(result["rejection"]))
+        header, rows = rejection.table(result["rejection"])
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+        for line in [header] + rows:
+            print("  " + "  ".join(c.rjust(w) for c, w in zip(line, widths)))
     # Without scored queries this says why, instead of a table of NaNs.
     print(result_summary(result))
     print(f"report: {os.path.join(report_dir, 'report.html')}")

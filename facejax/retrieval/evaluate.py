@@ -12,6 +12,7 @@ from facejax.data import counts
 from facejax.data.splits import MIN_OPEN_SET_IDENTITIES
 from facejax.errors import ConfigError, DataError
 from facejax.retrieval import metrics as M
+from facejax.retrieval import rejection
 from facejax.retrieval.index import DEFAULT_TARGET_RECALL, SearchIndex, drop_self
 
 # mAP@R needs R results per query; past this many, AP is computed on a truncated list (noted).
@@ -67,7 +68,8 @@ def evaluate_embeddings(query_emb: np.ndarray, query_labels: np.ndarray, index: 
                         query_paths: Sequence[str] | None = None,
                         names: Mapping[int, str] | None = None, protocol: str = "closed_set",
                         num_examples: int = 6, seed: int = 0,
-                        exact_max_pairs: int = EXACT_MAX_PAIRS) -> dict:
+                        exact_max_pairs: int = EXACT_MAX_PAIRS, threshold: float | None = None,
+                        threshold_source: str = "", rejection_holdout: float = 0.2) -> dict:
     """Scores the ranked gallery labels of each query; the result is JSON-ready.
 
     `self_rows[i]` is the index row that holds query i itself (leave-one-out), -1 if none; it
@@ -78,7 +80,9 @@ def evaluate_embeddings(query_emb: np.ndarray, query_labels: np.ndarray, index: 
     approximate index's own recall against it is reported in `ann_recall`); above that, the
     ScaNN index re-tuned for the depth the metrics read (`search` says which, and how well it
     did on a sample). `warnings` lists what the report shows in bold: an index below its
-    recall target, too few open-set identities.
+    recall target, too few open-set identities. `rejection` holds the open-set rejection
+    figures (`rejection.open_set_rejection`: a `rejection_holdout` fraction of the identities
+    held out of the gallery, scored at the same-person `threshold` when there is one).
     """
     query_emb = np.asarray(query_emb, np.float32)
     query_labels = np.asarray(query_labels, np.int64)
@@ -88,6 +92,7 @@ def evaluate_embeddings(query_emb: np.ndarray, query_labels: np.ndarray, index: 
     ks = check_ks(ks)
     num_examples = check_num_examples(num_examples)
     exact_max_pairs = check_exact_max_pairs(exact_max_pairs)
+    rejection_holdout = rejection.check_holdout(rejection_holdout)
     loo = self_rows is not None
     self_rows = np.full(q, -1, np.int64) if self_rows is None else np.asarray(self_rows, np.int64)
     has_self = (self_rows >= 0)
@@ -142,6 +147,10 @@ def evaluate_embeddings(query_emb: np.ndarray, query_labels: np.ndarray, index: 
         examples=_examples(rows, scores, query_labels, valid, index, query_paths, names,
                            num_examples, seed),
     )
+    result["rejection"] = rejection.open_set_rejection(
+        query_emb, query_labels, index.embeddings, index.labels, names=names,
+        self_rows=self_rows if loo else None, threshold=threshold,
+        threshold_source=threshold_source, holdout=rejection_holdout, seed=seed)
     result["class_counts"] = counts.counts_summary(
         [(r["name"], r["queries"], r["gallery"]) for r in result["per_class"]],
         gallery="gallery (leave-one-out)" if loo else "gallery")
@@ -308,17 +317,20 @@ def evaluate(embedder, data, *, ks: Sequence[int] = (1, 5, 10), index: SearchInd
              backend: str = "auto", exact_max_items: int = 200_000,
              target_recall: float | None = None, batch_size: int = 256, num_examples: int = 6,
              seed: int = 0, progress: bool = False, query_emb: np.ndarray | None = None,
-             exact_max_pairs: int = EXACT_MAX_PAIRS) -> dict:
+             exact_max_pairs: int = EXACT_MAX_PAIRS, threshold: float | None = None,
+             threshold_source: str = "", rejection_holdout: float = 0.2) -> dict:
     """Evaluates an `Embedder` on `PreparedData`-like `data` (images, paths, query, gallery).
 
     `data.gallery is None` means leave-one-out over `data.query`. Without `index`, one is
     built over the gallery with `backend`; a given index must hold the gallery's paths.
-    `query_emb` reuses query embeddings the caller already has.
+    `query_emb` reuses query embeddings the caller already has. `threshold`,
+    `threshold_source` and `rejection_holdout` go to `evaluate_embeddings` (open-set rejection).
     """
     # Checked before any embedding work, so a bad setting fails in a second, not an hour.
     ks = check_ks(ks)
     num_examples = check_num_examples(num_examples)
     exact_max_pairs = check_exact_max_pairs(exact_max_pairs)
+    rejection.check_holdout(rejection_holdout)
     loo = data.gallery is None
     gallery = data.query if loo else data.gallery
     g_paths = [data.paths[i] for i in gallery.indices]
@@ -350,7 +362,9 @@ def evaluate(embedder, data, *, ks: Sequence[int] = (1, 5, 10), index: SearchInd
                                query_paths=q_paths, names=names,
                                protocol=getattr(data, "protocol", "closed_set"),
                                num_examples=num_examples, seed=seed,
-                               exact_max_pairs=exact_max_pairs)
+                               exact_max_pairs=exact_max_pairs, threshold=threshold,
+                               threshold_source=threshold_source,
+                               rejection_holdout=rejection_holdout)
 
 
 def result_summary(result: Mapping[str, Any]) -> str:

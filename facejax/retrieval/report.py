@@ -15,6 +15,7 @@ import numpy as np
 
 from facejax.data import counts
 from facejax.errors import ConfigError
+from facejax.retrieval import rejection, run_info
 from facejax.retrieval.atomic import write_file_atomic
 
 FIGURE = "topk_examples.png"
@@ -233,6 +234,18 @@ def class_heading(result) -> str:
             f"query's")
 
 
+CURVES_NOTE = ("Classifier accuracy is the training head's softmax over the training classes "
+               "(low with many classes or a cosine head, and not what retrieval uses); retrieval "
+               "Top-1/Top-5 is nearest-neighbour search of validation images among the training "
+               "images, the figure this report scores. Epoch 0 is the starting model.")
+REJECTION_HEADING = "## Open-set rejection: is this person in the gallery at all?"
+REJECTION_NOTE = ("Identities held out of the gallery play unknown people: a threshold rejects "
+                  "one when its best gallery score is below it. Known people below it are "
+                  "falsely rejected; 'identified' = accepted with the right identity first. "
+                  "search.py and the service mark results below the calibrated threshold "
+                  "'no match'.")
+
+
 def counts_line(result) -> str:
     """Queries and gallery images per identity, min / median / max."""
     lines = counts.summary_lines({k: v for k, v in (result.get("class_counts") or {}).items()
@@ -306,6 +319,12 @@ def _markdown(result, title, figure, curves) -> str:
     out += [setting_line(result), "",
             (f"Model: `{emb.get('model')}` (embedder {str(emb.get('params_hash'))[:12]}, "
              f"dim {emb.get('embed_dim')})."), ""]
+    run = run_info.run_lines(result.get("run") or {})
+    if run:
+        out += ["## The run", ""] + run + [""]
+    verification = run_info.verification_line(result.get("verification"))
+    if verification:
+        out += ["## Pair verification", "", verification, ""]
     if counts_line(result):
         out += [counts_line(result), ""]
     if search_line(result):
@@ -322,6 +341,10 @@ def _markdown(result, title, figure, curves) -> str:
     ann = ann_line(result)
     if ann:
         out += ["", ann]
+    rej = result.get("rejection")
+    if rej:
+        out += ["", REJECTION_HEADING, "", rejection.summary_line(rej), "",
+                _md_table(*rejection.table(rej)), "", REJECTION_NOTE]
     header, rows = _class_table(result)
     if rows:
         out += ["", f"## {class_heading(result)}", "", _md_table(header, rows)]
@@ -331,7 +354,8 @@ def _markdown(result, title, figure, curves) -> str:
                  "identity, red = different. Captions: identity and cosine score."), "",
                 f"![query and top-5 results]({figure})"]
     if curves:
-        out += ["", "## Training curves", ""] + [f"![{os.path.basename(c)}]({c})" for c in curves]
+        out += ["", "## Training curves", "", CURVES_NOTE, ""]
+        out += [f"![{os.path.basename(c)}]({c})" for c in curves]
     return "\n".join(out) + "\n"
 
 
@@ -357,6 +381,14 @@ def _html(result, title, figure, curves) -> str:
              f"<h1>{html.escape(title)}</h1>"]
     parts += [f"<p class='warn'><b>{html.escape(w)}</b></p>" for w in warning_lines(result)]
     parts.append(f"<p>{setting}</p>")
+    run = run_info.run_lines(result.get("run") or {})
+    if run:
+        parts += ["<h2>The run</h2>", "<ul>"] + [
+            f"<li>{html.escape(line[2:]).replace('`', '')}</li>" for line in run] + ["</ul>"]
+    verification = run_info.verification_line(result.get("verification"))
+    if verification:
+        parts += ["<h2>Pair verification</h2>",
+                  f"<p>{html.escape(verification).replace('**', '')}</p>"]
     if counts_line(result):
         parts.append(f"<p>{html.escape(counts_line(result))}</p>")
     if search_line(result):
@@ -369,6 +401,12 @@ def _html(result, title, figure, curves) -> str:
     ann = ann_line(result)
     if ann:
         parts.append(f"<p class='note'>{html.escape(ann)}</p>")
+    rej = result.get("rejection")
+    if rej:
+        parts += [f"<h2>{html.escape(REJECTION_HEADING[3:])}</h2>",
+                  f"<p>{html.escape(rejection.summary_line(rej))}</p>",
+                  _html_table(*rejection.table(rej)),
+                  f"<p class='note'>{html.escape(REJECTION_NOTE)}</p>"]
     header, rows = _class_table(result)
     if rows:
         parts += [f"<h2>{html.escape(class_heading(result))}</h2>", _html_table(header, rows)]
@@ -378,7 +416,7 @@ def _html(result, title, figure, curves) -> str:
                    "same identity, red = different.</p>"),
                   f"<img src='{html.escape(figure)}' alt='query and top-5 results'>"]
     if curves:
-        parts.append("<h2>Training curves</h2>")
+        parts += ["<h2>Training curves</h2>", f"<p class='note'>{html.escape(CURVES_NOTE)}</p>"]
         parts += [f"<img src='{html.escape(c)}' alt='{html.escape(os.path.basename(c))}'>"
                   for c in curves]
     parts.append("</body></html>")

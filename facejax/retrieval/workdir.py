@@ -33,7 +33,8 @@ _RUN_KEYS = ("seed", "model.name", "data.source", "data.root", "data.image_size"
              "index.target_recall", "index.batch_size", "eval.ks", "eval.num_figure_queries")
 # Settings added after runs were first saved: older config.json files get these defaults, so
 # that they can also be overridden (--config.index.scann_init=kmeans++) on such a run.
-_LATER_KEYS = {"index.scann_init": "random", "eval.exact_max_pairs": EXACT_MAX_PAIRS}
+_LATER_KEYS = {"index.scann_init": "random", "eval.exact_max_pairs": EXACT_MAX_PAIRS,
+               "eval.rejection_holdout": 0.2}
 # Settings that hold for one command only: config.json's value (a resumed training run may
 # have saved true) is never inherited; an override sets them again.
 _COMMAND_KEYS = {"data.allow_changed_data": False}
@@ -177,6 +178,9 @@ def evaluate_workdir(workdir: str, config, *, progress: bool = True) -> dict:
     index = load_index(os.path.join(workdir, INDEX_DIR), expect=embedder.meta)
     data = prepare_run_data(config, embedder)
     _check_index_data(index, data, workdir, allow=bool(config.data.get("allow_changed_data")))
+    from facejax.retrieval import run_info
+    from facejax.retrieval.verify_run import calibrated_threshold
+    threshold, threshold_source = calibrated_threshold(workdir)
     q_emb = None
     out_dir = os.path.join(workdir, REPORT_DIR)
     if data.protocol == "competition":
@@ -191,12 +195,16 @@ def evaluate_workdir(workdir: str, config, *, progress: bool = True) -> dict:
     result = evaluate(embedder, data, ks=ks, index=index,
                       batch_size=config.index.batch_size,
                       num_examples=num_examples, seed=config.seed,
-                      progress=progress, query_emb=q_emb, exact_max_pairs=exact_max_pairs)
+                      progress=progress, query_emb=q_emb, exact_max_pairs=exact_max_pairs,
+                      threshold=threshold, threshold_source=threshold_source or "",
+                      rejection_holdout=config.eval.rejection_holdout)
     if data.protocol == "competition":
         result["competition_json"] = COMPETITION_JSON
     model = embedder.meta.get("model") or config.model.name
     result["run"] = dict(workdir=os.path.abspath(workdir), model=model,
-                         source=config.data.source, root=data.root)
+                         source=config.data.source, root=data.root,
+                         **run_info.describe_run(workdir, config, data))
+    result["verification"] = run_info.read_verification(workdir)
     kept = kept_starting_point(workdir)
     if kept:
         result.setdefault("warnings", []).append(kept)
