@@ -366,3 +366,112 @@ def test_the_report_says_when_training_kept_its_starting_point(run, tmp_path, ca
     assert wd.kept_starting_point(work) == ""
     metrics.unlink()
     assert wd.kept_starting_point(work) == ""
+
+
+def _verification(threshold):
+    return dict(name="LFW", metric="cosine", accuracy=0.99, accuracy_std=0.004, num_folds=10,
+                auc=0.998, tar_at_far={"0.001": dict(tar=0.95, far=0.001, threshold=0.97)},
+                best_threshold_all=threshold, best_accuracy_all=0.99, num_pairs=6000,
+                model="colour", input_size=16, resize_mode="crop", face_crop=[])
+
+
+def test_report_has_the_calibrated_threshold_and_open_set_rejection(run, tmp_path, capsys):
+    """Identities held out of the gallery play unknown people: at the run's calibrated
+    threshold (report/verification.json) eval_topk and the report give how many are
+    rejected, and the false-accept / false-reject trade-off."""
+    import shutil
+
+    work = str(tmp_path / "calibrated")
+    shutil.copytree(run[0], work)
+    pathlib.Path(work, "report", "verification.json").write_text(json.dumps(_verification(0.999)))
+    capsys.readouterr()
+    assert _script("eval_topk").main(["--workdir", work, "--no_progress"]) == 0
+    out = capsys.readouterr().out
+    # Flat colours: another person scores far below 0.999, the same person about 1.
+    line = ("Open-set rejection at the calibrated threshold 0.9990 (report/verification.json): "
+            "100.0% of unknown people correctly rejected (0.0% falsely accepted); known people: "
+            "0.0% falsely rejected, 100.0% accepted and identified correctly")
+    assert line in out
+    md = pathlib.Path(work, "report", "report.md").read_text()
+    page = pathlib.Path(work, "report", "report.html").read_text()
+    assert line in md and line in page
+    assert "| threshold | set by | unknown rejected | false accept |" in md
+    assert "| 0.9990 | calibrated | 100.0% | 0.0% | 0.0% | 100.0% |" in md
+    assert "Same-person threshold: 0.9990 (calibrated by pair verification, " \
+           "report/verification.json)" in md
+    rej = _json(work, "report", "report.json")["rejection"]
+    assert rej["held_out_identities"] >= 1 and rej["at_threshold"]["rejection"] == 1.0
+    # A threshold below another person's score accepts the unknown people: the report says so.
+    pathlib.Path(work, "report", "verification.json").write_text(json.dumps(_verification(-1.0)))
+    assert _script("eval_topk").main(["--workdir", work, "--no_progress"]) == 0
+    assert "0.0% of unknown people correctly rejected" in capsys.readouterr().out
+    # Without a calibrated threshold: the trade-off only, and how to get one.
+    os.remove(os.path.join(work, "report", "verification.json"))
+    assert _script("eval_topk").main(["--workdir", work, "--no_progress",
+                                      "--config.eval.rejection_holdout=0.5"]) == 0
+    assert "no calibrated same-person threshold (run scripts/eval_verification.py" in \
+        capsys.readouterr().out
+    with pytest.raises(ConfigError, match="rejection_holdout"):
+        _script("eval_topk").main(["--workdir", work, "--config.eval.rejection_holdout=1.5"])
+
+
+def test_report_says_what_was_trained_and_whether_it_helped(run, tmp_path):
+    import shutil
+
+    work = str(tmp_path / "trained")
+    shutil.copytree(run[0], work)
+    pathlib.Path(work, "report", "verification.json").write_text(json.dumps(_verification(0.9)))
+    cfg = _json(work, "config.json")
+    cfg["model"].update(pretrained="imagenet", weights_source="dlib")
+    cfg["train"].update(finetune="last_n", trainable_last_n=2, epochs=5, head_init="imprint")
+    pathlib.Path(work, "config.json").write_text(json.dumps(cfg))
+    rows = [dict(epoch=0, val_top1=0.8, best=True), dict(epoch=1, val_top1=0.9, best=True),
+            dict(epoch=2, val_top1=0.85, best=False)]
+    pathlib.Path(work, "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _script("eval_topk").main(["--workdir", work, "--no_progress"]) == 0
+    md = pathlib.Path(work, "report", "report.md").read_text()
+    page = pathlib.Path(work, "report", "report.html").read_text()
+    report = _json(work, "report", "report.json")
+    n = report["run"]["data"]
+    expected = [
+        "## The run",
+        "- Model: `colour`",
+        "- Weights: the published pretrained weights (weights source: dlib)",
+        "- Layers trained: the last 2 backbone layers and the head (the rest frozen); head "
+        "initialised from class means (imprint)",
+        "- Epochs run: 2 of 5 planned (stopped early)",
+        "- Validation retrieval Top-1: 0.8000 at the start (epoch 0); best 0.9000 at epoch 1 "
+        "(the exported model); +0.1000 over the start",
+        f"- Data: {n['images']} images, 6 training classes; train {n['train']}, validation "
+        f"{n['val']}, queries {report['num_queries_total']}, gallery {report['gallery_size']}",
+        "## Pair verification",
+        "**LFW verification**: 99.00 ± 0.40 % (10-fold), AUC 0.9980, TAR@FAR=0.001 95.00 % — "
+        "6000 pairs, cosine, model colour",
+        "## Training curves",
+        "Classifier accuracy is the training head's softmax over the training classes",
+    ]
+    for text in expected:
+        assert text in md, text
+    assert "Layers trained: the last 2 backbone layers" in page and "LFW verification" in page
+    assert n["images"] == 36 and n["train"] + n["val"] + n["queries"] == 36
+    # No epoch beat the start: the report says the start was kept.
+    rows[1]["best"] = False
+    pathlib.Path(work, "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _script("eval_topk").main(["--workdir", work, "--no_progress"]) == 0
+    md = pathlib.Path(work, "report", "report.md").read_text()
+    assert ("best 0.8000 at epoch 0 (the exported model); no epoch beat the starting point, "
+            "which was kept") in md
+    # A run from scratch, no epoch-0 score, no verification.
+    os.remove(os.path.join(work, "report", "verification.json"))
+    cfg["model"].update(pretrained="")
+    cfg["train"].update(finetune="all", head_init="random", epochs=2)
+    pathlib.Path(work, "config.json").write_text(json.dumps(cfg))
+    rows = [dict(epoch=1, val_top1=0.7, best=True), dict(epoch=2, val_top1=0.75, best=True)]
+    pathlib.Path(work, "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _script("eval_topk").main(["--workdir", work, "--no_progress"]) == 0
+    md = pathlib.Path(work, "report", "report.md").read_text()
+    assert "- Weights: random initialisation (trained from scratch)" in md
+    assert "- Layers trained: all layers; head initialised at random" in md
+    assert "- Epochs run: 2\n" in md
+    assert "not scored at the start (random initialisation); best 0.7500 at epoch 2" in md
+    assert "## Pair verification" not in md

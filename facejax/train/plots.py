@@ -1,4 +1,11 @@
-"""Per-epoch training curves as PNGs (the seed's loss and accuracy figures), redrawn each epoch."""
+"""Per-epoch training curves as PNGs (the seed's loss and accuracy figures), redrawn each epoch.
+
+The accuracy figure holds two kinds of line, named as such in its legend and title: the
+classifier's accuracy (the training head's softmax over the training classes; low with many
+classes or a cosine head, and not what retrieval uses) and retrieval Top-k (nearest-neighbour
+search of validation images among training images, what the report scores). Epoch 0, when
+recorded, is the starting model. Epochs are whole numbers on the x axis.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +16,44 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 CURVES = {
-    "loss.png": ("Loss", (("train_loss", "train"), ("val_loss", "validation"))),
-    "accuracy.png": ("Accuracy", (("train_accuracy", "train"), ("val_accuracy", "validation"),
-                                  ("val_top1", "val retrieval top-1"),
-                                  ("val_top5", "val retrieval top-5"))),
+    "loss.png": ("Loss", "classifier loss (cross-entropy of the training head)",
+                 (("train_loss", "train loss"), ("val_loss", "validation loss"))),
+    "accuracy.png": ("Accuracy / Top-k",
+                     "classifier accuracy (softmax head) vs retrieval Top-k (nearest neighbour)",
+                     (("train_accuracy", "train classifier accuracy"),
+                      ("val_accuracy", "validation classifier accuracy"),
+                      ("val_top1", "validation retrieval Top-1"),
+                      ("val_top5", "validation retrieval Top-5"))),
 }
+
+
+def draw_curves(history: Sequence[dict], ylabel: str, what: str,
+                series: Sequence[tuple[str, str]], title: str = ""):
+    """One figure of `series` ((record key, legend label), ...) against whole epochs."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=100)
+    epochs = []
+    for key, label in series:
+        points = [(r["epoch"], r[key]) for r in history if r.get(key) is not None]
+        if points:
+            xs, ys = zip(*points)
+            epochs += xs
+            ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xlabel("epoch (0 = the starting model)" if 0 in epochs else "epoch")
+    ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    if epochs:
+        lo, hi = min(epochs), max(epochs)
+        pad = max(0.5, 0.05 * (hi - lo))
+        ax.set_xlim(lo - pad, hi + pad)
+    ax.set_title(f"{title}\n{what}" if title else what, fontsize=10)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig, ax
 
 
 def plot_history(history: Sequence[dict], out_dir: str, title: str = "") -> list[str]:
@@ -25,20 +63,8 @@ def plot_history(history: Sequence[dict], out_dir: str, title: str = "") -> list
     """
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    for name, (ylabel, series) in CURVES.items():
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-        for key, label in series:
-            points = [(r["epoch"], r[key]) for r in history if r.get(key) is not None]
-            if points:
-                xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o", label=label)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        if title:
-            ax.set_title(title)
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend()
+    for name, (ylabel, what, series) in CURVES.items():
+        fig, _ = draw_curves(history, ylabel, what, series, title)
         path = os.path.join(out_dir, name)
         tmp = path + ".tmp.png"
         fig.savefig(tmp)
