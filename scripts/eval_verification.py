@@ -35,6 +35,9 @@ def main(argv: list[str]) -> int:
                                        progress=not args.no_progress)
     print(verification.format_result(result, args.name))
     print(f"report: {os.path.join(args.workdir, wd.REPORT_DIR, verify_run.JSON_NAME)}")
+    print(f"same-person threshold {result['best_threshold_all']:.4f}: search.py and the service "
+          f"mark results below it 'no match'; scripts/eval_topk.py --workdir {args.workdir} "
+          f"puts these results, and how many unknown people it rejects, in the report")
     return 0
 
 

@@ -454,6 +454,10 @@ def test_report_says_what_was_trained_and_whether_it_helped(run, tmp_path):
         assert text in md, text
     assert "Layers trained: the last 2 backbone layers" in page and "LFW verification" in page
     assert n["images"] == 36 and n["train"] + n["val"] + n["queries"] == 36
+    assert n["unused"] == 0 and "in none of these" not in md
+    from facejax.retrieval.run_info import run_lines
+    lines = run_lines(dict(report["run"], data=dict(n, images=40, unused=4)))
+    assert lines[-1].endswith("; 4 images in none of these (classes too small to split)")
     # No epoch beat the start: the report says the start was kept.
     rows[1]["best"] = False
     pathlib.Path(work, "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -263,6 +263,7 @@ def test_eval_verification_script_writes_the_report(lfw_run, capsys):
     out = capsys.readouterr().out
     assert "LFW verification: 100.00 ± 0.00 % (2-fold), AUC 1.0000, TAR@FAR=0.001 100.00 %" \
         in out
+    assert "search.py and the service mark results below it 'no match'" in out
     report = json.loads(open(os.path.join(work, "report", "verification.json")).read())
     assert report["accuracy"] == 1.0 and report["num_pairs"] == 8 and report["num_images"] == 10
     assert report["pairs_file"] == pairs and report["face_crop"] == [] and not report["skipped"]

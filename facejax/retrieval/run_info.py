@@ -10,6 +10,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 MONITOR_NAMES = {"val_top1": "validation retrieval Top-1",
                  "val_accuracy": "validation classifier accuracy",
                  "val_loss": "validation loss"}
@@ -76,6 +78,8 @@ def describe_run(workdir: str, config, data) -> dict:
     from facejax.retrieval.verify_run import calibrated_threshold
 
     gallery = data.query if data.gallery is None else data.gallery
+    used = np.unique(np.concatenate([s.indices for s in (data.train, data.val, data.query,
+                                                          gallery)]))
     threshold, source = calibrated_threshold(workdir)
     return dict(
         same_person_threshold=threshold, threshold_source=source,
@@ -84,7 +88,8 @@ def describe_run(workdir: str, config, data) -> dict:
         training=facts,
         data=dict(images=len(data.paths), training_classes=int(data.num_classes),
                   train=len(data.train), val=len(data.val), queries=len(data.query),
-                  gallery=len(gallery), leave_one_out=data.gallery is None))
+                  gallery=len(gallery), leave_one_out=data.gallery is None,
+                  unused=len(data.paths) - len(used)))
 
 
 def read_verification(workdir: str) -> dict | None:
@@ -130,7 +135,9 @@ def run_lines(run: Mapping[str, Any]) -> list[str]:
                      f"service mark results below it 'no match'")
     g = "leave-one-out over the queries" if d["leave_one_out"] else f"{d['gallery']} images"
     lines.append(f"- Data: {d['images']} images, {d['training_classes']} training classes; train "
-                 f"{d['train']}, validation {d['val']}, queries {d['queries']}, gallery {g}")
+                 f"{d['train']}, validation {d['val']}, queries {d['queries']}, gallery {g}"
+                 + (f"; {d['unused']} images in none of these (classes too small to split)"
+                    if d.get("unused") else ""))
     return lines
 
 
