@@ -82,3 +82,12 @@ def test_nothing_to_measure_and_bad_settings():
     for bad in (1.0, -0.1, True, "0.2"):
         with pytest.raises(ConfigError, match="rejection_holdout"):
             RJ.open_set_rejection(q, ql, g, gl, holdout=bad)
+
+
+def test_many_queries_are_sampled_and_say_so():
+    q, ql, g, gl = _set(num_ids=20, per_query=10)
+    full = RJ.open_set_rejection(q, ql, g, gl, threshold=0.8, holdout=0.3)
+    part = RJ.open_set_rejection(q, ql, g, gl, threshold=0.8, holdout=0.3, max_queries=50)
+    assert not full["sampled"] and full["unknown_queries"] + full["known_queries"] == 200
+    assert part["sampled"] and part["unknown_queries"] + part["known_queries"] == 50
+    assert part["held_out_identities"] == full["held_out_identities"]
