@@ -20,7 +20,7 @@ import os
 from facejax import cli, config
 from facejax.errors import ConfigError
 from facejax.retrieval import workdir as wd
-from facejax.retrieval.verify_run import calibrated_threshold
+from facejax.retrieval.verify_run import match_threshold
 
 DEFAULT_GRID = "search.png"
 
@@ -36,7 +36,7 @@ def parse_threshold(value: str, workdir: str) -> float | None:
     if value == "none":
         return None
     if value == "auto":
-        return calibrated_threshold(workdir)[0]
+        return match_threshold(workdir)[0]
     try:
         t = float(value)
     except ValueError:
@@ -54,8 +54,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--threshold", default="auto",
-                        help="same-person cosine threshold: auto (the run's calibrated one, if "
-                             "any), none, or a number")
+                        help="'no match' cosine threshold: auto (the run's open-set one from "
+                             "eval_topk.py, else its pair threshold from eval_verification.py, "
+                             "if any), none, or a number")
     parser.add_argument("--out", default=None,
                         help=f"write a PNG grid of queries and results (a folder: {DEFAULT_GRID})")
     args = parser.parse_args(rest)

@@ -253,6 +253,23 @@ def test_verify_with_and_without_a_calibrated_threshold(run, tmp_path):
             assert [h["match"] for h in hits] == [h["score"] >= 0.9 for h in hits]
             assert hits[0]["match"] and not hits[-1]["match"]
             assert c.get(s.url + "/v1/info").json()["threshold"] == 0.9
+        # An evaluation that measured open-set rejection: a search's "match" then uses the
+        # threshold that accepts 5% of unknown people; pair verification keeps the pair one.
+        rows = [dict(target_false_accept=f, threshold=t) for f, t in ((0.1, 0.5), (0.05, 0.95))]
+        report_json = os.path.join(report, "report.json")
+        with open(report_json, "w") as f:
+            json.dump(dict(rejection=dict(tradeoff=rows)), f)
+        with start_server(work) as s, httpx.Client(timeout=30) as c:
+            hits = _search(c, s.url, a, k=12).json()
+            assert hits["threshold"] == 0.95
+            assert [h["match"] for h in hits["results"]] == [h["score"] >= 0.95
+                                                            for h in hits["results"]]
+            info = c.get(s.url + "/v1/info").json()
+            assert (info["threshold"], info["match_threshold"]) == (0.9, 0.95)
+            assert "open set" in info["match_threshold_source"]
+            same = c.post(s.url + "/v1/verify", files={"image_a": ("a", a, "image/png"),
+                                                       "image_b": ("b", a2, "image/png")}).json()
+            assert same["threshold"] == 0.9
     finally:
         os.remove(path) if os.path.exists(path) else None
 

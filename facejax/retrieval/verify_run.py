@@ -145,3 +145,33 @@ def calibrated_threshold(workdir: str) -> tuple[float | None, str | None]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         print(f"note: ignoring {path}: {e}", flush=True)
         return None, None
+
+
+# The "no match" threshold for gallery search accepts this share of unknown people (see
+# facejax/retrieval/rejection.py): a pair threshold sees one impostor at a time, search the best
+# of the whole gallery, so the pair threshold rejects almost no one there (LFW with dlib: 0.4%).
+OPEN_SET_FALSE_ACCEPT = 0.05
+REPORT_JSON = "report.json"
+
+
+def match_threshold(workdir: str) -> tuple[float | None, str | None]:
+    """The cosine below which a search's best result means "no match": the open-set threshold
+    of the run's last evaluation (report/report.json: it accepts OPEN_SET_FALSE_ACCEPT of the
+    people held out of the gallery) when there is one, else the pair threshold of
+    `calibrated_threshold`; (None, None) when the run has neither. The source says which."""
+    path = os.path.join(workdir, REPORT_DIR, REPORT_JSON)
+    try:
+        with open(path) as f:
+            rejection = json.load(f).get("rejection") or {}
+        for row in rejection.get("tradeoff") or []:
+            t = row.get("threshold")
+            if row.get("target_false_accept") == OPEN_SET_FALSE_ACCEPT and \
+                    isinstance(t, (int, float)) and not isinstance(t, bool) and -1 <= t <= 1:
+                return float(t), (f"{os.path.relpath(path, workdir)} (open set: accepts "
+                                  f"{OPEN_SET_FALSE_ACCEPT:.0%} of unknown people)")
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, AttributeError, TypeError) as e:
+        print(f"note: ignoring {path}: {e}", flush=True)
+    return calibrated_threshold(workdir)
+

@@ -301,7 +301,7 @@ def create_app(service: SearchService, keys: ApiKeys, on_ready=None) -> FastAPI:
         results = [dict(rank=rank, **h, image_url=f"/{API_VERSION}/images/{h['id']}")
                    for rank, h in enumerate(hits, 1)]
         ms = lambda x: round(1000 * x, 3)
-        return dict(results=results, k=k, threshold=service.threshold,
+        return dict(results=results, k=k, threshold=service.match_threshold,
                     gallery_size=service.gallery.size, batch_size=answer.batch_size,
                     timings_ms=dict(decode=ms(decoded), queue=ms(answer.queue_s),
                                     embed=ms(answer.embed_s), search=ms(answer.search_s),

@@ -17,7 +17,7 @@ from PIL import Image
 from facejax.data.decode import BadImage, read_rgb, read_rgb_bytes
 from facejax.errors import ConfigError
 from facejax.retrieval.embed import load_embedder
-from facejax.retrieval.verify_run import calibrated_threshold
+from facejax.retrieval.verify_run import calibrated_threshold, match_threshold
 from facejax.retrieval.workdir import (EMBEDDER_DIR, INDEX_DIR, prepare_run_data,
                                        read_run_config, run_face_crop)
 from facejax.serve.batcher import Batcher
@@ -48,7 +48,10 @@ class SearchService:
         self.size, self.mode = int(meta["input_size"]), meta["resize_mode"]
         self.face_crop = run_face_crop(self.config, meta)
         self.max_pixels = min(settings.max_pixels, int(self.config.data.max_pixels))
+        # Pair verification (/v1/verify) uses the pair threshold; a search's "match" flag the
+        # open-set one when the run's evaluation measured it (verify_run.match_threshold).
         self.threshold, self.threshold_source = calibrated_threshold(workdir)
+        self.match_threshold, self.match_threshold_source = match_threshold(workdir)
         self.metrics = Metrics(settings.batch_sizes[-1])
         self.batcher = Batcher(self.embedder, self._search, batch_sizes=settings.batch_sizes,
                                max_wait_s=settings.max_wait_ms / 1000,
@@ -112,6 +115,8 @@ class SearchService:
             gallery_size=self.gallery.size, backend=self.gallery.index.backend,
             search_warning=self.search_warning(),
             threshold=self.threshold, threshold_source=self.threshold_source,
+            match_threshold=self.match_threshold,
+            match_threshold_source=self.match_threshold_source,
             auth=dict(writes=True, reads=s.auth_reads),
             limits=dict(max_upload_bytes=s.max_upload_bytes, max_pixels=self.max_pixels,
                         max_k=s.max_k, max_batch=s.max_batch, max_files=s.max_files))
@@ -169,7 +174,8 @@ class SearchService:
         hits = self.gallery.search(embeddings, k_shape)
         for row in hits:
             for h in row:
-                h["match"] = None if self.threshold is None else h["score"] >= self.threshold
+                h["match"] = (None if self.match_threshold is None
+                              else h["score"] >= self.match_threshold)
         return hits
 
     # -- thumbnails

@@ -178,8 +178,8 @@
       ["dim", info.embed_dim],
       ["backend", info.backend],
     ];
-    if (info.threshold !== null && info.threshold !== undefined) {
-      parts.push(["threshold", Number(info.threshold).toFixed(3)]);
+    if (info.match_threshold !== null && info.match_threshold !== undefined) {
+      parts.push(["no-match below", Number(info.match_threshold).toFixed(3)]);
     }
     for (const [name, value] of parts) {
       if (value === undefined || value === null) continue;
