@@ -75,6 +75,17 @@ def test_schedule_rejects_bad_values():
         schedule(schedule="cosine", warmup_epochs=20.0)
 
 
+def test_no_steps_means_no_warmup_check():
+    """epochs=0 (score the starting point) with a warm-up in the config: no step is taken, so
+    the warm-up cannot be 'longer than the run' (configs/dlib_resnet.py documents epochs=0)."""
+    t = tiny(**{"train.schedule": "cosine", "train.warmup_epochs": 0.5,
+                "train.learning_rate": 0.01}).train
+    s = optim.make_schedule(t, steps_per_epoch=10, total_steps=0)
+    assert float(s(0)) == pytest.approx(0.01)
+    with pytest.raises(ConfigError, match="warmup"):  # one step is still checked
+        optim.make_schedule(t, steps_per_epoch=10, total_steps=1)
+
+
 def test_decay_mask_skips_biases_and_norm_scales():
     params = {"conv": {"kernel": jnp.ones((3, 3, 1, 2)), "bias": jnp.ones(2)},
               "bn": {"scale": jnp.ones(2), "bias": jnp.ones(2)}}

@@ -50,7 +50,9 @@ def make_schedule(t, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
         raise ConfigError(f"train.learning_rate must be > 0, got {t.learning_rate}")
     lr = float(t.learning_rate)
     spe = max(1, int(steps_per_epoch))
-    total = max(1, int(total_steps))
+    if int(total_steps) <= 0:  # epochs=0: no step is taken, so warm-up and decay do not apply
+        return optax.constant_schedule(lr)
+    total = int(total_steps)
     if t.schedule == "one_cycle":
         return _cos_cycle(lr / ONE_CYCLE_DIV, lr, lr / ONE_CYCLE_DIV_FINAL, total)
     warmup = round(float(t.warmup_epochs) * spe)
