@@ -117,12 +117,15 @@ def test_train_script_reports_a_bad_slurm_environment_in_one_line(tmp_path):
 
 # --------------------------------------------------------------------------- rendering
 
-def _spec_args(tmp_path, idx_dir, port, *extra):
+def _overrides(shared) -> list[str]:
+    return [f"data.root={shared['idx']}", f"data.cache_dir={shared['cache']}", "train.epochs=1",
+            "train.optimizer=sgd", "train.learning_rate=0.05"]
+
+
+def _spec_args(tmp_path, shared, port):
     return ["--config", "configs/tiny.py", "--workdir", str(tmp_path / "run"), "--hosts", "2",
-            "--port", str(port), "--mount", str(tmp_path), "--python", sys.executable,
-            f"--config.data.root={idx_dir}", f"--config.data.cache_dir={tmp_path / 'cache'}",
-            "--config.train.epochs=1", "--config.train.optimizer=sgd",
-            "--config.train.learning_rate=0.05", *extra]
+            "--port", str(port), "--mount", str(tmp_path), "--python", sys.executable] + [
+        f"--config.{o}" for o in _overrides(shared)]
 
 
 @pytest.mark.parametrize("args, match", [
@@ -272,12 +275,27 @@ def _joined(outs):
         assert f"joining a 2-process job as process {i}" in out, out[-2000:]
 
 
-def _single_run(tmp_path, argv):
-    """The same training command as one plain process (no cluster variables): the reference."""
-    single = str(tmp_path / "single")
-    argv = list(argv)
-    argv[argv.index("--workdir") + 1] = single
-    return single, _start(argv, _clean_env())
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """The data, and the same training as one plain process (no cluster variables): the
+    reference both 2-process tests compare with. It starts with the first of them and runs
+    beside its 2 processes."""
+    base = tmp_path_factory.mktemp("deploy")
+    out = dict(idx=tiny_idx(base / "idx"), cache=str(base / "cache"), single=str(base / "one"))
+    argv = render_job.train_argv(sys.executable, "configs/tiny.py", out["single"],
+                                 _overrides(out))
+    out["proc"] = _start(argv, _clean_env())
+    yield out
+    if out["proc"].poll() is None:
+        out["proc"].kill()
+        out["proc"].communicate()
+
+
+def _reference(shared) -> str:
+    if "done" not in shared:
+        _finish([shared["proc"]])
+        shared["done"] = True
+    return shared["single"]
 
 
 def _logical_lines(script: str) -> list[str]:
@@ -285,10 +303,9 @@ def _logical_lines(script: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_slurm_spec_trains_as_two_processes_like_one(tmp_path):
-    idx_dir = tiny_idx(tmp_path / "idx")
+def test_slurm_spec_trains_as_two_processes_like_one(tmp_path, shared):
     port = _free_port()
-    text = render("slurm", tmp_path, *_spec_args(tmp_path, idx_dir, port))
+    text = render("slurm", tmp_path, *_spec_args(tmp_path, shared, port))
     assert "#SBATCH --nodes=2" in text and "#SBATCH --ntasks-per-node=1" in text
     (srun,) = [ln for ln in _logical_lines(text) if ln.startswith("srun ")]
     argv = shlex.split(srun)[1:]
@@ -302,19 +319,28 @@ def test_slurm_spec_trains_as_two_processes_like_one(tmp_path):
                                      SLURM_STEP_NODELIST="localhost",
                                      SLURM_JOB_NODELIST="localhost"))
              for i in range(2)]
-    single, ref = _single_run(tmp_path, argv[3:])
     _joined(_finish(procs))
-    _finish([ref])
     workdir = str(tmp_path / "run")
     assert os.path.exists(os.path.join(workdir, ".facejax.lock.1"))  # process 1 took part
-    _assert_same_params(workdir, single)
+    _assert_same_params(workdir, _reference(shared))
+
+    # The dependent job (afterok): export -> build_index -> eval, one process, on this run.
+    (dep,) = [ln for ln in _logical_lines(text) if ln.startswith("sbatch ")]
+    dep = shlex.split(dep)
+    assert '--dependency=afterok:${SLURM_JOB_ID}' in dep and "--ntasks=1" in dep
+    chain = dep[dep.index("--wrap") + 1]
+    proc = subprocess.run(["bash", "-c", chain], cwd=ROOT, capture_output=True, text=True,
+                          env=_clean_env(SLURM_JOB_ID="4243", SLURM_NTASKS="1",
+                                         SLURM_PROCID="0"), timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.load(open(os.path.join(workdir, "report", "report.json")))
+    assert report["gallery_size"] > 0 and "top1" in report["metrics"]
 
 
 @pytest.mark.slow
-def test_kubernetes_indexed_job_trains_as_two_processes_like_one(tmp_path):
-    idx_dir = tiny_idx(tmp_path / "idx")
+def test_kubernetes_indexed_job_trains_as_two_processes_like_one(tmp_path, shared):
     port = _free_port()
-    docs = _k8s_docs(render("k8s", tmp_path, *_spec_args(tmp_path, idx_dir, port)))
+    docs = _k8s_docs(render("k8s", tmp_path, *_spec_args(tmp_path, shared, port)))
     service, job = docs[1], docs[2]
     pod = job["spec"]["template"]["spec"]
     assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 2
@@ -331,7 +357,5 @@ def test_kubernetes_indexed_job_trains_as_two_processes_like_one(tmp_path):
     # The cluster's DNS gives pod 0's address; here it is this machine.
     env["JAX_COORDINATOR_ADDRESS"] = f"127.0.0.1:{coord_port}"
     procs = [_start(argv, _clean_env(**env, JOB_COMPLETION_INDEX=str(i))) for i in range(2)]
-    single, ref = _single_run(tmp_path, argv)
     _joined(_finish(procs))
-    _finish([ref])
-    _assert_same_params(str(tmp_path / "run"), single)
+    _assert_same_params(str(tmp_path / "run"), _reference(shared))
