@@ -111,7 +111,10 @@ def render(args, overrides: list[str]) -> str:
         values["train_cmd_quoted"] = shlex.quote(cd + "FACEJAX_DISTRIBUTED=auto "
                                                  + shlex.join(train))
         # Worker 0 alone: on the CPU, as one host of a slice cannot open the TPU by itself.
-        values["eval_cmd_quoted"] = shlex.quote(cd + _shell(evals, "JAX_PLATFORMS=cpu "))
+        export, index, evaluate = evals
+        values["export_cmd_quoted"] = shlex.quote(cd + _shell([export], "JAX_PLATFORMS=cpu "))
+        values["index_cmd_quoted"] = shlex.quote(cd + _shell([index], "FACEJAX_DISTRIBUTED=auto "))
+        values["eval_cmd_quoted"] = shlex.quote(cd + _shell([evaluate], "JAX_PLATFORMS=cpu "))
     with open(os.path.join(ROOT, TEMPLATES[args.kind])) as f:
         template = f.read()
     missing = sorted({m for m in _PLACEHOLDER.findall(template) if m not in values})

@@ -205,9 +205,12 @@ def test_tpu_script_runs_the_training_command_on_every_worker(tmp_path):
                    env=dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}"))
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     assert [c[:4] for c in calls] == [["compute", "tpus", "tpu-vm", "create"]] + [
-        ["compute", "tpus", "tpu-vm", "ssh"]] * 3
+        ["compute", "tpus", "tpu-vm", "ssh"]] * 5
     workers = [next(a for a in c if a.startswith("--worker=")) for c in calls[1:]]
-    assert workers == ["--worker=all", "--worker=all", "--worker=0"]
+    assert workers == ["--worker=all", "--worker=all", "--worker=0", "--worker=all", "--worker=0"]
+    index = next(a for a in calls[4] if a.startswith("--command="))[len("--command="):]
+    assert shlex.split(index)[3:5] == ["FACEJAX_DISTRIBUTED=auto", ".venv/bin/python"] and \
+        "scripts/build_index.py" in index
     train = next(a for a in calls[2] if a.startswith("--command="))[len("--command="):]
     assert shlex.split(train) == ["cd", "facejax", "&&", "FACEJAX_DISTRIBUTED=auto"] + \
         render_job.train_argv(".venv/bin/python", "configs/tiny.py", "/mnt/runs/t",

@@ -15,4 +15,11 @@ gcloud compute tpus tpu-vm ssh "$TPU" --zone="$ZONE" --worker=all --command={{se
 
 gcloud compute tpus tpu-vm ssh "$TPU" --zone="$ZONE" --worker=all --command={{train_cmd_quoted}}
 
+# export on worker 0, then every worker embeds its share of the gallery (build_index under
+# jax.distributed), then worker 0 evaluates. Worker 0 alone runs on its CPU: one host of a
+# multi-host slice cannot open the TPU by itself.
+gcloud compute tpus tpu-vm ssh "$TPU" --zone="$ZONE" --worker=0 --command={{export_cmd_quoted}}
+
+gcloud compute tpus tpu-vm ssh "$TPU" --zone="$ZONE" --worker=all --command={{index_cmd_quoted}}
+
 gcloud compute tpus tpu-vm ssh "$TPU" --zone="$ZONE" --worker=0 --command={{eval_cmd_quoted}}
