@@ -1,9 +1,11 @@
 """Embed a run's gallery with its exported embedder and save a search index in WORKDIR/index.
 
   python scripts/build_index.py --workdir runs/demo [--backend auto|exact|scann]
-      [--target_recall 0.95] [--config.data.root=/moved/images]
+      [--target_recall 0.95] [--shard_size 16384] [--config.data.root=/moved/images]
 
 Embedding is resumable: finished shards in WORKDIR/index_work are reused after an interruption.
+Multi-host: started by a scheduler like scripts/train.py (facejax.cluster, deploy/), every
+process embeds its share of the shards and process 0 builds the index.
 """
 
 from __future__ import annotations
@@ -26,14 +28,18 @@ def main(argv: list[str]) -> int:
                         help="in (0, 1]: tune ScaNN to this recall@k against exact search "
                              f"(default: the run's index.target_recall, {DEFAULT_TARGET_RECALL}; "
                              "no effect with exact search, whose recall is 1)")
+    parser.add_argument("--shard_size", type=int, default=wd.SHARD_SIZE,
+                        help="gallery items per resumable shard (and per process's turn)")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(rest)
+    from facejax.cluster import initialize  # before any jax backend starts
+    initialize()
     cfg = wd.read_run_config(args.workdir)
     for item in overrides:
         config.apply_override(cfg, item)
     index = wd.build_workdir_index(args.workdir, cfg, backend=args.backend,
                                    target_recall=args.target_recall,
-                                   progress=not args.no_progress)
+                                   progress=not args.no_progress, shard_size=args.shard_size)
     print(f"index: {index.size} items, dim {index.dim}, backend {index.backend}"
           + (f", ScaNN {index.scann_params}" if index.scann_params else ""))
     if index.tuning:

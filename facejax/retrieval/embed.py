@@ -140,7 +140,8 @@ class Embedder:
         self.meta = meta
         self.input_size = int(meta["input_size"])
         self.embed_dim = int(meta["embed_dim"])
-        devices = jax.devices()
+        # This process's devices: in a multi-process job each process embeds its own items.
+        devices = jax.local_devices()
         self.num_devices = len(devices)
         if self.num_devices > 1:
             # Data parallel: the 1-device artifact is partitioned over a 1-D 'data' mesh.
@@ -333,11 +334,14 @@ def embedding_work_key(meta: Mapping[str, Any], paths: Sequence[str], shard_size
 
 def embed_to_shards(embedder: Embedder, images, indices: np.ndarray, paths: Sequence[str],
                     work_dir: str, *, shard_size: int = 16384, batch_size: int = 256,
-                    progress: bool = True) -> np.ndarray:
+                    progress: bool = True, select: Callable[[int], bool] | None = None
+                    ) -> np.ndarray | None:
     """Embeds `images[indices]` shard by shard under `work_dir`, skipping finished shards.
 
     A rerun after an interruption resumes at the first missing shard. `work.json` records a
     key over the embedder hash and the item paths; a different job wipes stale shards.
+    `select(shard_number)`: only those shards are embedded (one process's part of a
+    multi-process job, facejax.retrieval.multihost); nothing is loaded and None is returned.
     """
     indices = np.asarray(indices, np.int64)
     key = embedding_work_key(embedder.meta, paths, shard_size)
@@ -357,6 +361,8 @@ def embed_to_shards(embedder: Embedder, images, indices: np.ndarray, paths: Sequ
     n_shards = -(-len(indices) // shard_size)
     parts = []
     for s in range(n_shards):
+        if select is not None and not select(s):
+            continue
         shard_path = os.path.join(work_dir, f"shard_{s:05d}.npy")
         want = min(shard_size, len(indices) - s * shard_size)
         emb = None
@@ -376,7 +382,10 @@ def embed_to_shards(embedder: Embedder, images, indices: np.ndarray, paths: Sequ
             tmp = shard_path + ".tmp.npy"
             np.save(tmp, emb)
             os.replace(tmp, shard_path)
-        parts.append(emb)
+        if select is None:
+            parts.append(emb)
+    if select is not None:
+        return None
     if not parts:
         return np.zeros((0, embedder.embed_dim), np.float32)
     return np.concatenate(parts)

@@ -17,14 +17,15 @@ import numpy as np
 
 from facejax.config import has_key
 from facejax.errors import CheckpointError, ConfigError, DataError
-from facejax.retrieval import competition, report
-from facejax.retrieval.embed import Embedder, embed_to_shards, load_embedder
+from facejax.retrieval import competition, multihost, report
+from facejax.retrieval.embed import Embedder, load_embedder
 from facejax.retrieval.evaluate import (EXACT_MAX_PAIRS, check_exact_max_pairs, check_ks,
                                         check_num_examples, evaluate)
 from facejax.retrieval.index import (BACKENDS, DEFAULT_TARGET_RECALL, SearchIndex, check_k,
                                      check_scann_init, check_target_recall, load_index)
 
 EMBEDDER_DIR, INDEX_DIR, WORK_DIR, REPORT_DIR = "embedder", "index", "index_work", "report"
+SHARD_SIZE = 16384  # gallery items per resumable embedding shard (index_work/shard_*.npy)
 COMPETITION_JSON = "competition_topk.json"
 _GRID_MAX_QUERIES = 16
 # The run settings these steps read (prepare_data checks the rest of `data` itself).
@@ -109,24 +110,29 @@ def _names(data) -> list[str]:
 
 
 def build_workdir_index(workdir: str, config, *, backend: str | None = None,
-                        target_recall: float | None = None, progress: bool = True
-                        ) -> SearchIndex:
+                        target_recall: float | None = None, progress: bool = True,
+                        shard_size: int = SHARD_SIZE) -> SearchIndex:
     """Embeds the gallery (resumably, in shards) and saves `workdir/index/`.
 
     The gallery is the protocol's gallery subset, or the query subset for leave-one-out.
     `backend` and `target_recall` default to the run's `index` settings. A ScaNN index is
     always tuned: a target of 0 (no tuning, the default of runs saved before tuning was)
     means DEFAULT_TARGET_RECALL. Holds the run's lock: not while it trains or is served.
+    In a multi-process job (facejax.cluster) every process embeds its share of the shards and
+    process 0 builds and saves the index; every process returns the saved index.
     """
+    import jax
+
     from facejax.runlock import hold_workdir_lock
 
-    with hold_workdir_lock(workdir, "build_index"):
+    with hold_workdir_lock(workdir, "build_index", process_index=jax.process_index()):
         return _build_workdir_index(workdir, config, backend=backend,
-                                    target_recall=target_recall, progress=progress)
+                                    target_recall=target_recall, progress=progress,
+                                    shard_size=shard_size)
 
 
 def _build_workdir_index(workdir: str, config, *, backend: str | None, target_recall,
-                         progress: bool) -> SearchIndex:
+                         progress: bool, shard_size: int) -> SearchIndex:
     backend = backend or config.index.backend
     target = config.index.target_recall if target_recall is None else target_recall
     # Checked before the (long) embedding pass.
@@ -144,10 +150,17 @@ def _build_workdir_index(workdir: str, config, *, backend: str | None, target_re
         raise DataError("the gallery is empty: nothing to index")
     paths = [data.paths[i] for i in gallery.indices]
     work = os.path.join(workdir, WORK_DIR)
-    emb = embed_to_shards(embedder, data.images, gallery.indices, paths, work,
-                          batch_size=config.index.batch_size, progress=progress)
+    if not 1 <= shard_size <= 1 << 24:
+        raise ConfigError(f"shard_size {shard_size} must be in 1..{1 << 24}")
+    emb = multihost.embed_gallery(embedder, data.images, gallery.indices, paths, work,
+                                  shard_size=shard_size, batch_size=config.index.batch_size,
+                                  progress=progress)
+    if emb is None:  # another process of the job builds the index from the shards
+        multihost.barrier("index_saved")
+        return load_index(os.path.join(workdir, INDEX_DIR), expect=embedder.meta)
     info = dict(root=data.root, source=config.data.source, protocol=data.protocol,
-                leave_one_out=loo, label_names=_names(data), data_id=data.data_id)
+                leave_one_out=loo, label_names=_names(data), data_id=data.data_id,
+                embedded_by_processes=multihost.process_count())
     index = SearchIndex.build(emb, paths, gallery.labels, embedder.meta, backend=backend,
                               exact_max_items=config.index.exact_max_items,
                               target_recall=target, k=ks[-1], info=info,
@@ -161,6 +174,7 @@ def _build_workdir_index(workdir: str, config, *, backend: str | None, target_re
               f"exact_max_items={config.index.exact_max_items})", flush=True)
     index.save(os.path.join(workdir, INDEX_DIR))
     shutil.rmtree(work, ignore_errors=True)  # the saved index holds every embedding now
+    multihost.barrier("index_saved")
     return index
 
 

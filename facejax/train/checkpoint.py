@@ -507,8 +507,12 @@ def restore_model(workdir: str, which: str = "best", dtype=None):
             raise CheckpointError(f"no finished checkpoint in {ckpt.directory}")
         meta = ckpt.read_meta(step)
         check_compatible(meta, config.to_dict(), len(classes), ckpt.directory)
+        # Onto this process's first device: a checkpoint saved by a multi-process job names
+        # devices this process does not have (orbax then needs the target placement).
+        here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         arrays = ckpt.restore_model_arrays(
-            step, {"params": abstract_like(params), "batch_stats": abstract_like(stats)})
+            step, {"params": abstract_like(params, here),
+                   "batch_stats": abstract_like(stats, here)})
     finally:
         ckpt.close()
     nnx.update(model, nnx.State(arrays["params"]), nnx.State(arrays["batch_stats"]))

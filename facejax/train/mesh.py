@@ -4,48 +4,27 @@ A multi-host job runs the same command on every host with three environment vari
 
     JAX_COORDINATOR_ADDRESS=host0:1234  JAX_NUM_PROCESSES=2  JAX_PROCESS_ID=0|1
 
-(or `FACEJAX_DISTRIBUTED=auto` on clusters `jax.distributed.initialize()` detects by itself:
-Cloud TPU, SLURM, Open MPI, Kubernetes). The 'data' mesh then spans every device of every
-process and each process feeds its slice of each global batch.
+(or `FACEJAX_DISTRIBUTED=slurm|k8s|auto`: see facejax.cluster and deploy/). The 'data' mesh
+then spans every device of every process and each process feeds its slice of each global batch.
 """
 
 from __future__ import annotations
-
-import os
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from facejax.errors import ConfigError
-
-_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
-
 
 def initialize_distributed() -> bool:
     """Joins a multi-process job when the environment asks for one; returns True if it did.
 
-    Must run before anything touches a jax backend (jax.devices(), an array).
+    Must run before anything touches a jax backend (jax.devices(), an array). The variables
+    each scheduler sets (SLURM, a Kubernetes Indexed Job, JAX_*) are read by facejax.cluster.
     """
-    if os.environ.get("FACEJAX_DISTRIBUTED") == "auto":
-        jax.distributed.initialize()
-        return True
-    present = [k for k in _ENV if os.environ.get(k)]
-    if not present:
-        return False
-    if len(present) != len(_ENV):
-        missing = sorted(set(_ENV) - set(present))
-        raise ConfigError(f"multi-process run: set all of {', '.join(_ENV)} (missing "
-                          f"{', '.join(missing)})")
-    try:
-        num, pid = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
-    except ValueError as e:
-        raise ConfigError(f"JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers: {e}") from e
-    if not 0 <= pid < num:
-        raise ConfigError(f"JAX_PROCESS_ID={pid} must be in [0, JAX_NUM_PROCESSES={num})")
-    jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"], num, pid)
-    return True
+    from facejax.cluster import initialize
+
+    return initialize()
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
