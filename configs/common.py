@@ -123,6 +123,9 @@ def evaluate() -> ml_collections.ConfigDict:
         exact_max_pairs=10_000_000_000,  # with a ScaNN index, score with exact search while
                                  # queries x gallery <= this (~30 s on 2 CPU cores at 128-d);
                                  # above it, ScaNN re-tuned for the depth mAP@R reads
+        explain_figure="",       # '' (off), 'auto', 'similarity' or 'occlusion': the report
+                                 # also draws Figure 9 with explanation maps (needs the run's
+                                 # checkpoint for similarity maps; occlusion is slower)
     ))
 
 

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 from scipy.stats import spearmanr
 
-from facejax.errors import ConfigError
+from conftest import make_run, write_image_folder
+from PIL import Image
+
+from facejax import cli
+from facejax.config import apply_override
+from facejax.errors import CheckpointError, ConfigError
 from facejax.models.heads import EmbeddingModel
 from facejax.retrieval import explain as ex
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CELL, GRID = 16, 3            # the shared-patch images: 3x3 cells of 16 px
 SIZE = CELL * GRID
 
@@ -179,3 +188,99 @@ def test_bad_requests_are_config_errors():
         explainer.explain(q, r, "occlusion", patch=SIZE + 1)
     with pytest.raises(ConfigError, match="patch"):
         explainer.explain(q, r, "occlusion", patch=4, stride=-1)
+
+
+# ----------------------------------------------------------------------------- the run level
+
+def _script():
+    spec = importlib.util.spec_from_file_location(
+        "_script_explain", os.path.join(ROOT, "scripts", "explain.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run with an exported embedder and an index but no checkpoint (conftest.make_run)."""
+    from facejax.retrieval import workdir as wd
+
+    tmp = tmp_path_factory.mktemp("explain")
+    root = str(tmp / "images")
+    write_image_folder(root, {f"p{c}": 4 for c in "abc"}, size=(20, 16))
+    work = make_run(tmp, root)
+    wd.build_workdir_index(work, wd.read_run_config(work), progress=False)
+    return work, root
+
+
+def test_script_explains_a_pair_and_a_top_k_from_the_embedder_alone(run, tmp_path, capsys):
+    work, root = run
+    main = _script().main
+    q, r = os.path.join(root, "pa", "pa_000.png"), os.path.join(root, "pa", "pa_001.png")
+    out = str(tmp_path / "pair.png")
+    assert main(["--workdir", work, "--query", q, "--result", r, "--out", out]) == 0
+    text = capsys.readouterr().out
+    assert "no similarity maps: the run's checkpoint cannot be used" in text
+    assert "occlusion maps: " + out in text and Image.open(out).size[0] > 100
+    out = str(tmp_path / "top.png")
+    assert main(["--workdir", work, "--query", q, "--k", "3", "--out", out]) == 0
+    assert capsys.readouterr().out.count("cosine") == 3 and os.path.isfile(out)
+
+
+@pytest.mark.parametrize("case", ["missing", "not_an_image", "both", "neither", "similarity",
+                                  "folder_out", "k_too_big"])
+def test_script_bad_input_is_one_line(run, tmp_path, capsys, case):
+    work, root = run
+    q = os.path.join(root, "pa", "pa_000.png")
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"<html>not a picture</html>")
+    args = {"missing": ["--query", str(tmp_path / "nope.jpg"), "--result", q],
+            "not_an_image": ["--query", str(junk), "--result", q],
+            "both": ["--query", q, "--result", q, "--k", "2"],
+            "neither": ["--query", q],
+            "similarity": ["--query", q, "--result", q, "--method", "similarity"],
+            "folder_out": ["--query", q, "--result", q, "--out", str(tmp_path) + "/"],
+            "k_too_big": ["--query", q, "--k", "1000"]}[case]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(_script().main, ["--workdir", work, *args, "--out", str(tmp_path / "x.png")]
+                if case != "folder_out" else ["--workdir", work, *args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "x.png")
+
+
+def test_report_draws_the_explained_figure_only_when_asked(run):
+    from facejax.retrieval import report
+    from facejax.retrieval import workdir as wd
+
+    work, _ = run
+    out = os.path.join(work, "report")
+    wd.evaluate_workdir(work, wd.read_run_config(work), progress=False)  # default: unchanged
+    assert not os.path.exists(os.path.join(out, report.FIGURE_EXPLAINED))
+    assert "explained" not in open(os.path.join(out, "report.md")).read()
+    cfg = wd.read_run_config(work)
+    apply_override(cfg, "eval.explain_figure=auto")
+    wd.evaluate_workdir(work, cfg, progress=False)
+    assert os.path.isfile(os.path.join(out, report.FIGURE_EXPLAINED))
+    for name in ("report.md", "report.html"):
+        assert report.FIGURE_EXPLAINED in open(os.path.join(out, name)).read()
+    apply_override(cfg, "eval.explain_figure=gradcam")
+    with pytest.raises(ConfigError, match="method must be one of"):
+        wd.evaluate_workdir(work, cfg, progress=False)
+
+
+def test_a_checkpoint_that_no_longer_matches_the_export_is_refused(run, monkeypatch):
+    """Training that went on after the export: the maps would explain another model."""
+    import facejax.train.checkpoint as ckpt
+
+    work, _ = run
+    other = _model(TinyNet(nnx.Rngs(3)))
+
+    class Cfg:
+        class model:
+            name = "tiny"
+
+    monkeypatch.setattr(ckpt, "restore_model", lambda workdir, which: (other, Cfg))
+    with pytest.raises(CheckpointError, match="no longer gives the exported embedder's embeddings"):
+        ex.load_explainer(work)

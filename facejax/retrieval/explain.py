@@ -286,8 +286,8 @@ def load_explainer(workdir: str, embedder=None, *, need_model: bool = False) -> 
                                                        explainer.input_size, 3), np.uint8)
     ours = np.asarray(explainer._embed(probe))
     theirs = embedder(probe)
-    agree = float(np.min(np.sum(ours * theirs, 1) / np.maximum(
-        np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1), 1e-12)))
+    agree = -1.0 if ours.shape != theirs.shape else float(np.min(np.sum(ours * theirs, 1) / (
+        np.maximum(np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1), 1e-12))))
     if not agree >= _AGREE_MIN:
         raise CheckpointError(
             f"the {meta.get('checkpoint', 'best')} checkpoint of {workdir} no longer gives the "
@@ -319,15 +319,29 @@ def overlay(image: np.ndarray, m: np.ndarray, vmax: float) -> np.ndarray:
     return np.clip(np.round(out * 255), 0, 255).astype(np.uint8)
 
 
-def scale_of(e: Explanation) -> float:
-    """One colour scale for both maps of a pair: the largest |value| of either."""
-    return max(float(np.abs(e.query_map).max()), float(np.abs(e.result_map).max()), 1e-12)
+def shown(e: Explanation, m: np.ndarray) -> np.ndarray:
+    """What is drawn of map m: occlusion drops as they are; similarity contributions minus
+    their mean (the uniform share score/N), since with all-positive features (dlib's) every
+    cell raises the cosine and only the differences between cells say where."""
+    m = np.asarray(m, np.float32)
+    return m - m.mean() if e.method == SIMILARITY else m
 
 
 def overlays(query: np.ndarray, result: np.ndarray, e: Explanation
              ) -> tuple[np.ndarray, np.ndarray]:
-    vmax = scale_of(e)
-    return overlay(query, e.query_map, vmax), overlay(result, e.result_map, vmax)
+    """The two overlays, each on its own colour scale (its largest |value|)."""
+    out = []
+    for image, m in ((query, e.query_map), (result, e.result_map)):
+        v = shown(e, m)
+        out.append(overlay(image, v, max(float(np.abs(v).max()), 1e-12)))
+    return out[0], out[1]
+
+
+def caption(e: Explanation, m: np.ndarray) -> str:
+    v = shown(e, m)
+    if e.method == SIMILARITY:
+        return f"{m.shape[0]}x{m.shape[1]} cells, \u00b1{float(np.abs(v).max()):.2g} of mean"
+    return f"largest drop {float(m.max()):.2g}"
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -351,7 +365,7 @@ def pair_figure(pairs: Sequence[Mapping[str, Any]], out_png: str, *, title: str 
     ncols = 2 + 2 * max((len(p["explanations"]) for p in pairs), default=0)
     nrows = max(1, len(pairs))
     height = 2.3 * nrows + 0.6
-    fig = Figure(figsize=(1.9 * ncols, height))
+    fig = Figure(figsize=(2.1 * ncols, height))
     axes = fig.subplots(nrows, ncols, squeeze=False)
     fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - 0.6 / height,
                         wspace=0.08, hspace=0.5)
@@ -360,8 +374,8 @@ def pair_figure(pairs: Sequence[Mapping[str, Any]], out_png: str, *, title: str 
                  (p["result"], "result\n" + p.get("result_caption", ""))]
         for e in p["explanations"]:
             q, r = overlays(p["query"], p["result"], e)
-            cells += [(q, f"{e.method}: query\ncosine {e.score:.3f}"),
-                      (r, f"{e.method}: result\nmax |map| {scale_of(e):.2g}")]
+            cells += [(q, f"{e.method}: query (cos {e.score:.3f})\n{caption(e, e.query_map)}"),
+                      (r, f"{e.method}: result\n{caption(e, e.result_map)}")]
         for j, ax in enumerate(axes[i]):
             ax.set_xticks([])
             ax.set_yticks([])
@@ -370,7 +384,8 @@ def pair_figure(pairs: Sequence[Mapping[str, Any]], out_png: str, *, title: str 
                 continue
             ax.imshow(cells[j][0])
             ax.set_title(displayable(cells[j][1]), fontsize=7)
-    fig.suptitle(title or "why these match: red raises the cosine, blue lowers it",
+    fig.suptitle(title or "why these match: red raises the cosine, blue lowers it "
+                          "(similarity: relative to the mean cell)",
                  fontsize=9, y=1 - 0.1 / height, va="top")
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
     tmp = out_png + ".tmp.png"
