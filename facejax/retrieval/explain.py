@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from facejax.errors import CheckpointError, ConfigError
+from facejax.errors import CheckpointError, ConfigError, FacejaxError
 
 SIMILARITY, OCCLUSION = "similarity", "occlusion"
 METHODS = (SIMILARITY, OCCLUSION)
@@ -274,7 +274,7 @@ def load_explainer(workdir: str, embedder=None, *, need_model: bool = False) -> 
         from facejax.train.checkpoint import restore_model
 
         model, config = restore_model(workdir, meta.get("checkpoint", "best"))
-    except CheckpointError as e:
+    except FacejaxError as e:  # no checkpoint, or a config it cannot be rebuilt from
         if need_model:
             raise
         return Explainer.from_embedder(embedder, f"the run's checkpoint cannot be used ({e})")
