@@ -181,9 +181,9 @@ class Explainer:
 
     def _occlusion(self, pair: np.ndarray, patch: int, stride: int) -> Explanation:
         size = self.input_size
-        if not patch:
-            patch, stride = default_patch(size)
-        stride = stride or max(1, patch // 2)
+        auto_patch, auto_stride = default_patch(size)
+        patch = patch or auto_patch
+        stride = stride or (auto_stride if patch == auto_patch else max(1, patch // 2))
         corners = patch_corners(size, patch, stride)
         z = np.asarray(self._embed(pair))
         score = float(_cosines(z[:1], z[1])[0])
