@@ -128,6 +128,9 @@ def evaluate() -> ml_collections.ConfigDict:
                                  # above it, ScaNN re-tuned for the depth mAP@R reads
         rejection_holdout=0.2,   # open-set rejection figures: this fraction of the identities is
                                  # held out of the gallery as unknown people (0 = none)
+        explain_figure="",       # '' (off), 'auto', 'similarity' or 'occlusion': the report
+                                 # also draws Figure 9 with explanation maps (needs the run's
+                                 # checkpoint for similarity maps; occlusion is slower)
     ))
 
 

@@ -172,6 +172,49 @@ def test_bad_uploads_get_clear_4xx_json(server, tmp_path):
         assert not re.search(r'facejax_requests_total\{[^}]*status="500"', metrics)
 
 
+def test_explain_a_result_with_the_upload_checks_of_search(run, server, tmp_path):
+    """POST /v1/explain: two PNG heatmaps for the query and a result id. This run has no
+    checkpoint, so it explains with occlusion through the exported embedder and says why."""
+    import base64
+
+    work, root = run
+    query = _file(os.path.join(root, "person_c", "person_c_002.png"))
+
+    def explain(c, data=query, **form):
+        return c.post(server.url + "/v1/explain", files={"image": ("q.png", data, "image/png")},
+                      data={a: str(b) for a, b in form.items()})
+
+    with httpx.Client(timeout=120) as c:
+        hit = _search(c, server.url, query, k=2).json()["results"][1]
+        r = explain(c, id=hit["id"])
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["id"] == hit["id"] and body["method"] == "occlusion"
+        assert abs(body["score"] - hit["score"]) < 1e-4
+        assert "no similarity maps" in body["note"]
+        for key in ("query_overlay", "result_overlay"):
+            prefix = "data:image/png;base64,"
+            assert body[key].startswith(prefix)
+            png = Image.open(io.BytesIO(base64.b64decode(body[key][len(prefix):])))
+            assert png.format == "PNG" and png.size == (16, 16)
+        # Bad requests: 4xx JSON, never a 500.
+        r = explain(c, id=99999)
+        assert r.status_code == 404 and "99999" in r.json()["error"]
+        r = explain(c, id=hit["id"], method="gradcam")
+        assert r.status_code == 422 and "method" in r.json()["error"]
+        r = explain(c, id=hit["id"], method="similarity")
+        assert r.status_code == 422 and "use --method occlusion" in r.json()["error"]
+        r = explain(c, data=b"<html>hi</html>", id=hit["id"])
+        assert r.status_code == 415, r.text
+        r = explain(c, data=b"\xff\xd8\xff" + bytes(11 * 2**20), id=hit["id"])
+        assert r.status_code == 413 and "limit" in r.json()["error"]
+        r = c.post(server.url + "/v1/explain", files={"image": ("q.png", query, "image/png")})
+        assert r.status_code == 422 and "id" in r.json()["error"]
+        metrics = c.get(server.url + "/metrics").text
+        assert 'endpoint="/v1/explain",status="200"' in metrics
+        assert not re.search(r'facejax_requests_total\{[^}]*status="500"', metrics)
+
+
 def test_gallery_enrol_list_delete_and_auth(run, server):
     work, root = run
     url = server.url

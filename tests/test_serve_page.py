@@ -176,6 +176,22 @@ def test_page_search_enrol_delete(tmp_path, driver):
             assert name in timings, timings
         assert _by_id(driver, "query-preview").get_attribute("src").startswith("blob:")
 
+        # -- explain the second result: two heatmaps appear under it; the toggle hides them.
+        toggle = results[1].find_element(By.CSS_SELECTOR, "button.explain-toggle")
+        toggle.click()
+        _wait(driver, lambda d: d.execute_script(
+            "const f = document.querySelectorAll('#results .result')[1];"
+            "const i = [...f.querySelectorAll('.explain img')];"
+            "return i.length === 2 && i.every(x => x.complete && x.naturalWidth > 0)")
+            or _error_text(d), "the explanation overlays")
+        assert _error_text(driver) is None, _error_text(driver)
+        overlay = results[1].find_element(By.CSS_SELECTOR, ".explain img.explain-result")
+        assert overlay.get_attribute("src").startswith("data:image/png;base64,")
+        assert "occlusion" in results[1].find_element(By.CSS_SELECTOR, ".explain-note").text
+        toggle.click()
+        assert not results[1].find_element(By.CSS_SELECTOR, ".explain").is_displayed()
+        assert toggle.text == "explain"
+
         # -- enrol needs the key: without it the page says so.
         _by_id(driver, "enrol-name").send_keys(NEW_LABEL)
         _by_id(driver, "enrol-files").send_keys("\n".join(enrol_files))
@@ -279,3 +295,10 @@ def test_page_with_keyed_reads(tmp_path, driver):
             "return imgs.length > 0 && imgs.every("
             "  i => i.src.startsWith('blob:') && i.complete && i.naturalWidth > 0)"),
             "the result thumbnails, fetched with the key")
+        # /v1/explain is a read like /v1/search: keyed here.
+        import httpx
+
+        query = open(os.path.join(image_root, "amber", "amber_002.png"), "rb").read()
+        r = httpx.post(server.url + "/v1/explain", data={"id": "0"},
+                       files={"image": ("q.png", query, "image/png")}, timeout=60)
+        assert r.status_code == 401 and "API key" in r.json()["error"], r.text

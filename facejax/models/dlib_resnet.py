@@ -156,6 +156,14 @@ class DlibResNet(nnx.Module):
         self.num_features = EMBED_DIM
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        return self.project(jnp.mean(self.feature_map(x, train), axis=(1, 2)))
+
+    def project(self, pooled: jax.Array) -> jax.Array:
+        """The linear map after the pool (dlib's fc, no bias): pooled [..., F] -> [..., 128]."""
+        return self.fc(pooled)
+
+    def feature_map(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """[B,H,W,3] -> [B,h,w,256]: the last level's map, before the pool and the fc."""
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ConfigError(f"dlib_resnet expects [B,H,W,3] images, got {x.shape}")
         for side in x.shape[1:3]:
@@ -164,7 +172,7 @@ class DlibResNet(nnx.Module):
         x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
         for name in self.block_names:
             x = getattr(self, name)(x)
-        return self.fc(jnp.mean(x, axis=(1, 2)))
+        return x
 
 
 # dlib.net ships the file bz2-compressed, which `facejax.convert.weights.download` does not

@@ -144,6 +144,10 @@ class ResNet(nnx.Module):
         self.num_features = cin
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        return jnp.mean(self.feature_map(x, train), axis=(1, 2))
+
+    def feature_map(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """[B,H,W,3] -> [B,h,w,F]: the last stage's map, before the global average pool."""
         x = nnx.relu(self.stem_bn(self.stem_conv(x), use_running_average=not train))
         if self.layout == "keras":
             # ZeroPadding2D(1) + MaxPooling2D(3, 2, 'valid'); after the ReLU zeros == -inf pads.
@@ -152,7 +156,7 @@ class ResNet(nnx.Module):
             x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=pad2d(1))
         for name in self.block_names:
             x = getattr(self, name)(x, train)
-        return jnp.mean(x, axis=(1, 2))
+        return x
 
 
 _TV = "https://download.pytorch.org/models/"

@@ -83,13 +83,16 @@ class ResNetV2(nnx.Module):
         self.num_features = cin
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        return jnp.mean(self.feature_map(x, train), axis=(1, 2))
+
+    def feature_map(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """[B,H,W,3] -> [B,h,w,F]: the post-activation map, before the global average pool."""
         x = self.stem_conv(x)
         # No ReLU before this pool, so Keras' zero padding is not -inf padding: keep it exact.
         x = nnx.max_pool(zero_pad(x, 1), (3, 3), strides=(2, 2), padding="VALID")
         for name in self.block_names:
             x = getattr(self, name)(x, train)
-        x = nnx.relu(self.post_bn(x, use_running_average=not train))
-        return jnp.mean(x, axis=(1, 2))
+        return nnx.relu(self.post_bn(x, use_running_average=not train))
 
 
 _KERAS = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"

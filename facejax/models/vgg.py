@@ -93,11 +93,7 @@ class VGG(nnx.Module):
             self.num_features = cin
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        for layer in self.layers:
-            if layer == "M":
-                x = nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
-            else:
-                x = nnx.relu(getattr(self, layer)(x))
+        x = self.feature_map(x, train)
         if not self.classifier:
             return jnp.mean(x, axis=(1, 2))
         x = adaptive_avg_pool(x, POOLED).reshape(x.shape[0], -1)
@@ -105,6 +101,16 @@ class VGG(nnx.Module):
             x = nnx.relu(fc(x))
             if self.fc_dropout is not None:
                 x = self.fc_dropout(x, deterministic=not train)
+        return x
+
+    def feature_map(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """[B,H,W,3] -> [B,h,w,F]: the last conv block's map (the embedding is its global mean
+        only without the classifier; with it, fc1/fc2 follow)."""
+        for layer in self.layers:
+            if layer == "M":
+                x = nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+            else:
+                x = nnx.relu(getattr(self, layer)(x))
         return x
 
 

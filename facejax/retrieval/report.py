@@ -19,6 +19,7 @@ from facejax.retrieval import rejection, run_info
 from facejax.retrieval.atomic import write_file_atomic
 
 FIGURE = "topk_examples.png"
+FIGURE_EXPLAINED = "topk_examples_explained.png"
 CORRECT, WRONG, NEUTRAL, QUERY = "#1a9641", "#d7191c", "#9e9e9e", "#2c7bb6"
 
 
@@ -257,8 +258,13 @@ def counts_line(result) -> str:
 
 def write_report(result: Mapping[str, Any], out_dir: str, *,
                  image_loader: Callable[[str], np.ndarray | None] | None = None,
-                 plots_dir: str | None = None, title: str = "Retrieval report") -> dict:
-    """Writes report.json/.md/.html (+ the examples PNG) into `out_dir`; returns their paths."""
+                 plots_dir: str | None = None, title: str = "Retrieval report",
+                 explain: Callable[..., None] | None = None) -> dict:
+    """Writes report.json/.md/.html (+ the examples PNG) into `out_dir`; returns their paths.
+
+    `explain(examples, image_loader, out_png)`, when given, draws the examples again with
+    explanation maps (`retrieval.explain.explained_examples_figure`), shown after Figure 9.
+    """
     os.makedirs(out_dir, exist_ok=True)
     paths = dict(json=os.path.join(out_dir, "report.json"),
                  md=os.path.join(out_dir, "report.md"),
@@ -272,6 +278,10 @@ def write_report(result: Mapping[str, Any], out_dir: str, *,
         examples_figure(result["examples"], image_loader, os.path.join(out_dir, FIGURE),
                         title=f"{setting}: query and top-5")
         paths["figure"] = os.path.join(out_dir, FIGURE)
+        if explain is not None:
+            paths["explained_figure"] = os.path.join(out_dir, FIGURE_EXPLAINED)
+            explain(result["examples"], image_loader, paths["explained_figure"])
+            result = {**result, "explained_figure": FIGURE_EXPLAINED}
     curves = []
     if plots_dir and os.path.isdir(plots_dir):
         curves = [os.path.relpath(p, out_dir)
@@ -353,6 +363,10 @@ def _markdown(result, title, figure, curves) -> str:
                 ("Each row: a random query (blue) and its top-5 results; green border = same "
                  "identity, red = different. Captions: identity and cosine score."), "",
                 f"![query and top-5 results]({figure})"]
+    if result.get("explained_figure"):
+        out += ["", ("The same, explained: each result with its map over it (red: regions that "
+                     "raise the cosine), and below it the query's map for that result."), "",
+                f"![query and top-5 results, explained]({result['explained_figure']})"]
     if curves:
         out += ["", "## Training curves", "", CURVES_NOTE, ""]
         out += [f"![{os.path.basename(c)}]({c})" for c in curves]
@@ -415,6 +429,12 @@ def _html(result, title, figure, curves) -> str:
                   ("<p class='note'>A random query (blue) and its top-5 results: green border = "
                    "same identity, red = different.</p>"),
                   f"<img src='{html.escape(figure)}' alt='query and top-5 results'>"]
+    if result.get("explained_figure"):
+        parts += [("<p class='note'>The same, explained: each result with its map over it (red: "
+                   "regions that raise the cosine), and below it the query's map for that "
+                   "result.</p>"),
+                  f"<img src='{html.escape(result['explained_figure'])}' "
+                  "alt='query and top-5 results, explained'>"]
     if curves:
         parts += ["<h2>Training curves</h2>", f"<p class='note'>{html.escape(CURVES_NOTE)}</p>"]
         parts += [f"<img src='{html.escape(c)}' alt='{html.escape(os.path.basename(c))}'>"

@@ -35,7 +35,7 @@ _RUN_KEYS = ("seed", "model.name", "data.source", "data.root", "data.image_size"
 # Settings added after runs were first saved: older config.json files get these defaults, so
 # that they can also be overridden (--config.index.scann_init=kmeans++) on such a run.
 _LATER_KEYS = {"index.scann_init": "random", "eval.exact_max_pairs": EXACT_MAX_PAIRS,
-               "eval.rejection_holdout": 0.2}
+               "eval.rejection_holdout": 0.2, "eval.explain_figure": ""}
 # Settings that hold for one command only: config.json's value (a resumed training run may
 # have saved true) is never inherited; an override sets them again.
 _COMMAND_KEYS = {"data.allow_changed_data": False}
@@ -188,6 +188,11 @@ def evaluate_workdir(workdir: str, config, *, progress: bool = True) -> dict:
     ks = check_ks(config.eval.ks)
     num_examples = check_num_examples(config.eval.num_figure_queries)
     exact_max_pairs = check_exact_max_pairs(config.eval.exact_max_pairs)
+    explain_method = config.eval.explain_figure
+    if explain_method:
+        from facejax.retrieval import explain as ex
+
+        ex.check_method(explain_method)
     embedder = load_embedder(os.path.join(workdir, EMBEDDER_DIR))
     index = load_index(os.path.join(workdir, INDEX_DIR), expect=embedder.meta)
     data = prepare_run_data(config, embedder)
@@ -228,9 +233,16 @@ def evaluate_workdir(workdir: str, config, *, progress: bool = True) -> dict:
         i = row_of.get(path)
         return None if i is None else np.asarray(data.images[i])
 
+    explain = None
+    if explain_method:
+        def explain(examples, loader, out_png):
+            ex.explained_examples_figure(examples, loader, ex.load_explainer(workdir, embedder),
+                                         out_png, method=explain_method,
+                                         title=f"{model}: query and top-5, explained")
+
     report.write_report(result, out_dir, image_loader=image_of,
                         plots_dir=os.path.join(workdir, "plots"),
-                        title=f"Retrieval report: {model}")
+                        title=f"Retrieval report: {model}", explain=explain)
     return result
 
 

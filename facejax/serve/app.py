@@ -24,16 +24,17 @@ from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from facejax.errors import ConfigError, FacejaxError
 from facejax.serve.auth import ApiKeys
 from facejax.serve.batcher import Overloaded
-from facejax.serve.service import SearchService
+from facejax.serve.service import ExplainBusy, SearchService
 from facejax.serve.uploads import UploadError, sniff
 
 log = logging.getLogger(__name__)
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 API_VERSION = "v1"
-_UPLOAD_PATHS = ("/v1/search", "/v1/verify", "/v1/gallery")
+_UPLOAD_PATHS = ("/v1/search", "/v1/verify", "/v1/gallery", "/v1/explain")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
@@ -62,7 +63,7 @@ def _endpoint(path: str) -> str:
     """The route a path belongs to, for metric labels (ids folded, unknown paths 'other')."""
     path = re.sub(r"/\d+$", "/{id}", path)
     known = ("/", "/healthz", "/readyz", "/metrics", "/v1/info", "/v1/search", "/v1/verify",
-             "/v1/gallery", "/v1/gallery/{id}", "/v1/identities", "/v1/images/{id}")
+             "/v1/explain", "/v1/gallery", "/v1/gallery/{id}", "/v1/identities", "/v1/images/{id}")
     if path in known:
         return path
     return "/static" if path.startswith("/static/") else "other"
@@ -326,6 +327,34 @@ def create_app(service: SearchService, keys: ApiKeys, on_ready=None) -> FastAPI:
         if t is None:
             out["note"] = ("this run has no calibrated threshold: run scripts/"
                            "eval_verification.py --workdir RUN to calibrate one")
+        return out
+
+    @app.post(f"/{API_VERSION}/explain", tags=["search"])
+    async def explain(request: Request, image: UploadFile = File(..., description="the query"),
+                      id: int = Form(..., description="the gallery id of a result"),
+                      method: str = Form("auto", description="auto, similarity or occlusion"),
+                      align: bool = Form(False, description="align a raw photo's face first")):
+        """Why does gallery item `id` match the uploaded query? Two heatmaps (PNG data URLs):
+        red where a region raises the cosine. `similarity` maps need the run's checkpoint and
+        a pooled conv model; `occlusion` works for any model (slower); `auto` picks."""
+        need_read(request)
+        need_ready()
+        if method not in ("auto", "similarity", "occlusion"):
+            raise ApiError(422, f"method must be auto, similarity or occlusion, got {method!r}")
+        data = await read_upload(image, describe(image))
+        with service.batcher.admit():
+            query = await run_in_threadpool(service.decode, data, describe(image), align)
+        try:
+            out = await run_in_threadpool(service.explain, query, id, method)
+        except ExplainBusy:
+            raise ApiError(503, "another explanation is being computed; retry shortly",
+                           {"Retry-After": "2"}) from None
+        except ConfigError as e:
+            raise ApiError(422, str(e)) from None
+        except FacejaxError as e:
+            raise ApiError(409, f"this run cannot be explained: {e}") from None
+        if out is None:
+            raise ApiError(404, f"no gallery item with id {id}")
         return out
 
     @app.post(f"/{API_VERSION}/gallery", tags=["gallery"])

@@ -33,6 +33,10 @@ _THUMB_CACHE = 4096    # thumbnails kept in memory (a few KB each)
 _FILE_SOURCES = ("folder", "competition")
 
 
+class ExplainBusy(Exception):
+    """Another explanation is being computed (one at a time: each is many forward passes)."""
+
+
 class SearchService:
     """The loaded run. `warm_up()` compiles; the app sets `ready` once the request path is warm
     too."""
@@ -65,6 +69,8 @@ class SearchService:
         self._thumbs: collections.OrderedDict = collections.OrderedDict()
         self._thumbs_lock = threading.Lock()
         self._data = None  # the run's decoded images, for galleries that are not files
+        self._explainer = None  # loaded on the first /v1/explain (restores the checkpoint)
+        self._explain_lock = threading.Lock()
 
     # -- life cycle
 
@@ -178,6 +184,72 @@ class SearchService:
                               else h["score"] >= self.match_threshold)
         return hits
 
+    # -- explanations
+
+    def explain(self, query: np.ndarray, item_id: int, method: str = "auto") -> dict | None:
+        """Heatmaps of why gallery item `item_id` matches `query` (the embedder's input):
+        {id, method, score, query_overlay, result_overlay (PNG data URLs), note}; None for no
+        such item. One at a time (ExplainBusy). The explainer is loaded on first use: from
+        the run's checkpoint (similarity maps) or, without one, from the exported embedder
+        (occlusion only); `retrieval.explain` says how."""
+        import base64
+
+        from facejax.retrieval import explain as ex
+
+        located = self.gallery.locate(item_id)
+        if located is None:
+            return None
+        if not self._explain_lock.acquire(blocking=False):
+            raise ExplainBusy()
+        try:
+            if self._explainer is None:
+                self._explainer = ex.load_explainer(self.workdir, self.embedder)
+            result = self._input_pixels(*located)
+            if result is None:
+                return None
+            e = self._explainer.explain(query, result, method)
+        finally:
+            self._explain_lock.release()
+        q_over, r_over = ex.overlays(query, result, e)
+        url = lambda im: "data:image/png;base64," + base64.b64encode(  # noqa: E731
+            ex.png_bytes(im)).decode()
+        why = self._explainer.why_not_similarity
+        return dict(id=item_id, method=e.method, score=e.score, query_overlay=url(q_over),
+                    result_overlay=url(r_over),
+                    note="" if e.method == ex.SIMILARITY else f"no similarity maps: {why}")
+
+    def _input_pixels(self, kind: str, where: str) -> np.ndarray | None:
+        """A gallery item as the embedder's input (size, resize mode, face crop)."""
+        from facejax.data.decode import decode_image
+
+        try:
+            if kind == "enrolled":
+                with open(where, "rb") as f:
+                    return self.decode(f.read(), f"gallery item {where}")
+            full = self._dataset_file(where)
+            if full is not None:
+                return decode_image(full, self.size, self.mode, int(self.config.data.max_pixels),
+                                    self.face_crop)
+            if self.gallery.index.info.get("source", "folder") in _FILE_SOURCES:
+                return None
+            return self._from_run_data(where)
+        except (BadImage, UploadError, OSError) as e:
+            log.warning("cannot explain %s: %s", where, e)
+            return None
+
+    def _dataset_file(self, where: str) -> str | None:
+        """The file of a dataset gallery item, if the gallery is files and it stays under the
+        data root; else None."""
+        info = self.gallery.index.info
+        if info.get("source", "folder") not in _FILE_SOURCES:
+            return None
+        root = os.path.realpath(info.get("root") or "")
+        full = os.path.realpath(os.path.join(root, where))
+        if not root or os.path.commonpath([root, full]) != root:
+            log.warning("gallery path %r leaves the data root; not served", where)
+            return None
+        return full
+
     # -- thumbnails
 
     def thumbnail(self, item_id: int, side: int) -> bytes | None:
@@ -209,14 +281,9 @@ class SearchService:
             if kind == "enrolled":
                 with open(where, "rb") as f:
                     return read_rgb_bytes(f.read(), self.max_pixels)
-            info = self.gallery.index.info
-            if info.get("source", "folder") in _FILE_SOURCES:
-                root = os.path.realpath(info.get("root") or "")
-                full = os.path.realpath(os.path.join(root, where))
-                if not root or os.path.commonpath([root, full]) != root:
-                    log.warning("gallery path %r leaves the data root; not served", where)
-                    return None
-                return read_rgb(full, int(self.config.data.max_pixels))
+            if self.gallery.index.info.get("source", "folder") in _FILE_SOURCES:
+                full = self._dataset_file(where)
+                return None if full is None else read_rgb(full, int(self.config.data.max_pixels))
             return self._from_run_data(where)
         except (BadImage, OSError) as e:
             log.warning("no thumbnail for %s: %s", where, e)

@@ -296,19 +296,26 @@
       const thumb = el("div", { className: "thumb" }, [thumbImage(r.image_url, label)]);
       thumb.append(el("span", { className: "rank", text: `#${r.rank}` }));
       if (isNoMatch) thumb.append(el("span", { className: "badge", text: "no match" }));
+      const figure = el("figure", {
+        className: classes.join(" "),
+        dataset: { label, id: String(r.id), score: String(r.score), rank: String(r.rank) },
+      });
       const tooltip = [r.path, r.source, r.id !== undefined ? `id ${r.id}` : null]
         .filter((x) => x !== undefined && x !== null && x !== "").join("\n");
-      box.append(el("figure", {
-        className: classes.join(" "),
-        title: tooltip || null,
-        dataset: { label, id: String(r.id), score: String(r.score), rank: String(r.rank) },
-      }, [
+      if (tooltip) figure.title = tooltip;
+      figure.append(
         thumb,
         el("figcaption", null, [
           el("span", { className: "label", title: label, text: label || "(no label)" }),
           el("span", { className: "score", text: Number.isFinite(score) ? score.toFixed(3) : "–" }),
         ]),
-      ]));
+        el("button", {
+          type: "button", className: "explain-toggle", text: "explain",
+          title: "why does this match? heatmaps over the query and this result",
+          onclick: (ev) => toggleExplain(figure, r.id, ev.currentTarget),
+        }),
+      );
+      box.append(figure);
     }
     let summary = results.length
       ? `Top ${results.length} of ${fmtInt(data.gallery_size)} gallery images`
@@ -324,6 +331,47 @@
     $("results-summary").textContent = summary;
     $("legend").hidden = !queryLabel || !results.length;
     renderTimings(data.timings_ms);
+  }
+
+  // ---------------------------------------------------------------- explain a match
+
+  // Only PNG data URLs from the service are shown (CSP img-src allows data:).
+  function pngDataUrl(v) {
+    return typeof v === "string" && v.startsWith("data:image/png;base64,") ? v : null;
+  }
+
+  async function toggleExplain(figure, id, button) {
+    const open = figure.querySelector(".explain");
+    if (open) {
+      open.hidden = !open.hidden;
+      button.textContent = open.hidden ? "explain" : "hide";
+      return;
+    }
+    if (!state.queryFile) return;
+    const form = new FormData();
+    form.append("image", state.queryFile, state.queryFile.name || "pasted.png");
+    form.append("id", String(id));
+    button.disabled = true;
+    button.textContent = "explaining…";
+    try {
+      const data = await api("POST", "/v1/explain", { body: form });
+      const q = pngDataUrl(data.query_overlay);
+      const r = pngDataUrl(data.result_overlay);
+      if (!q || !r) throw new ApiError("the service sent no explanation images");
+      const note = `${data.method} map, cosine ${Number(data.score).toFixed(3)}: red raises it` +
+        (data.note ? ` (${data.note})` : "");
+      figure.append(el("div", { className: "explain", title: note }, [
+        el("img", { className: "explain-query", alt: "query: regions behind the match", src: q }),
+        el("img", { className: "explain-result", alt: "result: regions behind the match", src: r }),
+        el("span", { className: "explain-note", text: `${data.method} · query | result` }),
+      ]));
+      button.textContent = "hide";
+    } catch (e) {
+      button.textContent = "explain";
+      reportError(e);
+    } finally {
+      button.disabled = false;
+    }
   }
 
   function renderTimings(t) {
