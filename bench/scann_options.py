@@ -60,7 +60,9 @@ def sweep(searcher, q, truth, num_leaves: int) -> list[dict]:
     for leaves in sorted({1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 30} & set(range(1, num_leaves + 1))):
         for reorder in (20, 30, 40, 60, 100):
             def run(queries, L=leaves, R=reorder):
-                return searcher.searcher.search_batched(queries, K, R, L, True, 256)[0]
+                return searcher.search_batched_parallel(
+                    queries, final_num_neighbors=K, pre_reorder_num_neighbors=R,
+                    leaves_to_search=L, batch_size=256)[0]
             recall = ann_recall_at_k(np.asarray(run(q), np.int64), truth, K)
             (_, first) = timed(lambda: run(q), repeat=1)
             timing = long_enough(q, first)

@@ -174,6 +174,51 @@ def test_failed_restore_filter_drops_only_abandoned_checkpoint_reads(msg, droppe
     assert _QuietAbandonedReads().filter(record) is not dropped
 
 
+@pytest.mark.parametrize("how", ["truncated", "manifest"])
+def test_a_failed_restore_leaves_no_hook_or_log_filter_behind(saved_run, tmp_path, how):
+    """The quieting of orbax's abandoned reads is scoped to the restore call: after the
+    CheckpointError, the process's unraisable hook and the asyncio and absl loggers are as
+    they were (they used to stay changed for the rest of the process)."""
+    hook = sys.unraisablehook
+    loggers = [logging.getLogger(name) for name in ("asyncio", "absl")]
+    filters = [list(log.filters) for log in loggers]
+    workdir = damage(saved_run, tmp_path / "run", how)
+    with pytest.raises(CheckpointError, match="damaged"):
+        ckpt_lib.restore_model(workdir)
+    assert sys.unraisablehook is hook
+    assert [list(log.filters) for log in loggers] == filters
+
+
+def test_importing_and_using_checkpoints_installs_no_global_log_filter(tmp_path):
+    """orbax's expected notes are filtered around the calls that log them, not by a filter
+    installed for the whole process when facejax.train.checkpoint is imported."""
+    code = (
+        "import logging, sys\n"
+        "from facejax.train import checkpoint as c\n"
+        "assert logging.getLogger('absl').filters == [], 'at import'\n"
+        f"c.RunCheckpoints({str(tmp_path)!r}).close()\n"
+        "assert logging.getLogger('absl').filters == [], 'after use'\n"
+        "print('clean')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=240, env=dict(os.environ, PYTHONPATH=ROOT), check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "clean", out.stderr[-3000:]
+
+
+def test_half_written_steps_are_gone_when_the_manager_opens(saved_run, tmp_path):
+    """A step a killed run left half-written is deleted before RunCheckpoints returns (no
+    background cleanup for close() to wait on); a read-only open (export) leaves it."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(saved_run, workdir)
+    half = os.path.join(workdir, "checkpoints", "7.orbax-checkpoint-tmp-1234567")
+    os.makedirs(os.path.join(half, "model"))
+    ckpt_lib.RunCheckpoints(workdir, "val_accuracy", read_only=True).close()
+    assert os.path.isdir(half)
+    ckpt = ckpt_lib.RunCheckpoints(workdir, "val_accuracy")
+    assert not os.path.exists(half)
+    assert ckpt.latest_step() == STEP
+    ckpt.close()
+
+
 def test_restoring_a_healthy_run_logs_no_orbax_warnings(saved_run, caplog):
     with caplog.at_level(logging.INFO):
         model, config = ckpt_lib.restore_model(saved_run)

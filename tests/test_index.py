@@ -8,6 +8,7 @@ import pytest
 
 from facejax.errors import CheckpointError, ConfigError, DataError
 from facejax.retrieval import index as I
+from facejax.retrieval import integrity
 from facejax.retrieval.metrics import ann_recall_at_k
 
 D = 32
@@ -393,3 +394,53 @@ def test_scann_retunes_when_a_rebuild_follows_growth_or_shrinkage():
     assert idx.built_count == 1100 and idx.tuning["gallery_size"] == 1100 and idx.tuning["met"]
     truth, _ = idx.search(q, 10, exact=True)
     assert ann_recall_at_k(idx.search(q, 10)[0], truth, 10) >= 0.88
+
+
+class _Payload:
+    """Unpickling this creates the file `path`: proof that a pickle was loaded."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_pickle_dropped_into_a_saved_scann_folder_is_refused_not_loaded(data, tmp_path):
+    """ScaNN's public `load_searcher` unpickles `scann_docids.pkl` when a folder holds one;
+    facejax never writes it (ids live in order.npy), so a folder with one is refused before
+    ScaNN sees it, and the pickle never runs. Without it, the same folder still loads,
+    including one written the way older facejax saved (serialized with docids, pickle
+    deleted): the saved layout did not change."""
+    import pickle
+
+    x, y, q = data
+    idx = I.SearchIndex.build(x, paths_for(len(x)), y, META, backend="scann")
+    path = str(tmp_path / "index")
+    idx.save(path)
+    sdir = os.path.join(path, "scann")
+    assert "scann_docids.pkl" not in os.listdir(sdir)
+    marker = tmp_path / "pickle_ran"
+    with open(os.path.join(sdir, "scann_docids.pkl"), "wb") as f:
+        pickle.dump(_Payload(str(marker)), f)
+    with pytest.raises(CheckpointError, match=r"scann/scann_docids.pkl is a pickle"):
+        I.load_index(path)
+    assert not marker.exists()
+    os.remove(os.path.join(sdir, "scann_docids.pkl"))
+    np.testing.assert_array_equal(I.load_index(path).search(q, 10)[0], idx.search(q, 10)[0])
+    # The previous writer: ScaNN's docid searcher serialized, then its pickle deleted.
+    for name in os.listdir(sdir):
+        if name != "order.npy":
+            os.remove(os.path.join(sdir, name))
+    idx._scann.serialize(sdir, relative_path=True)
+    os.remove(os.path.join(sdir, "scann_docids.pkl"))
+    manifest = I.read_manifest(path)  # ScaNN's files changed: record their new hashes
+    manifest.pop(integrity.MANIFEST_KEY)
+    manifest["files"] = integrity.hash_files(path, integrity.files_under(
+        path, exclude=["manifest.json"]))
+    with open(os.path.join(path, "manifest.json"), "w") as f:
+        json.dump(integrity.seal(manifest), f)
+    old = I.load_index(path)
+    np.testing.assert_array_equal(old.search(q, 10)[0], idx.search(q, 10)[0])
+    old.remove([0, 1])  # docids are back: updates work on a loaded index
+    assert old.size == len(x) - 2

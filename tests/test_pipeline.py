@@ -167,3 +167,34 @@ def test_sharded_batches_on_eight_fake_devices():
     proc = subprocess.run([sys.executable, str(script)], check=False, capture_output=True,
                           text=True, env=env, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
+
+
+def test_restore_into_an_iterator_with_workers_then_close(tmp_path):
+    """set_state swaps the running pipeline (worker processes included) for one opened at the
+    saved step, through grain's public calls; close() then stops it, and a closed iterator
+    neither advances nor restores."""
+    import multiprocessing
+
+    images, indices, labels = _data()
+    np.save(tmp_path / "cache.npy", images)
+    mapped = np.load(tmp_path / "cache.npy", mmap_mode="r")
+    reference = _take(_iterator(seed=3), 5)
+    saved = _iterator(seed=3)
+    _take(saved, 3)
+    resumed = pipeline.TrainIterator(mapped, indices, labels, batch_size=BATCH, seed=3,
+                                     workers=1)
+    before = set(multiprocessing.active_children())
+    try:
+        next(resumed)  # its first pipeline is running (and is replaced below)
+        resumed.set_state(saved.get_state())
+        resumed.start_prefetch()
+        assert resumed.step == 3
+        _assert_same(_take(resumed, 2), reference[3:])
+    finally:
+        resumed.close()
+    resumed.close()  # idempotent
+    with pytest.raises(ValueError, match="closed"):
+        next(resumed)
+    with pytest.raises(ValueError, match="closed"):
+        resumed.set_state(saved.get_state())
+    assert set(multiprocessing.active_children()) <= before

@@ -18,7 +18,7 @@ from facejax.config import load_config
 from facejax.data.augment import preprocess_eval
 from facejax.train import checkpoint as ckpt_lib
 from facejax.train import loop
-from facejax.train.events import read_scalars
+from tests._tfevents import read_scalars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")

@@ -111,13 +111,18 @@ class TrainIterator(grain.DatasetIterator):
     number of workers. `get_state()` is a small JSON dict; `set_state()` resumes exactly.
     Because this is a grain DatasetIterator, orbax can save it with
     `grain.checkpoint.CheckpointSave(iterator)` / `CheckpointRestore(iterator)`.
+
+    It is a grain iterator with no parents that holds its pipeline's iterator (`_it`): a
+    restore closes that and opens the index-addressed dataset at the saved step, through
+    grain's public calls only (MapDataset slicing, `to_iter_dataset`, `iter`, `close`).
     """
 
-    _closed = True  # until grain's __init__ runs: a constructor that raised has nothing to close
+    _it = None  # until __init__ opens it: a constructor that raised has nothing to close
 
     def __init__(self, images: np.ndarray, indices, labels, *, batch_size: int, seed: int,
                  workers: int = 0, process_index: int | None = None,
                  process_count: int | None = None, prefetch: int = 4):
+        super().__init__()  # first: grain's __del__ closes even an iterator whose checks failed
         indices, labels = _check_subset(images, indices, labels)
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
@@ -147,7 +152,7 @@ class TrainIterator(grain.DatasetIterator):
                       "process_count": self.process_count,
                       "fingerprint": zlib.crc32(indices.tobytes() + labels.tobytes())}
         self._step = 0
-        super().__init__(self._open(0))
+        self._it = self._open(0)
 
     def _open(self, step: int) -> grain.DatasetIterator:
         # Slicing the index-addressed MapDataset makes resuming O(1) and worker-count independent.
@@ -173,10 +178,23 @@ class TrainIterator(grain.DatasetIterator):
         return self._step // self.steps_per_epoch
 
     def __next__(self) -> dict[str, np.ndarray]:
-        self._assert_not_closed()
-        batch = next(self._parent)
+        if self._it is None:
+            raise ValueError("Trying to advance a closed iterator: the train iterator.")
+        batch = next(self._it)
         self._step += 1
         return batch
+
+    def start_prefetch(self) -> None:
+        """grain's hook (its orbax handler calls it after a restore): starts reading ahead."""
+        if self._it is not None:
+            self._it.start_prefetch()
+
+    def close(self) -> None:
+        """Stops the pipeline (and its worker processes); idempotent, as in grain."""
+        it, self._it = self._it, None
+        if it is not None:
+            it.close()
+        super().close()
 
     def get_state(self) -> dict[str, Any]:
         return dict(version=_STATE_VERSION, step=self._step, **self._spec)
@@ -189,10 +207,11 @@ class TrainIterator(grain.DatasetIterator):
                 raise CheckpointError(
                     f"data-iterator checkpoint does not match this data: {key} was "
                     f"{state.get(key)!r}, now {value!r} (changed dataset, seed or batch size?)")
-        self._parent.close()
+        if self._it is None:
+            raise ValueError("cannot restore a closed train iterator")
+        self._it.close()
         self._step = int(state["step"])
-        self._parents = (self._open(self._step),)
-        self._ctx = self._parent._ctx  # pylint: disable=protected-access
+        self._it = self._open(self._step)
 
 
 def create_train_iterator(images: np.ndarray, subset, config) -> TrainIterator:

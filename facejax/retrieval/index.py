@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from facejax import compat
 from facejax.errors import CheckpointError, ConfigError, DataError
 from facejax.retrieval import integrity
 from facejax.retrieval.atomic import atomic_dir
@@ -197,7 +198,12 @@ def _build_scann(embeddings: np.ndarray, ids: np.ndarray, params: Mapping[str, A
             raise ConfigError(f"scann reorder_dtype must be one of {sorted(types)}, got "
                               f"{reorder_type!r}")
         builder = builder.reorder(params["reorder"], quantize=types[reorder_type])
-    return builder.build(docids=[str(int(i)) for i in ids])
+    return builder.build(docids=_docids(ids))
+
+
+def _docids(ids) -> list[str]:
+    """ScaNN's docids (strings, required for upsert and delete): our int64 ids as text."""
+    return [str(int(i)) for i in ids]
 
 
 SCANN_INITS = ("random", "kmeans++")
@@ -224,15 +230,15 @@ def check_scann_init(init) -> str:
 
 
 def _load_scann(path: str, order: np.ndarray):
-    import scann  # noqa: F401  (importing it puts scann_pybind on sys.path)
-    import scann_pybind
-    from scann.scann_ops.py.scann_ops_pybind import ScannSearcher
+    """ScaNN's `load_searcher` on a saved `scann/` folder, with the docids from `order`.
 
-    # Rebuilt from our own id file rather than load_searcher(): that would unpickle docids.
-    with open(os.path.join(path, "scann_assets.pbtxt")) as f:
-        assets = f.read()
-    return ScannSearcher(scann_pybind.ScannNumpy(path, assets),
-                         docids=[str(int(i)) for i in order])
+    `load_searcher` unpickles `scann_docids.pkl` when there is one; facejax never writes it
+    (the ids live in order.npy), so the caller refuses a folder that holds one.
+    """
+    import scann
+
+    loaded = scann.scann_ops_pybind.load_searcher(path, assets_backcompat_shim=False)
+    return compat.scann_with_docids(loaded, _docids(order))
 
 
 # ----------------------------------------------------------------------------- the index
@@ -260,6 +266,7 @@ class SearchIndex:
         self._exact: ExactSearcher | None = None
         self._scann = searcher
         self._scann_rows: np.ndarray | None = None
+        self._scann_positions = None  # the same ScaNN searcher, answering positions
         if backend == "scann":
             if self._scann is None:
                 self._scann = _build_scann(self.embeddings, self.ids, self.scann_params)
@@ -342,10 +349,12 @@ class SearchIndex:
         p = self.scann_params
         leaves = leaves_to_search or p["leaves_to_search"]
         pre = max(k, reorder or p["reorder"])
-        if len(queries) >= 64:
-            idx, dist = self._scann.searcher.search_batched(queries, k, pre, leaves, True, 256)
-        else:
-            idx, dist = self._scann.searcher.search_batched(queries, k, pre, leaves, False, 0)
+        # The docid-free view answers with ScaNN's positions as arrays (`_scann_rows` maps them
+        # to rows); the docid searcher would turn every result into a Python string.
+        search = (self._scann_positions.search_batched_parallel if len(queries) >= 64
+                  else self._scann_positions.search_batched)
+        idx, dist = search(queries, final_num_neighbors=k, pre_reorder_num_neighbors=pre,
+                           leaves_to_search=leaves)
         # ScaNN pads missing neighbours with index 0 and NaN distance.
         missing = ~np.isfinite(dist)
         rows = self._scann_rows[np.asarray(idx, np.int64)]
@@ -488,6 +497,7 @@ class SearchIndex:
 
     def _sync_scann_rows(self, order: np.ndarray | None = None) -> None:
         # ScaNN reorders items on delete (swap with last); map its positions to our rows.
+        self._scann_positions = compat.scann_positions_view(self._scann)
         if order is None:
             order = np.array([int(d) for d in self._scann.docids], np.int64)
         row_of = {int(i): r for r, i in enumerate(self.ids)}
@@ -530,10 +540,8 @@ class SearchIndex:
             if self.backend == "scann":
                 sdir = os.path.join(tmp, "scann")
                 os.makedirs(sdir)
-                self._scann.serialize(sdir, relative_path=True)
-                pkl = os.path.join(sdir, "scann_docids.pkl")
-                if os.path.exists(pkl):
-                    os.remove(pkl)
+                # Serialized without docids (no pickle); order.npy holds them instead.
+                self._scann_positions.serialize(sdir, relative_path=True)
                 order = np.array([int(d) for d in self._scann.docids], np.int64)
                 np.save(os.path.join(sdir, "order.npy"), order)
             manifest = self.manifest()
@@ -583,6 +591,10 @@ class SearchIndex:
         if manifest["backend"] == "scann":
             sdir = os.path.join(path, "scann")
             order = _load_array(sdir, "order.npy", np.int64, what=what, prefix="scann/")
+            if os.path.lexists(os.path.join(sdir, compat.SCANN_DOCIDS_PICKLE)):
+                raise CheckpointError(
+                    f"{what}: scann/{compat.SCANN_DOCIDS_PICKLE} is a pickle, which facejax "
+                    f"never writes or loads (unpickling can run code); delete it, or {_FIX}")
             try:
                 searcher = _load_scann(sdir, order)
             except Exception as e:  # noqa: BLE001  (ScaNN's C++ errors: IndexError and others)

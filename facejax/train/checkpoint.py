@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -33,8 +34,6 @@ from orbax.checkpoint import checkpoint_managers as ocm
 from facejax.config import has_key
 from facejax.errors import CheckpointError
 from facejax.train import orbax_noise
-
-orbax_noise.quiet_expected_notes()
 
 CHECKPOINT_DIR = "checkpoints"
 MONITORS = {"val_accuracy": "max", "val_top1": "max", "val_loss": "min"}
@@ -84,7 +83,9 @@ class RunCheckpoints:
             ]),
             create=not read_only, read_only=read_only,
             save_interval_steps=0 if read_only else 1,
-            cleanup_tmp_directories=not read_only,
+            # Half-written steps are deleted by `_delete_unfinished_steps` below, before the
+            # manager exists: orbax's cleanup runs in a thread that close() does not wait for.
+            cleanup_tmp_directories=False,
             enable_async_checkpointing=True,
             # Runs on the primary host once every process has written the step, before the
             # step folder is renamed into place: the checksums become part of the step.
@@ -99,8 +100,11 @@ class RunCheckpoints:
                         train=ocp.StandardCheckpointHandler(),
                         meta=ocp.JsonCheckpointHandler(), data=ocp.JsonCheckpointHandler())
         try:
-            self._mgr = ocp.CheckpointManager(self.directory, options=options,
-                                              item_handlers=handlers)
+            if not read_only:
+                _delete_unfinished_steps(self.directory)
+            with orbax_noise.quiet_expected_notes():
+                self._mgr = ocp.CheckpointManager(self.directory, options=options,
+                                                  item_handlers=handlers)
         except OSError as e:
             raise CheckpointError(f"cannot open the checkpoint folder {self.directory}: "
                                   f"{e}") from e
@@ -130,7 +134,8 @@ class RunCheckpoints:
             metrics = {"step": int(step), self.monitor: float(metrics[self.monitor])}
         self._mgr.wait_until_finished()  # (orbax does too) so `_saving` names the step below
         self._saving = int(step)
-        self._mgr.save(int(step), args=args, metrics=metrics, force=True)
+        with orbax_noise.quiet_expected_notes():
+            self._mgr.save(int(step), args=args, metrics=metrics, force=True)
 
     def _write_checksums(self) -> None:
         """orbax's post-finalization callback: CHECKSUMS_NAME into the step being saved.
@@ -240,10 +245,6 @@ class RunCheckpoints:
     def close(self) -> None:
         """Waits for pending saves and orbax's background threads; call on every exit path
         (a thread still running at interpreter exit prints a traceback)."""
-        # orbax's close() does not wait for the start-up cleanup of half-written steps.
-        await_cleanup = getattr(self._mgr, "_maybe_await_cleanup_tmp_directory", None)
-        if await_cleanup is not None:
-            await_cleanup()
         self._mgr.close()
 
 
@@ -257,6 +258,17 @@ _DELETE_ADVICE = ("Delete that folder to fall back to the run's other checkpoint
 # by hand with `cd checkpoints/<step> && sha256sum -c SHA256SUMS`).
 CHECKSUMS_NAME = "SHA256SUMS"
 _TMP_MARK = ".orbax-checkpoint-tmp"  # orbax: '<step>.orbax-checkpoint-tmp-<n>' while writing
+
+
+def _delete_unfinished_steps(directory: str) -> None:
+    """Deletes the temporary folders of steps that were never finished (a run killed while
+    saving), on the primary process, as orbax's `cleanup_tmp_directories` would, but before
+    returning: orbax runs its cleanup in a background thread that `close()` does not wait
+    for, and a thread still running at exit prints a traceback."""
+    if jax.process_index() != 0 or not os.path.isdir(directory):
+        return
+    for tmp in ocp.utils.tmp_checkpoints(directory):
+        shutil.rmtree(tmp.get(), ignore_errors=True)
 
 
 def _unfinished_step_dir(directory: str, step: int) -> str | None:
