@@ -99,7 +99,7 @@ def train() -> ml_collections.ConfigDict:
         head_init="random",      # random | imprint: cosine head = class-mean embeddings (for
                                  # fine-tuning a pretrained embedder without wrecking it)
         early_stopping_patience=3,
-        monitor="val_top1",      # val_accuracy | val_top1 | val_loss
+        monitor="val_top1",      # val_accuracy | val_top1 | val_map_r | val_loss
         compute_dtype="auto",    # auto (bf16 on GPU/TPU, f32 on CPU) | float32 | bfloat16
         log_every_steps=20,
         checkpoint_every_steps=0,  # 0 -> end of each epoch only

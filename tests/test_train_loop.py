@@ -85,7 +85,7 @@ def test_run_writes_metrics_plots_events_and_a_summary(finished_run):
                read(os.path.join(workdir, "metrics.jsonl")).splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
     for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_top1",
-                "val_top5", "learning_rate"):
+                "val_top5", "val_map_r", "learning_rate"):
         assert all(np.isfinite(r[key]) for r in records), key
     assert records[1]["learning_rate"] == pytest.approx(1e-3 * 0.9)  # per-epoch decay
     # The band pattern is learnable: retrieval and classification beat chance by far.

@@ -36,7 +36,7 @@ from facejax.errors import CheckpointError
 from facejax.train import orbax_noise
 
 CHECKPOINT_DIR = "checkpoints"
-MONITORS = {"val_accuracy": "max", "val_top1": "max", "val_loss": "min"}
+MONITORS = {"val_accuracy": "max", "val_top1": "max", "val_map_r": "max", "val_loss": "min"}
 
 # Config fields that may change between a run and its resume: they do not change what the
 # checkpoint means (where data lives, how long to run, logging, evaluation-only settings).

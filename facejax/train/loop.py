@@ -30,7 +30,8 @@ from facejax.data.pipeline import create_train_iterator, eval_batches, make_data
 from facejax.data.prepare import PreparedData, prepare_data
 from facejax.errors import ConfigError, DataError, TrainingError
 from facejax.retrieval.index import ExactSearcher
-from facejax.retrieval.metrics import hit_at_k, relevance
+from facejax.retrieval.metrics import (average_precision_at_r, count_relevant, hit_at_k,
+                                       relevance)
 from facejax.runlock import hold_workdir_lock
 from facejax.train import checkpoint as ckpt_lib
 from facejax.train import state as state_lib
@@ -508,13 +509,27 @@ def evaluate(eval_fn, state, data: PreparedData, gallery, batch_size: int, mesh)
         eval_fn, state, data.images, data.val.indices, data.val.labels, batch_size, mesh)
     _, _, _, g_emb = _embed_split(eval_fn, state, data.images, gallery[0], gallery[1],
                                   batch_size, mesh)
-    k = min(max(TOPK), len(g_emb))
-    rows, _ = ExactSearcher(g_emb).search(q_emb, k)
-    rel = relevance(gallery[1][rows], data.val.labels)
     out = dict(val_loss=v_loss / v_count, val_accuracy=v_correct / v_count)
+    out.update(retrieval_scores(q_emb, data.val.labels, g_emb, gallery[1]))
+    return out
+
+
+def retrieval_scores(q_emb, q_labels, g_emb, g_labels) -> dict:
+    """val_top1/val_top5 (hit rates) and val_map_r (mAP@R, R = the query's relevant count in
+    the gallery; queries with none are left out) of exact search."""
+    q_labels, g_labels = np.asarray(q_labels), np.asarray(g_labels)
+    num_rel = count_relevant(q_labels, g_labels)
+    # Deep enough for mAP@R.
+    k = min(max(max(TOPK), int(num_rel.max(initial=0))), len(g_emb))
+    rows, _ = ExactSearcher(g_emb).search(q_emb, k)
+    rel = relevance(g_labels[rows], q_labels)
+    out = {}
     for kk in TOPK:
         if kk <= k:
             out[f"val_top{kk}"] = float(hit_at_k(rel, kk).mean())
+    ap = average_precision_at_r(rel, num_rel)
+    if np.isfinite(ap).any():
+        out["val_map_r"] = float(np.nanmean(ap))
     return out
 
 
@@ -572,7 +587,7 @@ def _log_epoch(record, metrics_path, writer, history, workdir, title) -> None:
     plot_history(history, os.path.join(workdir, "plots"), title)
     shown = ", ".join(f"{k} {record[k]:.4f}" for k in
                       ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_top1",
-                       "val_top5") if record.get(k) is not None)
+                       "val_top5", "val_map_r") if record.get(k) is not None)
     print(f"epoch {record['epoch']}: {shown}" + (" (best)" if record["best"] else ""),
           flush=True)
 
