@@ -34,6 +34,7 @@ from facejax.retrieval.metrics import hit_at_k, relevance
 from facejax.runlock import hold_workdir_lock
 from facejax.train import checkpoint as ckpt_lib
 from facejax.train import state as state_lib
+from facejax.train.batch import fit_batch_to_data
 from facejax.train.events import EventWriter
 from facejax.train.imprint import class_means, imprint_head
 from facejax.train.losses import LossConfig
@@ -99,6 +100,7 @@ def _prepare_and_train(config, workdir: str, data: PreparedData | None) -> dict:
         raise DataError("the training split is empty")
     mesh = make_data_mesh()
     n_dev = mesh.devices.size
+    fit_batch_to_data(config, len(data.train), n_dev, quiet=not is_primary())
     if t.batch_size % n_dev:
         raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of the "
                           f"{n_dev} devices of the 'data' mesh")

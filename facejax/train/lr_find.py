@@ -24,6 +24,7 @@ from facejax.data.pipeline import create_train_iterator, make_data_mesh, to_glob
 from facejax.data.prepare import PreparedData, prepare_data
 from facejax.errors import ConfigError
 from facejax.train import state as state_lib
+from facejax.train.batch import fit_batch_to_data
 from facejax.train.loop import check_workdir, make_workdir, validate_config
 from facejax.train.losses import LossConfig
 from facejax.train.mesh import is_primary, replicate
@@ -48,6 +49,7 @@ def lr_find(config, out_dir: str, *, start_lr: float = 1e-7, end_lr: float = 10.
     validate_config(config)
     data = data if data is not None else prepare_data(config.data)
     mesh = make_data_mesh()
+    fit_batch_to_data(config, len(data.train), mesh.devices.size, quiet=not is_primary())
     model = state_lib.build_model(config, data.num_classes,
                                   dtype=state_lib.compute_dtype(config.train.compute_dtype))
     if config.model.pretrained:
