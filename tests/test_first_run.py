@@ -1,7 +1,10 @@
 """First-run traps (issue 18, items 2, 3 and 9): what a new user meets on a small folder."""
 
+import importlib.util
 import json
 import os
+import re
+import sys
 
 import pytest
 from conftest import write_image_folder
@@ -58,6 +61,8 @@ def test_default_batch_fits_a_200_image_folder(tmp_path, capsys, epochs):
     assert "fewer than one batch of 128: using train.batch_size=64" in out
     assert saved["train"]["batch_size"] == 64
     assert cfg.train.batch_size == 128  # the caller's config is not changed
+    # item 9: the summary says the checkpoint folder is a step, not an epoch
+    assert "checkpoint folders are named by step, not epoch" in out
 
 
 # --- item 2: the headline config offline, and training from scratch --------------------------
@@ -129,10 +134,74 @@ def test_from_scratch_a_fine_tuning_config_trains_every_layer(tmp_path, capsys):
     root = small_folder(tmp_path, per_class=12)
     cfg = load_config(os.path.join(CONFIGS, "scratch_cnn.py"), small_overrides(
         tmp_path, root, "train.finetune=frozen_backbone", "train.freeze_bn=true",
-        "train.epochs=1", "train.batch_size=8", "train.max_steps_per_epoch=1"))
+        "train.epochs=1", "train.batch_size=8", "train.max_steps_per_epoch=3",
+        "train.log_every_steps=1"))
     workdir = str(tmp_path / "run")
     loop.train_and_evaluate(cfg, workdir)
-    assert "every layer trains" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "every layer trains" in captured.out
+    # item 9: the progress bar shows images/s once measured, never 'nan' before
+    assert "img_s=nan" not in captured.err and re.search(r"img_s=\d+", captured.err)
     with open(os.path.join(workdir, "config.json")) as f:
         saved = json.load(f)["train"]
     assert (saved["finetune"], saved["freeze_bn"]) == ("all", False)
+
+
+# --- item 9: CLI polish ----------------------------------------------------------------------
+
+def load_script(relpath: str):
+    """A script (scripts/x.py, bench/x.py) as a module, without running it."""
+    path = os.path.join(ROOT, relpath)
+    sys.path.insert(0, os.path.dirname(path))
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "_facejax_" + relpath.replace("/", "_")[:-3], path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(os.path.dirname(path))
+    return module
+
+
+@pytest.mark.parametrize("script", ["scripts/train.py", "scripts/lr_find.py"])
+def test_help_explains_config_overrides(script, capsys):
+    with pytest.raises(SystemExit) as e:
+        load_script(script).main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "--config.SECTION.KEY=VALUE" in text and "configs/common.py" in text
+    assert "example: --config.data.root=/path/to/images" in text
+
+
+def test_lr_find_says_which_lr_and_which_flag():
+    from facejax.train.lr_find import advice
+
+    result = dict(lrs=[0.0] * 80, suggestion=1.1e-3, steep=1.1e-3, valley=3e-3, minimum=2e-3)
+    text = advice(result, "configs/resnet18.py", "runs/lr", 1e-2)
+    assert "Train with learning rate 1.10e-03" in text
+    assert ("python scripts/train.py --config configs/resnet18.py --workdir RUN "
+            "--config.train.learning_rate=1.10e-03") in text
+    assert "valley 3.00e-03" in text and "minimum/10 2.00e-03" in text
+    none = dict(lrs=[0.0] * 8, suggestion=None, steep=None, valley=None, minimum=None)
+    assert "too few before the loss diverged" in advice(none, "c.py", "runs/lr", 1e-2)
+
+
+def test_quality_bench_help_describes_every_option():
+    parser = load_script("bench/quality.py").build_parser()
+    import argparse
+
+    shown = [a for a in parser._actions if a.help != argparse.SUPPRESS]
+    assert len(shown) >= 10
+    assert all(a.help and len(a.help) > 15 for a in shown), \
+        [a.option_strings for a in shown if not a.help or len(a.help) <= 15]
+
+
+def test_search_out_without_png_extension_gets_one(tmp_path):
+    from facejax.errors import ConfigError
+
+    grid_path = load_script("scripts/search.py").grid_path
+    assert grid_path(str(tmp_path / "grid")) == str(tmp_path / "grid.png")
+    assert grid_path(str(tmp_path / "grid.PNG")) == str(tmp_path / "grid.PNG")
+    assert grid_path(str(tmp_path) + "/") == os.path.join(str(tmp_path), "search.png")
+    with pytest.raises(ConfigError, match="name it .*grid.png"):
+        grid_path(str(tmp_path / "grid.jpg"))

@@ -271,7 +271,7 @@ def _epochs(run: _Run, ckpt, writer, state, run_key, progress: Progress, history
                 _drain(pending, progress)
                 clock.mark()
                 running = progress.loss_sum / max(progress.steps_summed, 1)
-                bar.set_postfix(loss=f"{running:.4f}", img_s=f"{clock.rate:.0f}")
+                bar.set_postfix(loss=f"{running:.4f}", **clock.postfix())
                 if writer:
                     scalars = {"train/loss_running": running,
                                "train/learning_rate": float(schedule(step - 1))}
@@ -329,6 +329,11 @@ class _Throughput:
 
     def count(self) -> None:
         self._images += self.batch_size
+
+    def postfix(self) -> dict:
+        """The progress bar's images/s entry: none until a rate is measured (the first step
+        compiles and is not timed), never 'nan'."""
+        return {} if math.isnan(self.rate) else {"img_s": f"{self.rate:.0f}"}
 
     def restart(self) -> None:
         """Starts a new interval without a rate (after evaluation and checkpointing)."""
@@ -585,8 +590,9 @@ def _print_summary(s: dict) -> None:
     best = "n/a" if s["best_value"] is None else f"{s['best_value']:.4f}"
     print(f"done: {s['epochs_run']} epochs, {s['steps']} steps in {s['train_time_s']:.0f}s"
           + (" (stopped early)" if s["stopped_early"] else ""), flush=True)
-    print(f"best {s['monitor']} {best} at epoch {s['best_epoch']}; "
-          f"best checkpoint (step {s['best_step']}): {s['best_checkpoint']}", flush=True)
+    print(f"best {s['monitor']} {best} at epoch {s['best_epoch']}, saved at training step "
+          f"{s['best_step']} (checkpoint folders are named by step, not epoch): "
+          f"{s['best_checkpoint']}", flush=True)
     if s.get("kept_starting_point"):
         print(f"note: training did not beat the starting point: no epoch of {s['epochs_run']} "
               f"improved {s['monitor']} over the pretrained model (epoch 0), so the best "

@@ -117,6 +117,27 @@ def suggestions(lrs, smoothed) -> dict:
     return dict(steep=steep, valley=valley, minimum=minimum, suggestion=steep)
 
 
+def advice(result: dict, config_path: str, out_dir: str, current_lr: float) -> str:
+    """What to do with a sweep's result: the learning rate to train with (the steepest-descent
+    suggestion, fastai's headline), the flag that takes it, and the other candidates."""
+    steps = f"{len(result['lrs'])} sweep steps"
+    plot_line = f"plot: {os.path.join(out_dir, 'lr_find.png')}"
+    if result.get("suggestion") is None:
+        return (f"{steps}: too few before the loss diverged to suggest a learning rate. Rerun "
+                f"with more --steps or a lower --end-lr, or keep the config's "
+                f"train.learning_rate ({current_lr:g}).\n{plot_line}")
+    lr = f"{result['suggestion']:.2e}"
+    return "\n".join([
+        f"{steps}. Train with learning rate {lr} (where the loss falls fastest; the config "
+        f"has {current_lr:g}):",
+        f"  python scripts/train.py --config {config_path} --workdir RUN "
+        f"--config.train.learning_rate={lr}",
+        "  (with the same other --config overrides as here)",
+        f"Other candidates: valley {result['valley']:.2e} (half way down the longest descent, "
+        f"fastai's default), minimum/10 {result['minimum']:.2e}.",
+        plot_line])
+
+
 def plot(result: dict, path: str) -> None:
     import matplotlib
 
