@@ -205,3 +205,85 @@ def test_search_out_without_png_extension_gets_one(tmp_path):
     assert grid_path(str(tmp_path) + "/") == os.path.join(str(tmp_path), "search.png")
     with pytest.raises(ConfigError, match="name it .*grid.png"):
         grid_path(str(tmp_path / "grid.jpg"))
+
+
+# --- item 9: what the scratch CNN's index stores ---------------------------------------------
+
+def _scratch(pool: str | None, size: int = 64):
+    from facejax.train import state as state_lib
+
+    cfg = load_config(os.path.join(CONFIGS, "scratch_cnn.py"),
+                      [f"model.input_size={size}", f"data.image_size={size}"])
+    if pool is None:
+        del cfg.model["embedding_pool"]  # a run saved before the field existed
+    else:
+        cfg.model.embedding_pool = pool
+    return state_lib.build_model(cfg, 5)
+
+
+def test_scratch_cnn_index_stores_pooled_features_by_default():
+    """configs/scratch_cnn.py: the classifier still reads Table 1's Flatten (same layers and
+    parameter shapes), but the embedding is 128-d, not the 6x6x128 Flatten; flatten stays one
+    setting away, and a run saved before the setting existed keeps the Flatten."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    pooled, flat, old = _scratch("avg"), _scratch("flatten"), _scratch(None)
+    x = jax.random.uniform(jax.random.key(0), (3, 64, 64, 3))
+    assert pooled.embed(x).shape == (3, 128) and pooled.embed_dim == 128
+    assert flat.embed(x).shape == (3, 6 * 6 * 128) and flat.embed_dim == 6 * 6 * 128
+    assert old.embed_dim == 6 * 6 * 128
+    shapes = [jax.tree.map(jnp.shape, nnx.to_pure_dict(nnx.state(m, nnx.Param)))
+              for m in (pooled, flat)]
+    assert shapes[0] == shapes[1] and shapes[0]["head"]["kernel"] == (6 * 6 * 128, 5)
+    nnx.update(pooled, nnx.state(flat))  # the same weights: the read-outs agree
+    f = np.asarray(flat.features(x)).reshape(3, 36, 128).mean(axis=1)
+    want = f / np.linalg.norm(f, axis=1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(pooled.embed(x)), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(pooled(x)), np.asarray(flat(x)), rtol=1e-5)
+    assert "128 channels averaged over its 6x6 positions (128-d)" in pooled.describe_embedding()
+    assert "6x6x128 = 4608-d" in flat.describe_embedding()
+
+
+def test_old_scratch_runs_resume_with_their_flatten():
+    """A checkpoint saved before model.embedding_pool existed resumes with 'flatten' (what it
+    used), and is refused with 'avg', naming the setting."""
+    from facejax.errors import CheckpointError
+    from facejax.train import checkpoint as ckpt_lib
+
+    cfg = load_config(os.path.join(CONFIGS, "scratch_cnn.py"), ["model.embedding_pool=flatten"])
+    now = json.loads(json.dumps(cfg.to_dict()))
+    saved = json.loads(json.dumps(now))
+    del saved["model"]["embedding_pool"]
+    meta = dict(model="scratch_cnn", num_classes=5, config=saved)
+    ckpt_lib.check_compatible(meta, now, 5, "ckpt")
+    now["model"]["embedding_pool"] = "avg"
+    with pytest.raises(CheckpointError, match="model.embedding_pool: checkpoint 'flatten'"):
+        ckpt_lib.check_compatible(meta, now, 5, "ckpt")
+
+
+def test_build_index_says_what_each_item_is(tmp_path, capsys):
+    """Export records the embedding in words; build_index.py prints it with the index size."""
+    from facejax.retrieval.embed import read_embedder_meta
+    from facejax.train.export import export_workdir
+
+    root = small_folder(tmp_path, per_class=6)
+    cfg = load_config(os.path.join(CONFIGS, "scratch_cnn.py"), small_overrides(
+        tmp_path, root, "data.image_size=32", "model.input_size=32", "train.epochs=0",
+        "train.batch_size=8"))
+    workdir = str(tmp_path / "run")
+    loop.train_and_evaluate(cfg, workdir)
+    export_workdir(workdir)
+    meta = read_embedder_meta(os.path.join(workdir, "embedder"))
+    assert meta["embed_dim"] == 128
+    assert meta["embedding"] == ("the last conv block's 128 channels averaged over its 2x2 "
+                                 "positions (128-d), L2-normalised")
+    capsys.readouterr()
+    assert load_script("scripts/build_index.py").main(
+        ["--workdir", workdir, "--no_progress"]) == 0
+    out = capsys.readouterr().out
+    assert "dim 128" in out
+    assert "each item: scratch_cnn embedding of one gallery image: the last conv block's 128 " \
+           "channels averaged" in out
