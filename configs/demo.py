@@ -21,9 +21,6 @@ def get_config():
     c.data.max_images = 12_000
     c.model.name = "scratch_cnn"
     c.model.input_size = 32
-    # At 32 px the Flatten is 2x2x128 = 512-d, small enough to index; the README's figures
-    # were measured with it (the default, avg, would store 128-d).
-    c.model.embedding_pool = "flatten"
     # Fashion-MNIST items are centred and upright: keep the geometry mild.
     c.augment.rotation_deg = 5.0
     c.augment.zoom = 0.05

@@ -223,27 +223,39 @@ def _scratch(pool: str | None, size: int = 64):
 
 def test_scratch_cnn_index_stores_pooled_features_by_default():
     """configs/scratch_cnn.py: the classifier still reads Table 1's Flatten (same layers and
-    parameter shapes), but the embedding is 128-d, not the 6x6x128 Flatten; flatten stays one
-    setting away, and a run saved before the setting existed keeps the Flatten."""
+    parameter shapes), but the embedding is 4 x 128-d (a 2x2 grid of averages), not the
+    6x6x128 Flatten; avg and flatten are one setting away, and a run saved before the setting
+    existed keeps the Flatten."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
-    pooled, flat, old = _scratch("avg"), _scratch("flatten"), _scratch(None)
+    grid, avg, flat, old = (_scratch("avg2x2"), _scratch("avg"), _scratch("flatten"),
+                            _scratch(None))
     x = jax.random.uniform(jax.random.key(0), (3, 64, 64, 3))
-    assert pooled.embed(x).shape == (3, 128) and pooled.embed_dim == 128
+    assert grid.embed(x).shape == (3, 512) and grid.embed_dim == 512
+    assert avg.embed(x).shape == (3, 128) and avg.embed_dim == 128
     assert flat.embed(x).shape == (3, 6 * 6 * 128) and flat.embed_dim == 6 * 6 * 128
     assert old.embed_dim == 6 * 6 * 128
     shapes = [jax.tree.map(jnp.shape, nnx.to_pure_dict(nnx.state(m, nnx.Param)))
-              for m in (pooled, flat)]
-    assert shapes[0] == shapes[1] and shapes[0]["head"]["kernel"] == (6 * 6 * 128, 5)
-    nnx.update(pooled, nnx.state(flat))  # the same weights: the read-outs agree
-    f = np.asarray(flat.features(x)).reshape(3, 36, 128).mean(axis=1)
-    want = f / np.linalg.norm(f, axis=1, keepdims=True)
-    np.testing.assert_allclose(np.asarray(pooled.embed(x)), want, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(pooled(x)), np.asarray(flat(x)), rtol=1e-5)
-    assert "128 channels averaged over its 6x6 positions (128-d)" in pooled.describe_embedding()
+              for m in (grid, avg, flat)]
+    assert shapes[0] == shapes[1] == shapes[2]
+    assert shapes[0]["head"]["kernel"] == (6 * 6 * 128, 5)
+    for m in (grid, avg):
+        nnx.update(m, nnx.state(flat))  # the same weights: compare the read-outs
+    f = np.asarray(flat.features(x)).reshape(3, 6, 6, 128)
+
+    def unit(v):
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+    quarters = [f[:, i:i + 3, j:j + 3].mean(axis=(1, 2)) for i in (0, 3) for j in (0, 3)]
+    np.testing.assert_allclose(np.asarray(grid.embed(x)), unit(np.concatenate(quarters, 1)),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(avg.embed(x)), unit(f.mean(axis=(1, 2))),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(grid(x)), np.asarray(flat(x)), rtol=1e-5)
+    assert "a 2x2 grid on its 6x6 positions (512-d)" in grid.describe_embedding()
+    assert "averaged over its 6x6 positions (128-d)" in avg.describe_embedding()
     assert "6x6x128 = 4608-d" in flat.describe_embedding()
 
 
@@ -259,9 +271,12 @@ def test_old_scratch_runs_resume_with_their_flatten():
     del saved["model"]["embedding_pool"]
     meta = dict(model="scratch_cnn", num_classes=5, config=saved)
     ckpt_lib.check_compatible(meta, now, 5, "ckpt")
-    now["model"]["embedding_pool"] = "avg"
+    now["model"]["embedding_pool"] = "avg2x2"
     with pytest.raises(CheckpointError, match="model.embedding_pool: checkpoint 'flatten'"):
         ckpt_lib.check_compatible(meta, now, 5, "ckpt")
+    # Other models: their old runs resume under the new default.
+    now["model"]["name"] = saved["model"]["name"] = meta["model"] = "resnet18"
+    ckpt_lib.check_compatible(meta, now, 5, "ckpt")
 
 
 def test_build_index_says_what_each_item_is(tmp_path, capsys):
@@ -277,13 +292,13 @@ def test_build_index_says_what_each_item_is(tmp_path, capsys):
     loop.train_and_evaluate(cfg, workdir)
     export_workdir(workdir)
     meta = read_embedder_meta(os.path.join(workdir, "embedder"))
-    assert meta["embed_dim"] == 128
-    assert meta["embedding"] == ("the last conv block's 128 channels averaged over its 2x2 "
-                                 "positions (128-d), L2-normalised")
+    assert meta["embed_dim"] == 512
+    assert meta["embedding"] == ("the last conv block's 128 channels averaged over each cell "
+                                 "of a 2x2 grid on its 2x2 positions (512-d), L2-normalised")
     capsys.readouterr()
     assert load_script("scripts/build_index.py").main(
         ["--workdir", workdir, "--no_progress"]) == 0
     out = capsys.readouterr().out
-    assert "dim 128" in out
+    assert "dim 512" in out
     assert "each item: scratch_cnn embedding of one gallery image: the last conv block's 128 " \
-           "channels averaged" in out
+           "channels averaged over each cell of a 2x2 grid" in out

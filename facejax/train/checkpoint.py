@@ -393,11 +393,11 @@ def _normal(v):
 
 def with_implied_fields(saved: dict) -> dict:
     """A saved config with the fields added since it was written, at the values their absence
-    means (so such runs still resume): model.embedding_pool is the scratch CNN's Flatten,
-    and pooled features ('avg') for every other model."""
+    means (so such runs still resume): model.embedding_pool is the scratch CNN's Flatten;
+    other models pool whatever it says, so it reads as the default."""
     model = saved.get("model")
     if isinstance(model, dict) and "embedding_pool" not in model:
-        pool = "flatten" if model.get("name") == "scratch_cnn" else "avg"
+        pool = "flatten" if model.get("name") == "scratch_cnn" else "avg2x2"
         saved = {**saved, "model": {**model, "embedding_pool": pool}}
     return saved
 

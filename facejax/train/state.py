@@ -90,9 +90,10 @@ def build_model(config, num_classes: int, *, dtype=jnp.float32, seed: int | None
     pool = m.get("embedding_pool", None)
     if pool is not None and "embedding_pool" in accepted:
         arch_kw["embedding_pool"] = str(pool)
-    elif pool not in (None, "avg"):
+    elif pool not in (None, "avg", "avg2x2"):
         raise ConfigError(f"model.embedding_pool={pool!r}: model {m.name!r} always pools its "
-                          "features (only scratch_cnn has a Flatten to read); leave it at 'avg'")
+                          "features (only scratch_cnn has a Flatten to read); leave it at the "
+                          "default, avg2x2")
     seed = config.seed if seed is None else seed
     rngs = nnx.Rngs(params=seed, dropout=seed + 1)
     return create_model(m.name, num_classes=num_classes, rngs=rngs, embed_dim=m.embed_dim,
