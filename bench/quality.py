@@ -239,20 +239,43 @@ def write_outputs(out: str, cells: list[dict], md_path: str, command: str) -> No
         f.write("\n\n".join(parts) + "\n")
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.path.join(ROOT, "runs", "quality"))
-    parser.add_argument("--md", default=os.path.join(ROOT, "QUALITY.md"))
-    parser.add_argument("--models", default="")
-    parser.add_argument("--recipes", default="")
-    parser.add_argument("--protocols", default="")
-    parser.add_argument("--seeds", default="")
-    parser.add_argument("--quick", action="store_true")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="data: $FACEJAX_LFW names the aligned LFW folder (one sub-folder per person;\n"
+               "  default ../shared/data/faces/lfw_aligned)\n"
+               "--quick without --models/--recipes runs these model/recipe rows:\n  "
+               + "\n  ".join(f"{m}/{r}" for m, r in QUICK))
+    parser.add_argument("--out", default=os.path.join(ROOT, "runs", "quality"),
+                        help="folder of the cells' runs (<protocol>/<model>-<recipe>/seed<k>/); "
+                             "cells already there are not rerun (default: %(default)s)")
+    parser.add_argument("--md", default=os.path.join(ROOT, "QUALITY.md"),
+                        help="Markdown tables to write, and the same name with .json beside it "
+                             "(default: %(default)s)")
+    parser.add_argument("--models", default="",
+                        help=f"comma-separated models (default: all of {', '.join(MODELS)})")
+    parser.add_argument("--recipes", default="",
+                        help="comma-separated recipes of configs/lfw.py (default: features, "
+                             f"seed, best; any of {', '.join(RECIPES)})")
+    parser.add_argument("--protocols", default="",
+                        help=f"comma-separated protocols (default: {', '.join(PROTOCOLS)})")
+    parser.add_argument("--seeds", default="",
+                        help="comma-separated split seeds (default: 0,1,2; 0 with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the cheap rows with one seed, about an hour on 2 cores (below)")
     parser.add_argument("--max_epochs", type=int, default=0,
                         help="cap every recipe's epochs (separate cells, labelled)")
-    parser.add_argument("--pairs", default=os.path.join(ROOT, PAIRS))
-    parser.add_argument("--table", action="store_true", help="only rebuild the tables")
+    parser.add_argument("--pairs", default=os.path.join(ROOT, PAIRS),
+                        help="LFW pairs.txt for 10-fold verification of the features rows "
+                             "(skipped when missing; default: %(default)s)")
+    parser.add_argument("--table", action="store_true",
+                        help="only rebuild the tables from the cells already run")
     parser.add_argument("--cell", default="", help=argparse.SUPPRESS)  # model,recipe,proto,seed
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.cell:
         m, r, p, s = args.cell.split(",")

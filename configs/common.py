@@ -68,6 +68,11 @@ def model() -> ml_collections.ConfigDict:
         weights_source="",       # preset key: torchvision | keras | lukemelas ('' = model default)
         input_size=0,            # 0 -> preset's input size; images are resized to it on device
         embed_dim=0,             # 0 -> no projection: embedding = pooled features
+        embedding_pool="avg2x2",  # scratch_cnn without embed_dim, what the index stores: avg2x2 =
+                                 # the last block's channels averaged over each quarter of it
+                                 # (512-d) | avg = over all of it (128-d) | flatten = the
+                                 # Flatten the classifier reads (Table 1; 25,088-d at 128 px).
+                                 # Other models always pool: leave it at avg2x2 or avg.
         l2_normalize=True,
         head="linear",           # linear (softmax) | cosine (ArcFace/CosFace)
         dropout=0.0,

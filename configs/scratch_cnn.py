@@ -5,6 +5,11 @@ after 3 epochs without improvement, 128 px inputs rescaled to [0, 1]:
 
     python scripts/train.py --config configs/scratch_cnn.py --workdir runs/scratch_cnn \
         --config.data.root=../shared/data/faces/lfw_aligned
+
+The trained layers are Table 1's: the classifier reads the 25,088-wide Flatten (at 128 px). The
+index stores the last block's 128 channels averaged over each quarter of its 14x14 positions
+(`model.embedding_pool=avg2x2`, 512-d); `--config.model.embedding_pool=flatten` stores the
+Flatten itself (49x the bytes per image), `avg` one average per channel (128-d).
 """
 
 import os

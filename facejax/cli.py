@@ -8,6 +8,17 @@ from collections.abc import Callable
 from facejax.errors import FacejaxError
 
 
+def overrides_epilog(example: str) -> str:
+    """The --help text about `--config.a.b=value` overrides, ending with `example`
+    (use with argparse.RawDescriptionHelpFormatter)."""
+    return ("config overrides:\n"
+            "  --config.SECTION.KEY=VALUE  sets any field of the config (the fields and their\n"
+            "                              meaning: configs/common.py); repeat it for several. An\n"
+            "                              unknown key or a value of the wrong type is an error.\n"
+            "  --config.model.pretrained=  (empty) starts from random weights instead\n"
+            f"  example: {example}")
+
+
 def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:

@@ -11,11 +11,20 @@ process embeds its share of the shards and process 0 builds the index.
 from __future__ import annotations
 
 import argparse
+import os
 
 from facejax import cli, config
 from facejax.retrieval import report
 from facejax.retrieval import workdir as wd
+from facejax.retrieval.embed import read_embedder_meta
 from facejax.retrieval.index import BACKENDS, DEFAULT_TARGET_RECALL
+
+
+def describe_items(workdir: str, dim: int) -> str:
+    """What one index item is: the embedder's own words (exports record them), else its size."""
+    meta = read_embedder_meta(os.path.join(workdir, "embedder"))
+    what = meta.get("embedding") or f"a {dim}-d embedding (exported before embedders said more)"
+    return f"{meta.get('model', 'model')} embedding of one gallery image: {what}"
 
 
 def main(argv: list[str]) -> int:
@@ -42,6 +51,7 @@ def main(argv: list[str]) -> int:
                                    progress=not args.no_progress, shard_size=args.shard_size)
     print(f"index: {index.size} items, dim {index.dim}, backend {index.backend}"
           + (f", ScaNN {index.scann_params}" if index.scann_params else ""))
+    print(f"each item: {describe_items(args.workdir, index.dim)}")
     if index.tuning:
         t = index.tuning
         print(f"tuned: leaves_to_search={t['leaves_to_search']} reorder={t['reorder']} "

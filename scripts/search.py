@@ -4,7 +4,7 @@
       [--threshold auto|none|0.91] [--config.data.max_pixels=100000000]
 
 Query images larger than the run's data.max_pixels are refused, as in training. `--out` may
-name a folder: the grid is then written there as search.png.
+name a folder: the grid is then written there as search.png; a name without .png gets it.
 
 `--threshold` (default `auto`: the same-person threshold scripts/eval_verification.py calibrated
 for this run, if it has one) marks the results below it "no match": a person who is not in the
@@ -25,11 +25,20 @@ from facejax.retrieval.verify_run import match_threshold
 DEFAULT_GRID = "search.png"
 
 
+# Other picture formats: the grid is always written as PNG, so such a name would mislead.
+OTHER_FORMATS = (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".svg", ".pdf")
+
+
 def grid_path(out: str) -> str:
-    """`--out` as a PNG path: a folder (existing, or ending in a slash) gets search.png."""
+    """`--out` as a PNG path: a folder (existing, or ending in a slash) gets search.png; a
+    name without .png gets it appended; another picture format's extension is refused."""
     if out.endswith(("/", os.sep)) or os.path.isdir(out):
         return os.path.join(out, DEFAULT_GRID)
-    return out
+    ext = os.path.splitext(out)[1].lower()
+    if ext in OTHER_FORMATS:
+        raise ConfigError(f"--out {out}: the grid is written as a PNG; name it "
+                          f"{os.path.splitext(out)[0]}.png")
+    return out if ext == ".png" else out + ".png"
 
 
 def parse_threshold(value: str, workdir: str) -> float | None:

@@ -15,7 +15,11 @@ from facejax import cli, config
 
 def main(argv: list[str]) -> int:
     overrides, rest = config.split_override_args(argv)
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=cli.overrides_epilog(
+            "--config.data.root=/path/to/images --config.train.batch_size=32 "
+            "--config.train.learning_rate=1e-4"))
     parser.add_argument("--config", required=True, help="config file (path.py or path.py:arg)")
     parser.add_argument("--workdir", required=True, help="run folder (created; resumed if present)")
     args = parser.parse_args(rest)

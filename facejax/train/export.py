@@ -67,6 +67,7 @@ def _export(workdir: str, which: str, compute_dtype: str) -> str:
         normalization=normalization,
         l2_normalized=bool(config.model.l2_normalize),
         head=config.model.head,
+        embedding=model.describe_embedding(),  # what an index of this embedder stores
         checkpoint=which,
         compute_dtype=compute_dtype,
     )

@@ -35,9 +35,11 @@ from facejax.retrieval.metrics import (average_precision_at_r, count_relevant, h
 from facejax.runlock import hold_workdir_lock
 from facejax.train import checkpoint as ckpt_lib
 from facejax.train import state as state_lib
+from facejax.train.batch import fit_batch_to_data
 from facejax.train.events import EventWriter
 from facejax.train.imprint import class_means, imprint_head
 from facejax.train.losses import LossConfig
+from facejax.train.scratch import unfreeze_without_weights
 
 from facejax.train.mesh import is_primary, replicate, replicated
 from facejax.train.plots import plot_history
@@ -72,6 +74,7 @@ def train_and_evaluate(config, workdir: str, data: PreparedData | None = None) -
     t_start = time.time()
     workdir = check_workdir(workdir)
     config = with_absolute_paths(config)
+    unfreeze_without_weights(config, quiet=not is_primary())
     validate_config(config)
     created = make_workdir(workdir)
     ok = False
@@ -100,6 +103,7 @@ def _prepare_and_train(config, workdir: str, data: PreparedData | None) -> dict:
         raise DataError("the training split is empty")
     mesh = make_data_mesh()
     n_dev = mesh.devices.size
+    fit_batch_to_data(config, len(data.train), n_dev, quiet=not is_primary())
     if t.batch_size % n_dev:
         raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of the "
                           f"{n_dev} devices of the 'data' mesh")
@@ -268,7 +272,7 @@ def _epochs(run: _Run, ckpt, writer, state, run_key, progress: Progress, history
                 _drain(pending, progress)
                 clock.mark()
                 running = progress.loss_sum / max(progress.steps_summed, 1)
-                bar.set_postfix(loss=f"{running:.4f}", img_s=f"{clock.rate:.0f}")
+                bar.set_postfix(loss=f"{running:.4f}", **clock.postfix())
                 if writer:
                     scalars = {"train/loss_running": running,
                                "train/learning_rate": float(schedule(step - 1))}
@@ -326,6 +330,11 @@ class _Throughput:
 
     def count(self) -> None:
         self._images += self.batch_size
+
+    def postfix(self) -> dict:
+        """The progress bar's images/s entry: none until a rate is measured (the first step
+        compiles and is not timed), never 'nan'."""
+        return {} if math.isnan(self.rate) else {"img_s": f"{self.rate:.0f}"}
 
     def restart(self) -> None:
         """Starts a new interval without a rate (after evaluation and checkpointing)."""
@@ -596,8 +605,9 @@ def _print_summary(s: dict) -> None:
     best = "n/a" if s["best_value"] is None else f"{s['best_value']:.4f}"
     print(f"done: {s['epochs_run']} epochs, {s['steps']} steps in {s['train_time_s']:.0f}s"
           + (" (stopped early)" if s["stopped_early"] else ""), flush=True)
-    print(f"best {s['monitor']} {best} at epoch {s['best_epoch']}; "
-          f"best checkpoint (step {s['best_step']}): {s['best_checkpoint']}", flush=True)
+    print(f"best {s['monitor']} {best} at epoch {s['best_epoch']}, saved at training step "
+          f"{s['best_step']} (checkpoint folders are named by step, not epoch): "
+          f"{s['best_checkpoint']}", flush=True)
     if s.get("kept_starting_point"):
         print(f"note: training did not beat the starting point: no epoch of {s['epochs_run']} "
               f"improved {s['monitor']} over the pretrained model (epoch 0), so the best "

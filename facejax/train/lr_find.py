@@ -24,8 +24,10 @@ from facejax.data.pipeline import create_train_iterator, make_data_mesh, to_glob
 from facejax.data.prepare import PreparedData, prepare_data
 from facejax.errors import ConfigError
 from facejax.train import state as state_lib
+from facejax.train.batch import fit_batch_to_data
 from facejax.train.loop import check_workdir, make_workdir, validate_config
 from facejax.train.losses import LossConfig
+from facejax.train.scratch import unfreeze_without_weights
 from facejax.train.mesh import is_primary, replicate
 from facejax.train.step import jit_train_step
 
@@ -45,9 +47,11 @@ def lr_find(config, out_dir: str, *, start_lr: float = 1e-7, end_lr: float = 10.
     config = copy.deepcopy(config)
     config.train.schedule = "constant"  # no one-cycle momentum: the sweep owns the LR
     config.train.warmup_epochs = 0.0
+    unfreeze_without_weights(config, quiet=not is_primary())
     validate_config(config)
     data = data if data is not None else prepare_data(config.data)
     mesh = make_data_mesh()
+    fit_batch_to_data(config, len(data.train), mesh.devices.size, quiet=not is_primary())
     model = state_lib.build_model(config, data.num_classes,
                                   dtype=state_lib.compute_dtype(config.train.compute_dtype))
     if config.model.pretrained:
@@ -111,6 +115,27 @@ def suggestions(lrs, smoothed) -> dict:
     sections = (max_end - max_start) / 3
     valley = float(lrs[max_start + int(sections) + int(sections / 2)])
     return dict(steep=steep, valley=valley, minimum=minimum, suggestion=steep)
+
+
+def advice(result: dict, config_path: str, out_dir: str, current_lr: float) -> str:
+    """What to do with a sweep's result: the learning rate to train with (the steepest-descent
+    suggestion, fastai's headline), the flag that takes it, and the other candidates."""
+    steps = f"{len(result['lrs'])} sweep steps"
+    plot_line = f"plot: {os.path.join(out_dir, 'lr_find.png')}"
+    if result.get("suggestion") is None:
+        return (f"{steps}: too few before the loss diverged to suggest a learning rate. Rerun "
+                f"with more --steps or a lower --end-lr, or keep the config's "
+                f"train.learning_rate ({current_lr:g}).\n{plot_line}")
+    lr = f"{result['suggestion']:.2e}"
+    return "\n".join([
+        f"{steps}. Train with learning rate {lr} (where the loss falls fastest; the config "
+        f"has {current_lr:g}):",
+        f"  python scripts/train.py --config {config_path} --workdir RUN "
+        f"--config.train.learning_rate={lr}",
+        "  (with the same other --config overrides as here)",
+        f"Other candidates: valley {result['valley']:.2e} (half way down the longest descent, "
+        f"fastai's default), minimum/10 {result['minimum']:.2e}.",
+        plot_line])
 
 
 def plot(result: dict, path: str) -> None:

@@ -85,6 +85,15 @@ def build_model(config, num_classes: int, *, dtype=jnp.float32, seed: int | None
             raise ConfigError(f"model.bn_momentum: model {m.name!r} has no configurable "
                               "BatchNorm momentum (only scratch_cnn has); leave it at 0")
         arch_kw["bn_momentum"] = float(m.bn_momentum)
+    # Runs saved before model.embedding_pool existed keep their backbone's default read-out
+    # (the scratch CNN's Flatten), so their checkpoints export what they always did.
+    pool = m.get("embedding_pool", None)
+    if pool is not None and "embedding_pool" in accepted:
+        arch_kw["embedding_pool"] = str(pool)
+    elif pool not in (None, "avg", "avg2x2"):
+        raise ConfigError(f"model.embedding_pool={pool!r}: model {m.name!r} always pools its "
+                          "features (only scratch_cnn has a Flatten to read); leave it at the "
+                          "default, avg2x2")
     seed = config.seed if seed is None else seed
     rngs = nnx.Rngs(params=seed, dropout=seed + 1)
     return create_model(m.name, num_classes=num_classes, rngs=rngs, embed_dim=m.embed_dim,
