@@ -22,10 +22,8 @@ dlib face model ship in PyPI packages); otherwise the model starts from random i
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
-from common import base
+from facejax.config_schema import base
 
 RECIPES = ("seed", "best", "features", "best-softmax", "best-cosface", "best-noaug",
            "best-strongaug", "best-64px", "best-frozen", "best-last4")

@@ -7,11 +7,7 @@ after 3 epochs without improvement, 128 px inputs rescaled to [0, 1]:
         --config.data.root=../shared/data/faces/lfw_aligned
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-from common import base
+from facejax.config_schema import base
 
 
 def get_config():

@@ -15,63 +15,21 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 
-from facejax.config import has_key
-from facejax.errors import CheckpointError, ConfigError, DataError
+from facejax.errors import ConfigError, DataError
 from facejax.retrieval import competition, report
 from facejax.retrieval.embed import Embedder, embed_to_shards, load_embedder
-from facejax.retrieval.evaluate import (EXACT_MAX_PAIRS, check_exact_max_pairs, check_ks,
-                                        check_num_examples, evaluate)
+from facejax.retrieval.evaluate import (check_exact_max_pairs, check_ks, check_num_examples,
+                                        evaluate)
 from facejax.retrieval.index import (BACKENDS, DEFAULT_TARGET_RECALL, SearchIndex, check_k,
                                      check_scann_init, check_target_recall, load_index)
+from facejax.rundir import (EMBEDDER_DIR, INDEX_DIR, METRICS_JSONL, PLOTS_DIR,  # noqa: F401
+                            REPORT_DIR, read_run_config)
+from facejax.rundir import INDEX_WORK_DIR as WORK_DIR
 
-EMBEDDER_DIR, INDEX_DIR, WORK_DIR, REPORT_DIR = "embedder", "index", "index_work", "report"
 COMPETITION_JSON = "competition_topk.json"
 _GRID_MAX_QUERIES = 16
-# The run settings these steps read (prepare_data checks the rest of `data` itself).
-_RUN_KEYS = ("seed", "model.name", "data.source", "data.root", "data.image_size",
-             "data.resize_mode", "data.max_pixels", "index.backend", "index.exact_max_items",
-             "index.target_recall", "index.batch_size", "eval.ks", "eval.num_figure_queries")
-# Settings added after runs were first saved: older config.json files get these defaults, so
-# that they can also be overridden (--config.index.scann_init=kmeans++) on such a run.
-_LATER_KEYS = {"index.scann_init": "random", "eval.exact_max_pairs": EXACT_MAX_PAIRS}
-# Settings that hold for one command only: config.json's value (a resumed training run may
-# have saved true) is never inherited; an override sets them again.
-_COMMAND_KEYS = {"data.allow_changed_data": False}
 # The report.json fields compare_workdirs reads.
 _REPORT_KEYS = ("ks", "metrics", "protocol", "num_queries", "gallery_size")
-
-
-def read_run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The resolved config that training saved as `workdir/config.json`, and nothing else.
-
-    Unlike `facejax.train.checkpoint.load_run_config`, which returns (config, class names)
-    for restoring a model, this needs only config.json: retrieval never imports the training
-    code and never needs classes.json. Raises CheckpointError if the file is missing,
-    unreadable or lacks a setting that retrieval reads.
-    """
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path} is missing: is {workdir} a training workdir?")
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-        if not isinstance(raw, dict):
-            raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
-        config = ml_collections.ConfigDict(raw)
-    except (OSError, ValueError, TypeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from e
-    missing = [key for key in _RUN_KEYS if not has_key(config, key)]
-    if missing:
-        raise CheckpointError(f"{path} lacks {', '.join(missing)}: it was not written by this "
-                              f"version of facejax; add the missing settings or retrain")
-    for key, default in _LATER_KEYS.items():
-        if not has_key(config, key):
-            section, name = key.split(".")
-            config[section][name] = default
-    for key, value in _COMMAND_KEYS.items():
-        section, name = key.split(".")
-        config[section][name] = value
-    return config
 
 
 def run_face_crop(config, meta: dict) -> tuple[float, ...]:
@@ -79,7 +37,7 @@ def run_face_crop(config, meta: dict) -> tuple[float, ...]:
     exported before face_crop existed use the run config's data.face_crop."""
     from facejax.data.decode import check_face_crop
 
-    box = check_face_crop(config.data.get("face_crop", ()))
+    box = check_face_crop(config.data.face_crop)
     if "face_crop" in meta and check_face_crop(meta["face_crop"]) != box:
         exported = check_face_crop(meta["face_crop"])
         print(f"note: using the embedder's data.face_crop={exported} instead of the config's "
@@ -176,7 +134,7 @@ def evaluate_workdir(workdir: str, config, *, progress: bool = True) -> dict:
     embedder = load_embedder(os.path.join(workdir, EMBEDDER_DIR))
     index = load_index(os.path.join(workdir, INDEX_DIR), expect=embedder.meta)
     data = prepare_run_data(config, embedder)
-    _check_index_data(index, data, workdir, allow=bool(config.data.get("allow_changed_data")))
+    _check_index_data(index, data, workdir, allow=bool(config.data.allow_changed_data))
     q_emb = None
     out_dir = os.path.join(workdir, REPORT_DIR)
     if data.protocol == "competition":
@@ -207,7 +165,7 @@ def evaluate_workdir(workdir: str, config, *, progress: bool = True) -> dict:
         return None if i is None else np.asarray(data.images[i])
 
     report.write_report(result, out_dir, image_loader=image_of,
-                        plots_dir=os.path.join(workdir, "plots"),
+                        plots_dir=os.path.join(workdir, PLOTS_DIR),
                         title=f"Retrieval report: {model}")
     return result
 
@@ -241,7 +199,7 @@ def kept_starting_point(workdir: str) -> str:
     beat epoch 0, so the exported model is the untrained one), else ''. Reads the run's
     metrics.jsonl; a run without one (or unreadable) gives ''."""
     try:
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        with open(os.path.join(workdir, METRICS_JSONL)) as f:
             records = [json.loads(line) for line in f if line.strip()]
     except (OSError, ValueError):
         return ""

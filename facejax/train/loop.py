@@ -11,7 +11,6 @@ checkpoint (params, optimizer, iterator position; the RNG is a function of the s
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -29,6 +28,8 @@ from facejax.convert.weights import load_from_config, pretrained_path
 from facejax.data.pipeline import create_train_iterator, eval_batches, make_data_mesh, to_global
 from facejax.data.prepare import PreparedData, prepare_data
 from facejax.errors import ConfigError, DataError, TrainingError
+from facejax.rundir import (CLASSES_JSON, CONFIG_JSON, EVENTS_DIR, METRICS_JSONL, PLOTS_DIR,
+                            check_workdir, make_workdir, with_absolute_paths)
 from facejax.retrieval.index import ExactSearcher
 from facejax.retrieval.metrics import hit_at_k, relevance
 from facejax.runlock import hold_workdir_lock
@@ -161,7 +162,7 @@ def _train(run: _Run, ckpt: ckpt_lib.RunCheckpoints):
         meta = ckpt.read_meta(latest)
         ckpt_lib.check_compatible(meta, config_dict, data.num_classes, ckpt.directory)
         ckpt_lib.check_same_data(meta, data.data_id, ckpt.directory,
-                                 allow=bool(config.data.get("allow_changed_data", False)))
+                                 allow=bool(config.data.allow_changed_data))
         if meta.get("classes") != list(data.class_names):
             raise ckpt_lib.CheckpointError(
                 f"the checkpoint in {ckpt.directory} was trained on other classes than the "
@@ -185,7 +186,7 @@ def _train(run: _Run, ckpt: ckpt_lib.RunCheckpoints):
     run_key = replicate(jax.random.key_data(jax.random.key(config.seed)), mesh)
 
     progress = Progress()
-    metrics_path = os.path.join(run.workdir, "metrics.jsonl")
+    metrics_path = os.path.join(run.workdir, METRICS_JSONL)
     if latest is not None:
         state, meta, iterator_state = ckpt.restore(latest, ckpt_lib.abstract_like(state, repl))
         run.iterator.set_state(iterator_state)
@@ -197,7 +198,7 @@ def _train(run: _Run, ckpt: ckpt_lib.RunCheckpoints):
         history = []
     if run.primary:
         _write_run_files(run.workdir, config, data.class_names, history, metrics_path)
-    writer = EventWriter(os.path.join(run.workdir, "events")) if run.primary else None
+    writer = EventWriter(os.path.join(run.workdir, EVENTS_DIR)) if run.primary else None
     try:
         return _epochs(run, ckpt, writer, state, run_key, progress, history, metrics_path,
                        config_dict)
@@ -361,51 +362,12 @@ def validate_config(config) -> None:
     pretrained_path(config.model)
 
 
-def check_workdir(workdir: str) -> str:
-    """The absolute path of a run folder; ConfigError when a file is in the way."""
-    path = os.path.abspath(workdir)
-    probe = path
-    while not os.path.exists(probe):  # ends at the root folder at the latest
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        what = "is a file" if probe == path else f"is inside {probe}, which is a file"
-        raise ConfigError(f"--workdir {workdir} {what}; give a folder (it is created if "
-                          "missing)")
-    return path
-
-
-def make_workdir(path: str) -> bool:
-    """Creates the run folder (checked by `check_workdir`); True when it did not exist."""
-    if os.path.isdir(path):
-        return False
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"cannot create the run folder {path}: {e}") from e
-    return True
-
-
 def _remove_empty(path: str) -> None:
     """Removes `path` if it is an empty folder (what a run that failed to start created)."""
     try:
         os.rmdir(path)
     except OSError:
         pass  # missing or not empty: nothing of ours to tidy
-
-
-# Config paths that the trainer resolves, so later steps (build_index, eval) work from any
-# current directory.
-PATH_FIELDS = ("root", "cache_dir", "tfds_data_dir")
-
-
-def with_absolute_paths(config):
-    """A copy of `config` whose non-empty local data paths are absolute."""
-    config = copy.deepcopy(config)
-    for name in PATH_FIELDS:
-        value = config.data[name]
-        if isinstance(value, str) and value and "://" not in value:
-            config.data[name] = os.path.abspath(os.path.expanduser(value))
-    return config
 
 
 class Diverged(TrainingError):
@@ -535,8 +497,8 @@ def _update_best(progress: Progress, record: dict, monitor: str, step: int) -> b
 
 def _write_run_files(workdir, config, class_names, history, metrics_path) -> None:
     os.makedirs(workdir, exist_ok=True)
-    _write_text(os.path.join(workdir, "config.json"), to_json(config) + "\n")
-    _write_text(os.path.join(workdir, "classes.json"), json.dumps(list(class_names)) + "\n")
+    _write_text(os.path.join(workdir, CONFIG_JSON), to_json(config) + "\n")
+    _write_text(os.path.join(workdir, CLASSES_JSON), json.dumps(list(class_names)) + "\n")
     # Lines past the checkpoint we resume from belong to steps that are about to be redone.
     _write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
 
@@ -569,7 +531,7 @@ def _log_epoch(record, metrics_path, writer, history, workdir, title) -> None:
     if writer:
         writer.scalars(record["step"], {f"epoch/{k}": v for k, v in record.items()
                                         if isinstance(v, float)})
-    plot_history(history, os.path.join(workdir, "plots"), title)
+    plot_history(history, os.path.join(workdir, PLOTS_DIR), title)
     shown = ", ".join(f"{k} {record[k]:.4f}" for k in
                       ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_top1",
                        "val_top5") if record.get(k) is not None)

@@ -23,8 +23,9 @@ from facejax.convert.weights import load_from_config
 from facejax.data.pipeline import create_train_iterator, make_data_mesh, to_global
 from facejax.data.prepare import PreparedData, prepare_data
 from facejax.errors import ConfigError
+from facejax.rundir import check_workdir, make_workdir
 from facejax.train import state as state_lib
-from facejax.train.loop import check_workdir, make_workdir, validate_config
+from facejax.train.loop import validate_config
 from facejax.train.losses import LossConfig
 from facejax.train.mesh import is_primary, replicate
 from facejax.train.step import jit_train_step
