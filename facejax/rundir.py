@@ -46,17 +46,17 @@ OLD_MEANING = {"data.test_fraction": 0.0, "data.max_cache_gb": 0.0}
 COMMAND_KEYS = {"data.allow_changed_data": False}
 
 
-def read_json(path: str, what: str = "") -> object:
-    """The JSON value in `path`, a file of a run folder; CheckpointError naming the file (and
-    `what` it should be) when it is missing or unreadable."""
+def read_json(path: str, missing: str = "", fix: str = "") -> object:
+    """The JSON value in `path`, a file that facejax wrote into a run folder (config, classes,
+    embedder meta, index manifest). CheckpointError when it is not there (`missing`, default
+    "PATH is missing") or cannot be read or parsed ("cannot read PATH: why", then `; fix`)."""
     if not os.path.isfile(path):
-        where = what or f"is {os.path.dirname(path) or '.'} a training workdir?"
-        raise CheckpointError(f"{path} is missing: {where}")
+        raise CheckpointError(missing or f"{path} is missing")
     try:
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from e
+        raise CheckpointError(f"cannot read {path}: {e}" + (f"; {fix}" if fix else "")) from None
 
 
 def read_run_config(workdir: str, required=RUN_KEYS) -> ml_collections.ConfigDict:
@@ -66,7 +66,7 @@ def read_run_config(workdir: str, required=RUN_KEYS) -> ml_collections.ConfigDic
     (checked in the file as written, before `migrate` fills in what it lacks).
     """
     path = os.path.join(workdir, CONFIG_JSON)
-    raw = read_json(path, f"is {workdir} a training workdir?")
+    raw = read_json(path, f"{path} is missing: is {workdir} a training workdir?")
     try:
         if not isinstance(raw, dict):
             raise ValueError(f"expected a JSON object, got {type(raw).__name__}")

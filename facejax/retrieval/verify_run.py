@@ -8,9 +8,9 @@ import os
 import ml_collections
 import numpy as np
 
+from facejax.atomic import write_file_atomic
 from facejax.errors import DataError
 from facejax.retrieval import verification as V
-from facejax.retrieval.atomic import write_file_atomic
 from facejax.retrieval.embed import load_embedder
 from facejax.retrieval.workdir import EMBEDDER_DIR, REPORT_DIR, read_run_config, run_face_crop
 

@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from facejax import rundir
+from facejax.atomic import write_file_atomic
 from facejax.errors import CheckpointError
 from facejax.rundir import CHECKPOINT_DIR
 from facejax.train import orbax_noise
@@ -292,12 +293,7 @@ def write_checksums(folder: str) -> None:
     """Writes `folder/SHA256SUMS` for the files of the checkpoint step `folder`."""
     lines = "".join(f"{_sha256(os.path.join(folder, rel))}  {rel}\n"
                     for rel in _item_files(folder))
-    tmp = os.path.join(folder, CHECKSUMS_NAME + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(lines)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(folder, CHECKSUMS_NAME))
+    write_file_atomic(os.path.join(folder, CHECKSUMS_NAME), lines.encode())
 
 
 def verify_checksums(folder: str) -> str:
@@ -463,7 +459,7 @@ def load_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, list[str]]
     """
     config = rundir.read_run_config(workdir, rundir.RUN_KEYS + RESTORE_KEYS)
     path = os.path.join(workdir, rundir.CLASSES_JSON)
-    classes = rundir.read_json(path, f"is {workdir} a training workdir?")
+    classes = rundir.read_json(path, f"{path} is missing: is {workdir} a training workdir?")
     if not isinstance(classes, list) or not classes:
         raise CheckpointError(f"{path} must hold a non-empty list of class names")
     return config, classes

@@ -23,23 +23,25 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from facejax.atomic import write_file_atomic
 from facejax.config import to_json
 from facejax.convert.weights import load_from_config, pretrained_path
-from facejax.data.pipeline import create_train_iterator, eval_batches, make_data_mesh, to_global
+from facejax.data.pipeline import create_train_iterator, eval_batches, to_global
 from facejax.data.prepare import PreparedData, prepare_data
 from facejax.errors import ConfigError, DataError, TrainingError
-from facejax.rundir import (CLASSES_JSON, CONFIG_JSON, EVENTS_DIR, METRICS_JSONL, PLOTS_DIR,
-                            check_workdir, make_workdir, with_absolute_paths)
 from facejax.retrieval.index import ExactSearcher
 from facejax.retrieval.metrics import hit_at_k, relevance
+from facejax.rundir import (CLASSES_JSON, CONFIG_JSON, EVENTS_DIR, METRICS_JSONL, PLOTS_DIR,
+                            check_workdir, make_workdir, with_absolute_paths)
 from facejax.runlock import hold_workdir_lock
+from facejax.sharding import make_data_mesh, replicated
 from facejax.train import checkpoint as ckpt_lib
 from facejax.train import state as state_lib
 from facejax.train.events import EventWriter
 from facejax.train.imprint import class_means, imprint_head
 from facejax.train.losses import LossConfig
 
-from facejax.train.mesh import is_primary, replicate, replicated
+from facejax.train.mesh import is_primary, replicate
 from facejax.train.plots import plot_history
 from facejax.train.step import jit_eval_step, jit_train_step
 
@@ -504,10 +506,7 @@ def _write_run_files(workdir, config, class_names, history, metrics_path) -> Non
 
 
 def _write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_file_atomic(path, text.encode())
 
 
 def _read_history(path: str, max_step: int) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Multi-process start-up (one process per host) and the replicated/data shardings of the step.
+"""Multi-process start-up (one process per host) and replicating host values over the mesh.
 
 A multi-host job runs the same command on every host with three environment variables:
 
@@ -15,10 +15,10 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 from facejax.errors import ConfigError
+from facejax.sharding import replicated
 
 _ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
@@ -46,14 +46,6 @@ def initialize_distributed() -> bool:
         raise ConfigError(f"JAX_PROCESS_ID={pid} must be in [0, JAX_NUM_PROCESSES={num})")
     jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"], num, pid)
     return True
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
-
-
-def data_sharded(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P("data"))
 
 
 def is_primary() -> bool:

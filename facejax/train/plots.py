@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from facejax.atomic import atomic_path
+
 CURVES = {
     "loss.png": ("Loss", (("train_loss", "train"), ("val_loss", "validation"))),
     "accuracy.png": ("Accuracy", (("train_accuracy", "train"), ("val_accuracy", "validation"),
@@ -40,9 +42,8 @@ def plot_history(history: Sequence[dict], out_dir: str, title: str = "") -> list
         if ax.lines:
             ax.legend()
         path = os.path.join(out_dir, name)
-        tmp = path + ".tmp.png"
-        fig.savefig(tmp)
+        with atomic_path(path, ".png") as tmp:
+            fig.savefig(tmp)
         plt.close(fig)
-        os.replace(tmp, path)
         written.append(path)
     return written
