@@ -68,6 +68,7 @@ def bench_grain(images: np.ndarray, size: int, workers: int, seconds: float,
     import jax
 
     from facejax.data import augment as aug
+    from facejax import sharding
     from facejax.data import pipeline
 
     cfg = _augment_config()
@@ -77,7 +78,7 @@ def bench_grain(images: np.ndarray, size: int, workers: int, seconds: float,
     try:
         if not augment:
             return _rate(lambda: next(it), seconds)
-        mesh = pipeline.make_data_mesh()
+        mesh = sharding.make_data_mesh()
         fn = jax.jit(lambda k, x: aug.preprocess_train(k, x, cfg, size, "torch"))
         key = jax.random.key(0)
 

@@ -46,7 +46,8 @@ def jax_stepper(model: str, size: int, batch: int, dtype: str = "float32"):
     """A function running one facejax train step on a fixed uint8 batch (blocks until done)."""
     import jax
 
-    from facejax.data.pipeline import make_data_mesh, to_global
+    from facejax.data.pipeline import to_global
+    from facejax.sharding import make_data_mesh
     from facejax.train import state as state_lib
     from facejax.train.losses import LossConfig
     from facejax.train.mesh import replicate
@@ -160,6 +161,7 @@ def gpu(batches, steps: int, model: str = "resnet50", size: int = 224,
     import jax
 
     from facejax.data import augment as aug
+    from facejax import sharding
     from facejax.data import pipeline
 
     out = dict(device=str(jax.devices()[0].device_kind), devices=jax.device_count(),
@@ -188,7 +190,7 @@ def gpu(batches, steps: int, model: str = "resnet50", size: int = 224,
     cfg = _config(model, size, batch).augment
     it = pipeline.TrainIterator(images, np.arange(n), np.zeros(n, np.int32), batch_size=batch,
                                 seed=0)
-    mesh = pipeline.make_data_mesh()
+    mesh = sharding.make_data_mesh()
     fn = jax.jit(lambda k, x: aug.preprocess_train(k, x, cfg, size, "torch"))
     key = jax.random.key(0)
     for _ in range(3):

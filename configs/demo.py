@@ -6,11 +6,7 @@ The README's main job. With data.root='' the idx source reads the Debian package
     python scripts/train.py --config configs/demo.py --workdir runs/demo
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-from common import base
+from facejax.config_schema import base
 
 
 def get_config():

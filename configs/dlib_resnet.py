@@ -11,11 +11,7 @@ embedding (no projection), a cosine head learns the classes:
 Score the pretrained descriptor without training with --config.train.epochs=0.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-from common import base
+from facejax.config_schema import base
 
 
 def get_config():

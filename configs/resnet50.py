@@ -10,11 +10,7 @@ Offline, put resnet50's Keras `_notop.h5` file in $FACEJAX_WEIGHTS (the error na
 from scratch with --config.model.pretrained=''.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-from common import keras_transfer
+from facejax.config_schema import keras_transfer
 
 
 def get_config():

@@ -12,11 +12,7 @@ index stores the last block's 128 channels averaged over each quarter of its 14x
 Flatten itself (49x the bytes per image), `avg` one average per channel (128-d).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-from common import base
+from facejax.config_schema import base
 
 
 def get_config():

@@ -4,11 +4,7 @@
         --config.data.root=/path/to/idx_folder
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-from common import base
+from facejax.config_schema import base
 
 
 def get_config():

@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 
 from facejax import cli
+from facejax.atomic import write_file_atomic
 from facejax.retrieval import workdir as wd
-from facejax.retrieval.atomic import write_file_atomic
 
 
 def main(argv: list[str]) -> int:

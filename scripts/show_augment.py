@@ -10,24 +10,15 @@ Images come from `--images DIR` (any image files under it), else from the config
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 
 import numpy as np
 
 from facejax import cli, config
+from facejax.config_schema import base as _base_config
 from facejax.errors import DataError
 
 DEFAULT_OUT = "augment.png"
-_COMMON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                       "common.py")
-
-
-def _base_config():
-    spec = importlib.util.spec_from_file_location("_facejax_configs_common", _COMMON)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.base()
 
 
 def _load_config(spec: str | None, overrides: list[str]):

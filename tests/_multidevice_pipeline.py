@@ -10,13 +10,14 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax
 import numpy as np
 
+from facejax import sharding
 from facejax.data import pipeline
 from facejax.errors import ConfigError
 
 
 def main() -> None:
     assert jax.device_count() == 8, jax.devices()
-    mesh = pipeline.make_data_mesh()
+    mesh = sharding.make_data_mesh()
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (50, 6, 6, 3), dtype=np.uint8)
     indices = np.arange(1, 50)

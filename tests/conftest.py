@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -63,13 +62,10 @@ def image_folder(tmp_path):
 
 
 def load_common_configs():
-    """configs/common.py as a module (configs/ is not a package on sys.path)."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "configs", "common.py")
-    spec = importlib.util.spec_from_file_location("_facejax_configs_common", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The config schema module (`facejax.config_schema`, which configs/common.py re-exports)."""
+    from facejax import config_schema
+
+    return config_schema
 
 
 @pytest.fixture

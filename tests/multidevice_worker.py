@@ -30,7 +30,8 @@ def train(devices):
     import jax
 
     from facejax.config import load_config
-    from facejax.data.pipeline import TrainIterator, make_data_mesh, to_global
+    from facejax.data.pipeline import TrainIterator, to_global
+    from facejax.sharding import make_data_mesh
     from facejax.train import state as state_lib
     from facejax.train.losses import LossConfig
     from facejax.train.mesh import replicate

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from facejax.retrieval.atomic import atomic_dir, recover_dir
+from facejax.atomic import atomic_dir, recover_dir
 
 
 def _write(directory, text):

@@ -10,12 +10,11 @@ import pytest
 from flax import traverse_util
 
 from facejax.config import load_config
-from facejax.data.pipeline import make_data_mesh
 from facejax.errors import ConfigError
 from facejax.train import optim
 from facejax.train import state as state_lib
 from facejax.train.losses import LossConfig
-from facejax.train.mesh import replicated
+from facejax.sharding import make_data_mesh, replicated
 from facejax.train.step import jit_train_step
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",

@@ -9,10 +9,10 @@ import pytest
 from conftest import class_colour
 
 from facejax.config import load_config
-from facejax.data.pipeline import make_data_mesh, to_global
+from facejax.data.pipeline import to_global
 from facejax.train import state as state_lib
 from facejax.train.losses import LossConfig
-from facejax.train.mesh import replicated
+from facejax.sharding import make_data_mesh, replicated
 from facejax.train.step import jit_eval_step, jit_train_step
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",

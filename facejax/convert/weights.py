@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from facejax.atomic import atomic_path
 from facejax.convert.merge import flatten, load_weights, model_weights, unflatten
 from facejax.errors import ConfigError, WeightsError
 from facejax.models.registry import Preset, get_preset, get_spec
@@ -289,13 +290,11 @@ def convert_cached(path: str | os.PathLike, converter: str, *, name: str) -> dic
             log.warning("ignoring unreadable converted cache %s (%s)", cache, e)
     tree = convert_file(path, converter)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f"{cache.stem}.tmp{os.getpid()}.npz")
     try:
-        np.savez(tmp, **flatten(tree))
-        os.replace(tmp, cache)
+        with atomic_path(str(cache), ".npz") as tmp:
+            np.savez(tmp, **flatten(tree))
     except OSError as e:  # a read-only cache only costs a re-conversion next time
         log.warning("could not cache converted weights at %s (%s)", cache, e)
-        tmp.unlink(missing_ok=True)
     return tree
 
 

@@ -15,11 +15,11 @@ import dataclasses
 import importlib.util
 import json
 import os
-import tempfile
 
 import numpy as np
 from PIL import Image
 
+from facejax.atomic import atomic_path
 from facejax.data import decode
 from facejax.data.decode import BadImage
 from facejax.errors import ConfigError, DataError
@@ -212,15 +212,8 @@ def _save(chip: np.ndarray, path: str) -> None:
     a resumed run would keep."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     ext = os.path.splitext(path)[1].lower()
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=ext, dir=os.path.dirname(path) or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(chip).save(f, format="PNG" if ext == ".png" else "JPEG", quality=95)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path, ext) as tmp:
+        Image.fromarray(chip).save(tmp, format="PNG" if ext == ".png" else "JPEG", quality=95)
 
 
 def align_folder(src: str, dst: str, size: int = 150, padding: float = 0.25, upsample: int = 1,

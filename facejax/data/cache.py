@@ -39,6 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from facejax import limits
+from facejax.atomic import write_file_atomic
 from facejax.children import ExitWithParent
 from facejax.data import decode, sources
 from facejax.data.decode import BadImage
@@ -277,10 +278,7 @@ def _add_content(entry: CachedImages, listing: Listing) -> CachedImages:
         with open(path) as f:
             manifest = json.load(f)
         manifest["content"] = content
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1)
-        os.replace(tmp, path)
+        write_file_atomic(path, json.dumps(manifest, indent=1).encode())
     except (OSError, ValueError):
         pass  # a read-only cache: hashed again next time
     return dataclasses.replace(entry, content=content)

@@ -10,19 +10,13 @@ from typing import Any
 import grain
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from facejax.children import ExitWithParent
 from facejax.errors import CheckpointError, ConfigError, DataError
+from facejax.sharding import DATA_AXIS, data_sharded
 
-DATA_AXIS = "data"
 _STATE_VERSION = 1
-
-
-def make_data_mesh(devices=None) -> Mesh:
-    """A 1-D mesh with axis 'data' over `devices` (default: all devices of all processes)."""
-    devices = jax.devices() if devices is None else devices
-    return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -32,7 +26,7 @@ def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     and `eval_batches` yield); the global batch must divide evenly over the 'data' devices.
     """
     n_data = mesh.shape[DATA_AXIS]
-    sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    sharding = data_sharded(mesh)
     out = {}
     for key, value in batch.items():
         value = np.asarray(value)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from facejax import limits
+from facejax import limits, rundir
 from facejax.errors import DataError
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".webp"})
@@ -89,8 +89,9 @@ def _require_dir(path: str, what: str) -> None:
 # A folder holding config.json and one of these is a facejax run folder (--workdir): its plots,
 # reports and enrolled images are the run's output, never data, even inside the data root.
 # lr_find.json marks scripts/lr_find.py's --workdir (its plot is no data either).
-RUN_FOLDER_FILE = "config.json"
-RUN_FOLDER_MARKERS = frozenset({"classes.json", "checkpoints", "embedder", "metrics.jsonl"})
+RUN_FOLDER_FILE = rundir.CONFIG_JSON
+RUN_FOLDER_MARKERS = frozenset({rundir.CLASSES_JSON, rundir.CHECKPOINT_DIR, rundir.EMBEDDER_DIR,
+                                rundir.METRICS_JSONL})
 LR_FIND_FILE = "lr_find.json"
 RUN_FOLDER_REASON = "a facejax run folder (--workdir), not data"
 DUPLICATE_REASON = "duplicate: a link to another listed file (counted once)"

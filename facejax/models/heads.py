@@ -93,9 +93,13 @@ class EmbeddingModel(nnx.Module):
         z = self._retrieval(self.embedding(self.backbone(x, train=train))).astype(jnp.float32)
         return l2_normalize(z) if self.l2_normalize else z
 
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """[B,H,W,3] -> [B,C] logits (cosines for head='cosine'), float32."""
-        z = self.embedding(self.backbone(x, train=train))
+    def __call__(self, x: jax.Array, train: bool = False,
+                 backbone_train: bool | None = None) -> jax.Array:
+        """[B,H,W,3] -> [B,C] logits (cosines for head='cosine'), float32. `backbone_train`
+        (default: `train`) runs the backbone alone in inference mode (False: BatchNorm on its
+        running statistics, the freeze_bn policy) while the heads train."""
+        z = self.embedding(self.backbone(x, train=train if backbone_train is None
+                                         else backbone_train))
         if self.dropout is not None:
             z = self.dropout(z, deterministic=not train)
         return self.head(z).astype(jnp.float32)

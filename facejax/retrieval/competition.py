@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from facejax.atomic import write_file_atomic
 from facejax.errors import DataError
-from facejax.retrieval.atomic import write_file_atomic
 from facejax.retrieval.index import SearchIndex
 
 

@@ -28,13 +28,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 import facejax
+from facejax.atomic import atomic_dir, atomic_path, write_file_atomic
 from facejax.errors import CheckpointError, DataError
 from facejax.retrieval import integrity
-from facejax.retrieval.atomic import atomic_dir, write_file_atomic
+from facejax.rundir import read_json
+from facejax.sharding import data_sharded, make_data_mesh, replicated
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +145,8 @@ class Embedder:
         self.num_devices = len(devices)
         if self.num_devices > 1:
             # Data parallel: the 1-device artifact is partitioned over a 1-D 'data' mesh.
-            mesh = Mesh(np.array(devices), ("data",))
-            rep, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+            mesh = make_data_mesh(devices)
+            rep, shard = replicated(mesh), data_sharded(mesh)
             self._leaves = jax.device_put(leaves, rep)
             self._fn = jax.jit(exported.call, in_shardings=(rep, shard), out_shardings=shard)
         else:
@@ -281,13 +281,7 @@ def read_embedder_meta(path: str) -> dict:
     if not os.path.isdir(path):
         raise CheckpointError(f"no exported embedder at {path}; export one first "
                               f"(run scripts/export.py --workdir WORKDIR after training)")
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"embedder artifact {path} has no {_JSON}") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {meta_path}: {e}; {_FIX}") from None
+    meta = read_json(meta_path, f"embedder artifact {path} has no {_JSON}", _FIX)
     if not isinstance(meta, dict):
         raise CheckpointError(f"{meta_path} is not a JSON object; {_FIX}")
     integrity.check_seal(meta, meta_path, _FIX)
@@ -379,9 +373,8 @@ def embed_to_shards(embedder: Embedder, images, indices: np.ndarray, paths: Sequ
             sel = indices[s * shard_size: s * shard_size + want]
             emb = embedder.embed_array(images, batch_size=batch_size, progress=progress,
                                        indices=sel)
-            tmp = shard_path + ".tmp.npy"
-            np.save(tmp, emb)
-            os.replace(tmp, shard_path)
+            with atomic_path(shard_path, ".npy") as tmp:
+                np.save(tmp, emb)
         if select is None:
             parts.append(emb)
     if select is not None:

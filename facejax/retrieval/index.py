@@ -31,9 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from facejax import compat
+from facejax.atomic import atomic_dir
 from facejax.errors import CheckpointError, ConfigError, DataError
 from facejax.retrieval import integrity
-from facejax.retrieval.atomic import atomic_dir
+from facejax.rundir import read_json
 
 log = logging.getLogger(__name__)
 
@@ -630,14 +631,8 @@ def read_manifest(path: str) -> dict:
     mpath = os.path.join(path, "manifest.json")
     if not os.path.isdir(path):
         raise CheckpointError(f"no index at {path}; build one with scripts/build_index.py")
-    try:
-        with open(mpath) as f:
-            manifest = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} has no manifest.json: not an index, or an interrupted "
-                              f"build; build it again") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {mpath}: {e}; {_FIX}") from None
+    manifest = read_json(mpath, f"{path} has no manifest.json: not an index, or an "
+                                f"interrupted build; build it again", _FIX)
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{mpath} is not a facejax index manifest of version "
                               f"{FORMAT_VERSION}")

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from facejax.atomic import atomic_path, write_file_atomic
 from facejax.data import counts
 from facejax.errors import ConfigError
 from facejax.retrieval import rejection, run_info
-from facejax.retrieval.atomic import write_file_atomic
 
 FIGURE = "topk_examples.png"
 FIGURE_EXPLAINED = "topk_examples_explained.png"
@@ -76,9 +76,8 @@ def draw_grid(rows: Sequence[Mapping[str, Any]], out_png: str, *, title: str = "
     if title:
         fig.suptitle(title, fontsize=10, y=1 - 0.1 / height, va="top")
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-    tmp = out_png + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, out_png)
+    with atomic_path(out_png, ".png") as tmp:
+        fig.savefig(tmp, dpi=110)
 
 
 def displayable(text: str) -> str:

@@ -8,11 +8,12 @@ import os
 import ml_collections
 import numpy as np
 
+from facejax.atomic import write_file_atomic
 from facejax.errors import DataError
 from facejax.retrieval import verification as V
-from facejax.retrieval.atomic import write_file_atomic
 from facejax.retrieval.embed import load_embedder
-from facejax.retrieval.workdir import EMBEDDER_DIR, REPORT_DIR, read_run_config, run_face_crop
+from facejax.retrieval.run_data import run_face_crop
+from facejax.rundir import EMBEDDER_DIR, REPORT_DIR, read_run_config
 
 JSON_NAME, MD_NAME = "verification.json", "verification.md"
 # Looked for beside and inside the image folder when no pairs file is given (LFW's layout).

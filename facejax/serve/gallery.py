@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from facejax.atomic import fsync_dir, recover_dir, write_file_atomic
 from facejax.errors import CheckpointError, DataError
-from facejax.retrieval.atomic import fsync_dir, recover_dir, write_file_atomic
 from facejax.retrieval.index import SearchIndex, load_index
 
 log = logging.getLogger(__name__)

@@ -17,9 +17,9 @@ from PIL import Image
 from facejax.data.decode import BadImage, read_rgb, read_rgb_bytes
 from facejax.errors import ConfigError
 from facejax.retrieval.embed import load_embedder
+from facejax.retrieval.run_data import prepare_run_data, run_face_crop
 from facejax.retrieval.verify_run import calibrated_threshold, match_threshold
-from facejax.retrieval.workdir import (EMBEDDER_DIR, INDEX_DIR, prepare_run_data,
-                                       read_run_config, run_face_crop)
+from facejax.rundir import EMBEDDER_DIR, INDEX_DIR, read_run_config
 from facejax.serve.batcher import Batcher
 from facejax.serve.gallery import Gallery
 from facejax.serve.metrics import Metrics

@@ -31,11 +31,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from facejax.config import has_key
+from facejax import rundir
+from facejax.atomic import write_file_atomic
 from facejax.errors import CheckpointError
+from facejax.rundir import CHECKPOINT_DIR
 from facejax.train import orbax_noise
 
-CHECKPOINT_DIR = "checkpoints"
 MONITORS = {"val_accuracy": "max", "val_top1": "max", "val_map_r": "max", "val_loss": "min"}
 
 # Config fields that may change between a run and its resume: they do not change what the
@@ -304,12 +305,7 @@ def write_checksums(folder: str) -> None:
     """Writes `folder/SHA256SUMS` for the files of the checkpoint step `folder`."""
     lines = "".join(f"{_sha256(os.path.join(folder, rel))}  {rel}\n"
                     for rel in _item_files(folder))
-    tmp = os.path.join(folder, CHECKSUMS_NAME + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(lines)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(folder, CHECKSUMS_NAME))
+    write_file_atomic(os.path.join(folder, CHECKSUMS_NAME), lines.encode())
 
 
 def verify_checksums(folder: str) -> str:
@@ -403,17 +399,6 @@ def _normal(v):
     return json.loads(json.dumps(v, default=list))
 
 
-def with_implied_fields(saved: dict) -> dict:
-    """A saved config with the fields added since it was written, at the values their absence
-    means (so such runs still resume): model.embedding_pool is the scratch CNN's Flatten;
-    other models pool whatever it says, so it reads as the default."""
-    model = saved.get("model")
-    if isinstance(model, dict) and "embedding_pool" not in model:
-        pool = "flatten" if model.get("name") == "scratch_cnn" else "avg2x2"
-        saved = {**saved, "model": {**model, "embedding_pool": pool}}
-    return saved
-
-
 def check_compatible(meta: dict, config_dict: dict, num_classes: int, directory: str) -> None:
     """Raises CheckpointError when a checkpoint was written by another model/classes/config."""
     if meta.get("model") != config_dict["model"]["name"]:
@@ -424,7 +409,10 @@ def check_compatible(meta: dict, config_dict: dict, num_classes: int, directory:
         raise CheckpointError(
             f"the checkpoint in {directory} has {meta.get('num_classes')} classes, the data has "
             f"{num_classes}: use another --workdir")
-    diffs = config_differences(with_implied_fields(meta.get("config", {})), config_dict)
+    saved = meta.get("config", {})
+    # A checkpoint's config is a run config too: one saved by an older facejax is compared on
+    # today's schema (rundir.migrate), as its config.json is read.
+    diffs = config_differences(rundir.migrate(saved).to_dict() if saved else saved, config_dict)
     if diffs:
         shown = "; ".join(diffs[:8]) + (f"; ... ({len(diffs)} in all)" if len(diffs) > 8 else "")
         raise CheckpointError(
@@ -478,25 +466,12 @@ RESTORE_KEYS = ("seed", "train.monitor", "model.name", "model.weights_source",
 def load_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, list[str]]:
     """(config, class names) from a workdir's config.json and classes.json.
 
-    config.json is read by `retrieval.workdir.read_run_config` (one reader for both sides);
-    restoring a model also needs the training classes, for the classifier's size.
+    config.json is read by `rundir.read_run_config` (one reader for every step); restoring a
+    model also needs the training classes, for the classifier's size.
     """
-    from facejax.retrieval.workdir import read_run_config
-
-    config = read_run_config(workdir)
-    missing = [key for key in RESTORE_KEYS if not has_key(config, key)]
-    if missing:
-        raise CheckpointError(f"{os.path.join(workdir, 'config.json')} lacks "
-                              f"{', '.join(missing)}: it was not written by this version of "
-                              "facejax")
-    path = os.path.join(workdir, "classes.json")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path} is missing: is {workdir} a training workdir?")
-    try:
-        with open(path) as f:
-            classes = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from e
+    config = rundir.read_run_config(workdir, rundir.RUN_KEYS + RESTORE_KEYS)
+    path = os.path.join(workdir, rundir.CLASSES_JSON)
+    classes = rundir.read_json(path, f"{path} is missing: is {workdir} a training workdir?")
     if not isinstance(classes, list) or not classes:
         raise CheckpointError(f"{path} must hold a non-empty list of class names")
     return config, classes

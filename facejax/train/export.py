@@ -15,12 +15,10 @@ from flax import nnx
 from facejax.data.augment import preprocess_eval
 from facejax.errors import ConfigError
 from facejax.retrieval.embed import export_embedder
+from facejax.rundir import EMBEDDER_DIR
 from facejax.runlock import hold_workdir_lock
 from facejax.train.checkpoint import restore_model
 from facejax.train.state import resolve_input, split_model
-
-EMBEDDER_DIR = "embedder"
-
 
 def make_embed_fn(model: nnx.Module, input_size: int, normalization: str):
     """(fn, params): fn(params, images_u8[B,S,S,3]) -> float32 [B, D] embeddings."""
@@ -63,7 +61,7 @@ def _export(workdir: str, which: str, compute_dtype: str) -> str:
         input_size=int(config.data.image_size),  # the artifact's input: cache-format images
         model_input_size=size,
         resize_mode=config.data.resize_mode,
-        face_crop=list(config.data.get("face_crop", ())),
+        face_crop=list(config.data.face_crop),
         normalization=normalization,
         l2_normalized=bool(config.model.l2_normalize),
         head=config.model.head,

@@ -11,7 +11,6 @@ checkpoint (params, optimizer, iterator position; the RNG is a function of the s
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -24,15 +23,19 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from facejax.atomic import write_file_atomic
 from facejax.config import to_json
 from facejax.convert.weights import load_from_config, pretrained_path
-from facejax.data.pipeline import create_train_iterator, eval_batches, make_data_mesh, to_global
+from facejax.data.pipeline import create_train_iterator, eval_batches, to_global
 from facejax.data.prepare import PreparedData, prepare_data
 from facejax.errors import ConfigError, DataError, TrainingError
 from facejax.retrieval.index import ExactSearcher
 from facejax.retrieval.metrics import (average_precision_at_r, count_relevant, hit_at_k,
                                        relevance)
+from facejax.rundir import (CLASSES_JSON, CONFIG_JSON, EVENTS_DIR, METRICS_JSONL, PLOTS_DIR,
+                            check_workdir, make_workdir, with_absolute_paths)
 from facejax.runlock import hold_workdir_lock
+from facejax.sharding import make_data_mesh, replicated
 from facejax.train import checkpoint as ckpt_lib
 from facejax.train import state as state_lib
 from facejax.train.batch import fit_batch_to_data
@@ -41,7 +44,7 @@ from facejax.train.imprint import class_means, imprint_head
 from facejax.train.losses import LossConfig
 from facejax.train.scratch import unfreeze_without_weights
 
-from facejax.train.mesh import is_primary, replicate, replicated
+from facejax.train.mesh import is_primary, replicate
 from facejax.train.plots import plot_history
 from facejax.train.step import jit_eval_step, jit_train_step
 
@@ -166,7 +169,7 @@ def _train(run: _Run, ckpt: ckpt_lib.RunCheckpoints):
         meta = ckpt.read_meta(latest)
         ckpt_lib.check_compatible(meta, config_dict, data.num_classes, ckpt.directory)
         ckpt_lib.check_same_data(meta, data.data_id, ckpt.directory,
-                                 allow=bool(config.data.get("allow_changed_data", False)))
+                                 allow=bool(config.data.allow_changed_data))
         if meta.get("classes") != list(data.class_names):
             raise ckpt_lib.CheckpointError(
                 f"the checkpoint in {ckpt.directory} was trained on other classes than the "
@@ -190,7 +193,7 @@ def _train(run: _Run, ckpt: ckpt_lib.RunCheckpoints):
     run_key = replicate(jax.random.key_data(jax.random.key(config.seed)), mesh)
 
     progress = Progress()
-    metrics_path = os.path.join(run.workdir, "metrics.jsonl")
+    metrics_path = os.path.join(run.workdir, METRICS_JSONL)
     if latest is not None:
         state, meta, iterator_state = ckpt.restore(latest, ckpt_lib.abstract_like(state, repl))
         run.iterator.set_state(iterator_state)
@@ -202,7 +205,7 @@ def _train(run: _Run, ckpt: ckpt_lib.RunCheckpoints):
         history = []
     if run.primary:
         _write_run_files(run.workdir, config, data.class_names, history, metrics_path)
-    writer = EventWriter(os.path.join(run.workdir, "events")) if run.primary else None
+    writer = EventWriter(os.path.join(run.workdir, EVENTS_DIR)) if run.primary else None
     try:
         return _epochs(run, ckpt, writer, state, run_key, progress, history, metrics_path,
                        config_dict)
@@ -211,101 +214,154 @@ def _train(run: _Run, ckpt: ckpt_lib.RunCheckpoints):
             writer.close()
 
 
+@dataclasses.dataclass
+class _Epochs:
+    """What the epoch loop's parts share: the run, its jitted steps and its outputs."""
+
+    run: _Run
+    ckpt: Any
+    writer: Any
+    run_key: Any
+    progress: Progress
+    history: list
+    metrics_path: str
+    train_fn: Any
+    eval_fn: Any
+    gallery: tuple
+    meta_base: dict
+    clock: _Throughput
+
+
 def _epochs(run: _Run, ckpt, writer, state, run_key, progress: Progress, history: list,
             metrics_path: str, config_dict: dict) -> dict:
     """The epoch loop, from `progress` on; returns the summary (without the total time)."""
-    config, data, mesh, iterator, spe = (run.config, run.data, run.mesh, run.iterator,
-                                         run.steps_per_epoch)
+    config, data = run.config, run.data
     t = config.train
-    schedule = run.schedule
-    loss_cfg = LossConfig.from_config(config)
-    train_fn = jit_train_step(mesh, bundle=run.bundle, tx=run.tx, loss_cfg=loss_cfg,
-                              augment_cfg=config.augment, freeze_bn=bool(t.freeze_bn))
-    eval_fn = jit_eval_step(mesh, bundle=run.bundle, loss_cfg=loss_cfg)
+    train_fn, eval_fn = _jit_steps(run)
     gallery = _gallery_sample(data, config.seed, config.train.eval_gallery_max)
     meta_base = dict(model=config.model.name, num_classes=int(data.num_classes),
                      classes=list(data.class_names), config=config_dict,
                      rng=np.asarray(jax.random.key_data(jax.random.key(config.seed))).tolist(),
-                     steps_per_epoch=spe)
-
-    def save(step: int, metrics: dict | None) -> None:
-        _refuse_nonfinite(state, step)  # a NaN checkpoint would stop the resume, too
-        meta = dict(meta_base, progress=dataclasses.asdict(progress))
-        ckpt.save(step, state, meta=meta, data_state=iterator.get_state(), metrics=metrics)
-
+                     steps_per_epoch=run.steps_per_epoch)
+    loop = _Epochs(run=run, ckpt=ckpt, writer=writer, run_key=run_key, progress=progress,
+                   history=history, metrics_path=metrics_path, train_fn=train_fn,
+                   eval_fn=eval_fn, gallery=gallery, meta_base=meta_base,
+                   clock=_Throughput(t.batch_size))
     step = int(jax.device_get(state.step))
     stopped_early = progress.bad_epochs >= t.early_stopping_patience > 0
     record: dict[str, Any] = history[-1] if history else {}
-    clock = _Throughput(t.batch_size)
     if (t.epochs == 0 or config.model.pretrained) and not history:
-        # Epoch 0: the starting model is scored and saved as a candidate for "best". With
-        # epochs=0 that is the whole run (pretrained baselines); from pretrained weights it
-        # means training never makes the model worse silently: when no epoch beats the start,
-        # the best checkpoint stays the starting point and the summary says so.
-        record = dict(epoch=0, step=step)
-        record.update(evaluate(eval_fn, state, data, gallery, t.batch_size, mesh))
-        record["best"] = _update_best(progress, record, t.monitor, step)
-        history.append(record)
-        if run.primary:
-            _log_epoch(record, metrics_path, writer, history, run.workdir, config.model.name)
-        save(step, record if t.monitor in record else None)
+        record = _epoch_zero(loop, state, step)
     while progress.epoch < t.epochs and not stopped_early:
         t_epoch = time.perf_counter()
-        bar = tqdm(total=spe, initial=progress.step_in_epoch,
-                   desc=f"epoch {progress.epoch + 1}/{t.epochs}", unit="step",
-                   disable=not run.primary, file=sys.stderr, dynamic_ncols=True,
-                   mininterval=1.0)
-        pending: list[dict] = []
-        clock.restart()
-        while progress.step_in_epoch < spe:
-            batch = to_global(next(iterator), mesh)
-            state, step_metrics = train_fn(state, batch, run_key)
-            pending.append(step_metrics)
-            step += 1
-            progress.step_in_epoch += 1
-            clock.count()
-            bar.update(1)
-            last = progress.step_in_epoch == spe
-            # Reading metrics waits for the device: one sync point per log interval (and after
-            # the first step, so the compile is kept out of the images/s figure).
-            if len(pending) >= t.log_every_steps or last or not clock.started:
-                _drain(pending, progress)
-                clock.mark()
-                running = progress.loss_sum / max(progress.steps_summed, 1)
-                bar.set_postfix(loss=f"{running:.4f}", **clock.postfix())
-                if writer:
-                    scalars = {"train/loss_running": running,
-                               "train/learning_rate": float(schedule(step - 1))}
-                    if not math.isnan(clock.rate):
-                        scalars["train/images_per_s"] = clock.rate
-                    writer.scalars(step, scalars)
-            if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 and not last:
-                _drain(pending, progress)
-                save(step, None)
-        bar.close()
-        _drain(pending, progress)
-
-        progress.epoch += 1
-        record = dict(epoch=progress.epoch, step=step,
-                      train_loss=progress.loss_sum / max(progress.steps_summed, 1),
-                      train_accuracy=progress.acc_sum / max(progress.steps_summed, 1),
-                      learning_rate=float(schedule(step - 1)),
-                      images_per_s=None if math.isnan(clock.rate) else clock.rate,
-                      epoch_time_s=time.perf_counter() - t_epoch)
-        record.update(evaluate(eval_fn, state, data, gallery, t.batch_size, mesh))
-        progress.step_in_epoch = progress.loss_sum = progress.acc_sum = 0
-        progress.steps_summed = 0
-        improved = _update_best(progress, record, t.monitor, step)
-        record["best"] = improved
-        history.append(record)
-        if run.primary:
-            _log_epoch(record, metrics_path, writer, history, run.workdir, config.model.name)
-        save(step, record if t.monitor in record else None)
+        state, step = _train_epoch(loop, state, step)
+        record = _end_epoch(loop, state, step, t_epoch)
         stopped_early = progress.bad_epochs >= t.early_stopping_patience > 0
         if stopped_early:
             print(f"early stopping: {t.monitor} has not improved for {progress.bad_epochs} "
                   f"epochs", flush=True)
     ckpt.wait()
+    return _summary(loop, step, stopped_early, record)
+
+
+def _jit_steps(run: _Run):
+    """(train_fn, eval_fn): the run's train and eval steps, jitted over its mesh."""
+    config, mesh = run.config, run.mesh
+    t = config.train
+    loss_cfg = LossConfig.from_config(config)
+    train_fn = jit_train_step(mesh, bundle=run.bundle, tx=run.tx, loss_cfg=loss_cfg,
+                              augment_cfg=config.augment, freeze_bn=bool(t.freeze_bn))
+    eval_fn = jit_eval_step(mesh, bundle=run.bundle, loss_cfg=loss_cfg)
+    return train_fn, eval_fn
+
+
+def _save(loop: _Epochs, state, step: int, metrics: dict | None) -> None:
+    _refuse_nonfinite(state, step)  # a NaN checkpoint would stop the resume, too
+    meta = dict(loop.meta_base, progress=dataclasses.asdict(loop.progress))
+    loop.ckpt.save(step, state, meta=meta, data_state=loop.run.iterator.get_state(),
+                   metrics=metrics)
+
+
+def _score_and_save(loop: _Epochs, state, step: int, record: dict) -> dict:
+    """Adds the validation metrics to `record`, marks it best or not, logs and saves it."""
+    run, t = loop.run, loop.run.config.train
+    record.update(evaluate(loop.eval_fn, state, run.data, loop.gallery, t.batch_size, run.mesh))
+    record["best"] = _update_best(loop.progress, record, t.monitor, step)
+    loop.history.append(record)
+    if run.primary:
+        _log_epoch(record, loop.metrics_path, loop.writer, loop.history, run.workdir,
+                   run.config.model.name)
+    _save(loop, state, step, record if t.monitor in record else None)
+    return record
+
+
+def _epoch_zero(loop: _Epochs, state, step: int) -> dict:
+    # Epoch 0: the starting model is scored and saved as a candidate for "best". With
+    # epochs=0 that is the whole run (pretrained baselines); from pretrained weights it
+    # means training never makes the model worse silently: when no epoch beats the start,
+    # the best checkpoint stays the starting point and the summary says so.
+    return _score_and_save(loop, state, step, dict(epoch=0, step=step))
+
+
+def _train_epoch(loop: _Epochs, state, step: int):
+    """The steps of one epoch from `progress.step_in_epoch` on, with mid-epoch checkpoints;
+    returns (state, step)."""
+    run, progress, clock, writer = loop.run, loop.progress, loop.clock, loop.writer
+    t, spe = run.config.train, run.steps_per_epoch
+    bar = tqdm(total=spe, initial=progress.step_in_epoch,
+               desc=f"epoch {progress.epoch + 1}/{t.epochs}", unit="step",
+               disable=not run.primary, file=sys.stderr, dynamic_ncols=True,
+               mininterval=1.0)
+    pending: list[dict] = []
+    clock.restart()
+    while progress.step_in_epoch < spe:
+        batch = to_global(next(run.iterator), run.mesh)
+        state, step_metrics = loop.train_fn(state, batch, loop.run_key)
+        pending.append(step_metrics)
+        step += 1
+        progress.step_in_epoch += 1
+        clock.count()
+        bar.update(1)
+        last = progress.step_in_epoch == spe
+        # Reading metrics waits for the device: one sync point per log interval (and after
+        # the first step, so the compile is kept out of the images/s figure).
+        if len(pending) >= t.log_every_steps or last or not clock.started:
+            _drain(pending, progress)
+            clock.mark()
+            running = progress.loss_sum / max(progress.steps_summed, 1)
+            bar.set_postfix(loss=f"{running:.4f}", **clock.postfix())
+            if writer:
+                scalars = {"train/loss_running": running,
+                           "train/learning_rate": float(run.schedule(step - 1))}
+                if not math.isnan(clock.rate):
+                    scalars["train/images_per_s"] = clock.rate
+                writer.scalars(step, scalars)
+        if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 and not last:
+            _drain(pending, progress)
+            _save(loop, state, step, None)
+    bar.close()
+    _drain(pending, progress)
+    return state, step
+
+
+def _end_epoch(loop: _Epochs, state, step: int, t_epoch: float) -> dict:
+    """The epoch's record (training sums, then validation), logged and saved; resets the sums."""
+    progress, clock = loop.progress, loop.clock
+    progress.epoch += 1
+    record = dict(epoch=progress.epoch, step=step,
+                  train_loss=progress.loss_sum / max(progress.steps_summed, 1),
+                  train_accuracy=progress.acc_sum / max(progress.steps_summed, 1),
+                  learning_rate=float(loop.run.schedule(step - 1)),
+                  images_per_s=None if math.isnan(clock.rate) else clock.rate,
+                  epoch_time_s=time.perf_counter() - t_epoch)
+    progress.step_in_epoch = progress.loss_sum = progress.acc_sum = 0
+    progress.steps_summed = 0
+    return _score_and_save(loop, state, step, record)
+
+
+def _summary(loop: _Epochs, step: int, stopped_early: bool, record: dict) -> dict:
+    run, ckpt, progress = loop.run, loop.ckpt, loop.progress
+    config, t = run.config, run.config.train
     best_step = ckpt.best_step()
     return dict(
         workdir=run.workdir, epochs_run=progress.epoch, steps=step, stopped_early=stopped_early,
@@ -371,51 +427,12 @@ def validate_config(config) -> None:
     pretrained_path(config.model)
 
 
-def check_workdir(workdir: str) -> str:
-    """The absolute path of a run folder; ConfigError when a file is in the way."""
-    path = os.path.abspath(workdir)
-    probe = path
-    while not os.path.exists(probe):  # ends at the root folder at the latest
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        what = "is a file" if probe == path else f"is inside {probe}, which is a file"
-        raise ConfigError(f"--workdir {workdir} {what}; give a folder (it is created if "
-                          "missing)")
-    return path
-
-
-def make_workdir(path: str) -> bool:
-    """Creates the run folder (checked by `check_workdir`); True when it did not exist."""
-    if os.path.isdir(path):
-        return False
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"cannot create the run folder {path}: {e}") from e
-    return True
-
-
 def _remove_empty(path: str) -> None:
     """Removes `path` if it is an empty folder (what a run that failed to start created)."""
     try:
         os.rmdir(path)
     except OSError:
         pass  # missing or not empty: nothing of ours to tidy
-
-
-# Config paths that the trainer resolves, so later steps (build_index, eval) work from any
-# current directory.
-PATH_FIELDS = ("root", "cache_dir", "tfds_data_dir")
-
-
-def with_absolute_paths(config):
-    """A copy of `config` whose non-empty local data paths are absolute."""
-    config = copy.deepcopy(config)
-    for name in PATH_FIELDS:
-        value = config.data[name]
-        if isinstance(value, str) and value and "://" not in value:
-            config.data[name] = os.path.abspath(os.path.expanduser(value))
-    return config
 
 
 class Diverged(TrainingError):
@@ -559,17 +576,14 @@ def _update_best(progress: Progress, record: dict, monitor: str, step: int) -> b
 
 def _write_run_files(workdir, config, class_names, history, metrics_path) -> None:
     os.makedirs(workdir, exist_ok=True)
-    _write_text(os.path.join(workdir, "config.json"), to_json(config) + "\n")
-    _write_text(os.path.join(workdir, "classes.json"), json.dumps(list(class_names)) + "\n")
+    _write_text(os.path.join(workdir, CONFIG_JSON), to_json(config) + "\n")
+    _write_text(os.path.join(workdir, CLASSES_JSON), json.dumps(list(class_names)) + "\n")
     # Lines past the checkpoint we resume from belong to steps that are about to be redone.
     _write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
 
 
 def _write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_file_atomic(path, text.encode())
 
 
 def _read_history(path: str, max_step: int) -> list[dict]:
@@ -593,7 +607,7 @@ def _log_epoch(record, metrics_path, writer, history, workdir, title) -> None:
     if writer:
         writer.scalars(record["step"], {f"epoch/{k}": v for k, v in record.items()
                                         if isinstance(v, float)})
-    plot_history(history, os.path.join(workdir, "plots"), title)
+    plot_history(history, os.path.join(workdir, PLOTS_DIR), title)
     shown = ", ".join(f"{k} {record[k]:.4f}" for k in
                       ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_top1",
                        "val_top5", "val_map_r") if record.get(k) is not None)

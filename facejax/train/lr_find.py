@@ -19,13 +19,16 @@ import os
 import jax
 import numpy as np
 
+from facejax.atomic import atomic_path
 from facejax.convert.weights import load_from_config
-from facejax.data.pipeline import create_train_iterator, make_data_mesh, to_global
+from facejax.data.pipeline import create_train_iterator, to_global
 from facejax.data.prepare import PreparedData, prepare_data
 from facejax.errors import ConfigError
+from facejax.rundir import check_workdir, make_workdir
+from facejax.sharding import make_data_mesh
 from facejax.train import state as state_lib
 from facejax.train.batch import fit_batch_to_data
-from facejax.train.loop import check_workdir, make_workdir, validate_config
+from facejax.train.loop import validate_config
 from facejax.train.losses import LossConfig
 from facejax.train.scratch import unfreeze_without_weights
 from facejax.train.mesh import is_primary, replicate
@@ -157,7 +160,6 @@ def plot(result: dict, path: str) -> None:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)

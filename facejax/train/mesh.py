@@ -1,4 +1,4 @@
-"""Multi-process start-up (one process per host) and the replicated/data shardings of the step.
+"""Multi-process start-up (one process per host) and replicating host values over the mesh.
 
 A multi-host job runs the same command on every host with three environment variables:
 
@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
+
+from facejax.sharding import replicated
 
 
 def initialize_distributed() -> bool:
@@ -25,14 +26,6 @@ def initialize_distributed() -> bool:
     from facejax.cluster import initialize
 
     return initialize()
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
-
-
-def data_sharded(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P("data"))
 
 
 def is_primary() -> bool:

@@ -18,6 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
+from facejax.atomic import atomic_path
+
 CURVES = {
     "loss.png": ("Loss", "classifier loss (cross-entropy of the training head)",
                  (("train_loss", "train loss"), ("val_loss", "validation loss"))),
@@ -66,9 +68,8 @@ def plot_history(history: Sequence[dict], out_dir: str, title: str = "") -> list
     for name, (ylabel, what, series) in CURVES.items():
         fig, _ = draw_curves(history, ylabel, what, series, title)
         path = os.path.join(out_dir, name)
-        tmp = path + ".tmp.png"
-        fig.savefig(tmp)
+        with atomic_path(path, ".png") as tmp:
+            fig.savefig(tmp)
         plt.close(fig)
-        os.replace(tmp, path)
         written.append(path)
     return written

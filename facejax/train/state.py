@@ -80,7 +80,7 @@ def build_model(config, num_classes: int, *, dtype=jnp.float32, seed: int | None
     accepted = inspect.signature(init).parameters
     if "input_size" in accepted:
         arch_kw["input_size"] = size
-    if m.get("bn_momentum", 0.0):
+    if m.bn_momentum:
         if "bn_momentum" not in accepted:
             raise ConfigError(f"model.bn_momentum: model {m.name!r} has no configurable "
                               "BatchNorm momentum (only scratch_cnn has); leave it at 0")

@@ -17,8 +17,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from facejax.data.augment import preprocess_eval, preprocess_train
+from facejax.sharding import data_sharded, replicated
 from facejax.train.losses import LossConfig, classification_loss
-from facejax.train.mesh import data_sharded, replicated
 from facejax.train.state import ModelBundle, TrainState
 
 
@@ -33,13 +33,7 @@ def _reseed(model: nnx.Module, key: jax.Array) -> None:
 def forward(model: nnx.Module, x: jax.Array, *, train: bool, backbone_train: bool) -> jax.Array:
     """Logits [B,C] (float32). `backbone_train=False` runs the backbone in inference mode
     (BatchNorm on running statistics: the freeze_bn policy) while the head still trains."""
-    if backbone_train == train:
-        return model(x, train=train)
-    # EmbeddingModel.__call__ (models/heads.py) with separate flags for backbone and head.
-    z = model.embedding(model.backbone(x, train=backbone_train))
-    if model.dropout is not None:
-        z = model.dropout(z, deterministic=not train)
-    return model.head(z).astype(jnp.float32)
+    return model(x, train=train, backbone_train=backbone_train)
 
 
 def train_step(state: TrainState, batch: dict, key: jax.Array, *, bundle: ModelBundle,

@@ -1,4 +1,6 @@
-"""Write a directory so readers see the old version or the new one, never a half-written one."""
+"""Write a file or a directory so readers see the old version or the new one, never a
+half-written one: `write_file_atomic` (bytes), `atomic_path` (any writer that takes a path),
+`atomic_dir` (a folder)."""
 
 from __future__ import annotations
 
@@ -66,15 +68,28 @@ def recover_dir(final: str) -> bool:
 
 def write_file_atomic(path: str, data: bytes) -> None:
     """Writes `data` to `path` through a temporary file and `os.replace`."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
+    """Yields a temporary file name beside `path` for a writer to fill (`suffix`: the extension
+    for writers that choose the format by it, e.g. ".png", ".npy"); when the block succeeds the
+    file is synced and replaces `path`. On an exception it is removed and `path` is untouched.
+    """
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=parent)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=parent)
     try:
+        os.close(fd)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
