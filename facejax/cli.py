@@ -22,7 +22,8 @@ def overrides_epilog(example: str) -> str:
 def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        # grain worker processes read absl flags; mark them parsed once (DESIGN.md gotcha).
+        # grain worker processes read absl flags; mark them parsed once (else absl raises
+        # UnparsedFlagAccessError in the workers).
         from absl import flags
 
         if not flags.FLAGS.is_parsed():
