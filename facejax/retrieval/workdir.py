@@ -33,7 +33,8 @@ _RUN_KEYS = ("seed", "model.name", "data.source", "data.root", "data.image_size"
              "index.target_recall", "index.batch_size", "eval.ks", "eval.num_figure_queries")
 # Settings added after runs were first saved: older config.json files get these defaults, so
 # that they can also be overridden (--config.index.scann_init=kmeans++) on such a run.
-_LATER_KEYS = {"index.scann_init": "random", "eval.exact_max_pairs": EXACT_MAX_PAIRS}
+_LATER_KEYS = {"index.scann_init": "random", "eval.exact_max_pairs": EXACT_MAX_PAIRS,
+               "index.milvus_uri": "", "index.milvus_collection": "", "index.milvus_index": "auto"}
 # Settings that hold for one command only: config.json's value (a resumed training run may
 # have saved true) is never inherited; an override sets them again.
 _COMMAND_KEYS = {"data.allow_changed_data": False}
@@ -135,6 +136,7 @@ def _build_workdir_index(workdir: str, config, *, backend: str | None, target_re
     untuned, target = not target, target or DEFAULT_TARGET_RECALL
     init = check_scann_init(config.index.scann_init)
     ks = check_ks(config.eval.ks)
+    milvus = _milvus_options(workdir, config) if backend == "milvus" else None
     embedder = load_embedder(os.path.join(workdir, EMBEDDER_DIR))
     data = prepare_run_data(config, embedder)
     loo = data.gallery is None
@@ -150,7 +152,7 @@ def _build_workdir_index(workdir: str, config, *, backend: str | None, target_re
     index = SearchIndex.build(emb, paths, gallery.labels, embedder.meta, backend=backend,
                               exact_max_items=config.index.exact_max_items,
                               target_recall=target, k=ks[-1], info=info,
-                              scann_params=dict(init=init), seed=config.seed)
+                              scann_params=dict(init=init), seed=config.seed, milvus=milvus)
     if untuned and index.backend == "scann":
         print(f"note: index.target_recall=0 (no tuning) is read as {target}: ScaNN indexes are "
               f"always tuned", flush=True)
@@ -161,6 +163,18 @@ def _build_workdir_index(workdir: str, config, *, backend: str | None, target_re
     index.save(os.path.join(workdir, INDEX_DIR))
     shutil.rmtree(work, ignore_errors=True)  # the saved index holds every embedding now
     return index
+
+
+def _milvus_options(workdir: str, config) -> dict:
+    """index.milvus_* checked before the embedding pass: a bad URI fails in seconds."""
+    from facejax.retrieval import milvus_index as mi
+
+    uri = config.index.milvus_uri or os.path.join(os.path.abspath(workdir), "milvus.db")
+    collection = config.index.milvus_collection or mi.default_collection(workdir)
+    opts = dict(uri=mi.check_uri(uri), collection=mi.check_collection_name(collection),
+                index_type=mi.check_index_type(config.index.milvus_index))
+    mi.connect(uri).close()
+    return opts
 
 
 def evaluate_workdir(workdir: str, config, *, progress: bool = True) -> dict:
