@@ -39,20 +39,37 @@ META = dict(model="bench", params_hash="0" * 64, normalization="none", l2_normal
             metric="dot", input_size=0, resize_mode="crop")
 
 
-def measure(name: str, make, q, truth, repeat: int = 3) -> dict:
+def _scann_setting(index) -> str:
+    p = index.scann_params
+    return f"leaves {p['leaves_to_search']}/{p['num_leaves']}, reorder {p['reorder']}"
+
+
+def measure(name: str, make, q, truth, repeat: int = 3, extra_targets=()) -> dict:
     print(f"  building {name} ...", flush=True)
     index, build_s, memory = built(make)
+    print(f"  built in {build_s:.1f}s; searching", flush=True)
     rows, first = timed(lambda: index.search(q, K)[0], repeat=1)
     _, t = timed(lambda: index.search(q, K), repeat=repeat if first < 30 else 1)
-    one = q[:100]
+    one = q[:100 if index.backend != "milvus" else 20]
     _, t1 = timed(lambda: [index.search(v[None], K) for v in one], repeat=1)
     row = dict(backend=name, build_s=round(build_s, 2), qps=round(len(q) / t, 1),
                single_qps=round(len(one) / t1, 1),
                recall=round(ann_recall_at_k(rows, truth, K), 4), memory_mb=round(memory / 2**20))
     if index.backend == "scann":
-        row["setting"] = (f"leaves {index.scann_params['leaves_to_search']}/"
-                          f"{index.scann_params['num_leaves']}, reorder "
-                          f"{index.scann_params['reorder']}")
+        row["setting"] = _scann_setting(index)
+        row["target"] = index.tuning["target_recall"]
+        for target in extra_targets:  # the same index re-tuned: a row per target
+            t0 = time.perf_counter()
+            index.tune(target, k=K)
+            tune_s = time.perf_counter() - t0
+            rows2 = index.search(q, K)[0]
+            _, t2 = timed(lambda: index.search(q, K), repeat=repeat)
+            more = dict(row, backend=f"{name.split(' (')[0]} (target {target})",
+                        build_s=round(build_s + tune_s, 2), qps=round(len(q) / t2, 1),
+                        recall=round(ann_recall_at_k(rows2, truth, K), 4),
+                        setting=_scann_setting(index), target=target, single_qps=None)
+            print(f"  {json.dumps(more)}", flush=True)
+            row.setdefault("more", []).append(more)
     if index.backend == "milvus":
         row["setting"] = f"{index._milvus.index_type} {index._milvus.search_params}"
         row["build_recall"] = (getattr(index._milvus, "recall", None) or {}).get("recall")
@@ -83,7 +100,8 @@ def run_case(n: int, d: int, args, tmp: str) -> list[dict]:
         elif backend == "scann":
             rows.append(measure("ScaNN (target 0.95)", lambda: SearchIndex.build(
                 x, paths, labels, META | dict(embed_dim=d), backend="scann",
-                target_recall=0.95), q, truth))
+                target_recall=0.95), q, truth,
+                extra_targets=[float(t) for t in args.scann_targets.split(",") if t]))
         elif backend == "milvus":
             for itype in args.lite_types.split(","):
                 if itype != "FLAT" and n > args.lite_ann_max:
@@ -95,6 +113,7 @@ def run_case(n: int, d: int, args, tmp: str) -> list[dict]:
                                       backend="milvus",
                                       milvus=dict(uri=u, collection="bench", index_type=t))),
                     q, truth, repeat=1))
+    rows = [r2 for r in rows for r2 in [r] + r.pop("more", [])]
     for r in rows:
         r.update(n=n, d=d)
     return rows
@@ -106,7 +125,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         out.append(f"| {r['n']:,} | {r['backend']} | {r.get('setting', '')} | {r['build_s']} | "
                    f"{r.get('insert_s', '')} | {r['memory_mb']:,} | {r['qps']:,.0f} | "
-                   f"{r['single_qps']:,.0f} | {r['recall']:.4f} |")
+                   f"{r['single_qps'] or 0:,.0f} | {r['recall']:.4f} |")
     return "\n".join(out)
 
 
@@ -119,6 +138,8 @@ def main(argv: list[str]) -> int:
                         help="Milvus Lite index types: FLAT, HNSW, IVF_FLAT")
     parser.add_argument("--lite_ann_max", type=int, default=100_000,
                         help="largest N for Lite's non-FLAT types (HNSW builds are slow)")
+    parser.add_argument("--scann_targets", default="",
+                        help="more recall targets to re-tune ScaNN to, e.g. 0.99 (a row each)")
     parser.add_argument("--tag", default="")
     args = parser.parse_args(argv)
     cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",")]

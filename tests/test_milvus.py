@@ -168,10 +168,20 @@ def test_bad_uris_are_config_errors(tmp_path, uri, match):
                           milvus=dict(uri=uri, collection="g"))
 
 
+def test_an_index_type_milvus_lite_lacks_is_a_one_line_config_error(tmp_path):
+    x, y = gallery(50)
+    with pytest.raises(ConfigError, match="Milvus Lite has no SCANN index"):
+        SearchIndex.build(x, paths_for(50), y, META, backend="milvus",
+                          milvus=dict(uri=str(tmp_path / "g.db"), collection="g",
+                                      index_type="SCANN"))
+
+
 def test_server_index_type_follows_the_gallery_size():
     assert [mi.server_index(n, 128)[0] for n in (10_000, 500_000, 10**7, 10**9)] == \
         ["FLAT", "HNSW", "SCANN", "IVF_PQ"]
     assert mi.server_index(10**9, 128)[1]["m"] == 16
+    # IVF lists follow the rows of one 1 GB segment, not the collection.
+    assert mi.server_index(10**9, 128)[1]["nlist"] == mi.server_index(10**7, 128)[1]["nlist"]
     assert mi.pick_index("/x/g.db", "auto", 10**7, 128)[0] == "FLAT"
     with pytest.raises(ConfigError, match="index.milvus_index must be one of"):
         mi.pick_index("/x/g.db", "DISKANN", 10, 128)

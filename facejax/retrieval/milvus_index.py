@@ -8,7 +8,7 @@
     `index.milvus_index` names another type. One process at a time opens a Lite database.
   - `http://host:19530` (or https://, tcp://) is a Milvus standalone or cluster deployment,
     which shards, replicates and builds the index itself. The index type follows the gallery
-    size (`server_index`): FLAT below 100k items, HNSW to 2M, SCANN to 50M, IVF_PQ above.
+    size (`server_index`): FLAT below 100k items, HNSW to 2M, SCANN to 500M, IVF_PQ above.
 
 The collection holds one row per gallery item: `id` (INT64 primary key, the index's stable
 id), `embedding` (FLOAT_VECTOR), `label` (INT32) and `path` (VARCHAR). Its properties record
@@ -35,6 +35,9 @@ INDEX_TYPES = ("auto", "FLAT", "HNSW", "IVF_FLAT", "IVF_PQ", "SCANN")
 # Milvus caps a search's limit (top-k) at 16,384 and a request's size; rows per insert call
 # and queries per search call stay well under the 64 MB gRPC message limit at any dim <= 4096.
 MAX_K = 16_384
+# What milvus-lite 3.2 builds of INDEX_TYPES (index/factory.py: IVF_PQ is "reserved", SCANN
+# unknown).
+LITE_TYPES = ("FLAT", "HNSW", "IVF_FLAT")
 _INSERT_ROWS = 4096
 _SEARCH_ROWS = 1024
 _MAX_PATH = 65_535
@@ -67,50 +70,68 @@ def check_index_type(index_type) -> str:
     return index_type
 
 
+# Milvus builds one index per sealed segment (dataCoord.segment.maxSize, 1 GB by default), so
+# list counts follow the rows of a segment, not of the collection.
+_SEGMENT_BYTES = 1 << 30
+
+
+def _lists(n: int, dim: int) -> tuple[int, int]:
+    """(nlist, nprobe) for IVF-style indexes: ~4*sqrt(rows per segment) lists, ~1.5% probed."""
+    rows = max(1, min(n, _SEGMENT_BYTES // (4 * dim)))
+    nlist = int(min(65_536, max(16, 4 * round(math.sqrt(rows)))))
+    return nlist, max(8, nlist // 64)
+
+
 def server_index(n: int, dim: int, k: int = 10) -> tuple[str, dict, dict]:
     """(index type, build params, search params) for a Milvus server holding `n` vectors.
 
-    - n < 100k: FLAT. Exact; one query reads n*dim*4 bytes (51 MB at 100k x 128), a few ms.
-    - n < 2M: HNSW (M=16, efConstruction=200, ef=max(64, 4k)): recall ~0.99, but the graph
-      and the float32 vectors stay in RAM (~0.65 KB per 128-d vector).
-    - n < 50M: SCANN (Milvus's IVF + 4-bit fast-scan PQ, raw vectors kept for the reorder):
-      ~sqrt(n)*4 lists, nprobe ~3% of them, reorder_k = 8k.
-    - above: IVF_PQ (dim/8 bytes per vector, 8-bit codes): the raw vectors leave RAM; recall is
-      lower (PQ only) and the caller should reorder from stored vectors if it needs more.
-    The thresholds come from memory per vector and the growth figures in SCALE.md; they are
-    not tuned on a server here (none is reachable from this machine).
+    - n < 100k: FLAT. Exact; one query reads n*dim*4 bytes (51 MB at 100k x 128).
+    - n < 2M: HNSW (M=16, efConstruction=200, ef=max(64, 4k)): high recall, but the graph
+      and the float32 vectors stay in RAM (~0.63 KB per 128-d vector, faiss's M16 at 1M).
+    - n < 500M: SCANN (Milvus's IVF + 4-bit fast-scan PQ, raw vectors kept for the reorder,
+      reorder_k = 8k): ~0.55 KB per 128-d vector in the query nodes' RAM.
+    - above: IVF_PQ (dim/8 bytes per vector, 8-bit codes): the raw vectors leave the query
+      nodes' RAM (16 B instead of ~0.55 KB per 128-d vector) at a recall cost (PQ codes only,
+      no reorder); index.milvus_index=SCANN keeps the reorder where RAM allows (SCALE.md).
+    IVF lists follow the rows of one segment (`_lists`). The thresholds come from memory per
+    vector (SCALE.md); they are not tuned on a server here (none is reachable from this
+    machine), so measure recall on yours: build_index.py prints it.
     """
     if n < 100_000:
         return "FLAT", {}, {}
     if n < 2_000_000:
         return "HNSW", dict(M=16, efConstruction=200), dict(ef=max(64, 4 * k))
-    nlist = int(min(65_536, max(1024, 4 * round(math.sqrt(n)))))
-    nprobe = max(16, nlist // 32)
-    if n < 50_000_000:
-        return "SCANN", dict(nlist=nlist, with_raw_data=True), dict(nprobe=nprobe,
-                                                                     reorder_k=8 * k)
+    if n < 500_000_000:
+        return _typed("SCANN", n, dim, k)
+    return _typed("IVF_PQ", n, dim, k)
+
+
+def _typed(index_type: str, n: int, dim: int, k: int) -> tuple[str, dict, dict]:
+    """Build and search parameters of one named index type."""
+    nlist, nprobe = _lists(n, dim)
     m = max(1, dim // 8)
     while dim % m:
         m -= 1
-    return "IVF_PQ", dict(nlist=nlist, m=m, nbits=8), dict(nprobe=nprobe)
+    params = dict(FLAT=({}, {}),
+                  HNSW=(dict(M=16, efConstruction=200), dict(ef=max(64, 4 * k))),
+                  IVF_FLAT=(dict(nlist=nlist), dict(nprobe=nprobe)),
+                  IVF_PQ=(dict(nlist=nlist, m=m, nbits=8), dict(nprobe=nprobe)),
+                  SCANN=(dict(nlist=nlist, with_raw_data=True),
+                         dict(nprobe=nprobe, reorder_k=8 * k)))
+    return index_type, *params[index_type]
 
 
 def pick_index(uri: str, index_type: str, n: int, dim: int, k: int = 10
                ) -> tuple[str, dict, dict]:
     """The index for this deployment: Lite uses FLAT unless told otherwise (see module doc)."""
     check_index_type(index_type)
-    auto = server_index(n, dim, k) if not is_lite(uri) else ("FLAT", {}, {})
-    if index_type == "auto" or index_type == auto[0]:
-        return auto
-    nlist = int(max(16, min(65_536, 4 * round(math.sqrt(max(n, 1))))))
-    defaults = dict(FLAT=({}, {}),
-                    HNSW=(dict(M=16, efConstruction=200), dict(ef=max(64, 4 * k))),
-                    IVF_FLAT=(dict(nlist=nlist), dict(nprobe=max(8, nlist // 32))),
-                    IVF_PQ=(server_index(10**9, dim, k)[1] | dict(nlist=nlist),
-                            dict(nprobe=max(8, nlist // 32))),
-                    SCANN=(dict(nlist=nlist, with_raw_data=True),
-                           dict(nprobe=max(8, nlist // 32), reorder_k=8 * k)))
-    return index_type, *defaults[index_type]
+    if index_type == "auto":
+        return server_index(n, dim, k) if not is_lite(uri) else ("FLAT", {}, {})
+    if is_lite(uri) and index_type not in LITE_TYPES:
+        # Milvus Lite accepts the collection, then fails to build the index in the background.
+        raise ConfigError(f"Milvus Lite has no {index_type} index (it builds {LITE_TYPES}); "
+                          f"use one of those, or a Milvus server for {index_type}")
+    return _typed(index_type, n, dim, k)
 
 
 def _message(e: BaseException) -> str:
@@ -213,6 +234,8 @@ class MilvusStore:
                               f"with a {itype} index ({_message(e)})") from None
         store = cls(client, uri, collection, itype, iparams, sparams, token)
         store.upsert(ids, embeddings, labels, paths)
+        # Seal what was written, so that it is indexed rather than scanned as growing data.
+        store._call("flush", client.flush, collection)
         return store
 
     @classmethod
