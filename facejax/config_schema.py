@@ -117,11 +117,16 @@ def train() -> ml_collections.ConfigDict:
 
 def index() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
-        backend="auto",          # auto | exact | scann
+        backend="auto",          # auto | exact | scann | milvus
         exact_max_items=200_000,  # auto: exact search up to this gallery size
         target_recall=0.95,      # ScaNN indexes tune leaves_to_search/reorder to reach this
                                  # recall@k vs exact search (0, in older runs: read as 0.95)
         scann_init="random",     # ScaNN leaf seeding: random (faster build) | kmeans++ (repeatable)
+        milvus_uri="",           # backend milvus: PATH.db (Milvus Lite, embedded; "" -> WORKDIR/
+                                 # milvus.db) or http://host:19530 (a Milvus server or cluster)
+        milvus_collection="",    # "" -> facejax_<hash of the run folder's path>
+        milvus_index="auto",     # auto (Lite: FLAT; server: by gallery size) | FLAT | HNSW |
+                                 # IVF_FLAT | IVF_PQ | SCANN (milvus_index.py)
         batch_size=256,
     ))
 

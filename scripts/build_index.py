@@ -1,6 +1,6 @@
 """Embed a run's gallery with its exported embedder and save a search index in WORKDIR/index.
 
-  python scripts/build_index.py --workdir runs/demo [--backend auto|exact|scann]
+  python scripts/build_index.py --workdir runs/demo [--backend auto|exact|scann|milvus]
       [--target_recall 0.95] [--shard_size 16384] [--config.data.root=/moved/images]
 
 Embedding is resumable: finished shards in WORKDIR/index_work are reused after an interruption.
@@ -52,6 +52,11 @@ def main(argv: list[str]) -> int:
     print(f"index: {index.size} items, dim {index.dim}, backend {index.backend}"
           + (f", ScaNN {index.scann_params}" if index.scann_params else ""))
     print(f"each item: {describe_items(args.workdir, index.dim)}")
+    recall = getattr(index._milvus, "recall", None)
+    if recall:
+        print(f"Milvus {index._milvus.index_type} index, collection {index._milvus.collection} "
+              f"at {index._milvus.uri}: recall@{recall['k']}={recall['recall']:.4f} against "
+              f"exact search on {recall['num_queries']} gallery queries")
     if index.tuning:
         t = index.tuning
         print(f"tuned: leaves_to_search={t['leaves_to_search']} reorder={t['reorder']} "

@@ -39,7 +39,7 @@ from facejax.rundir import read_json
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-BACKENDS = ("auto", "exact", "scann")
+BACKENDS = ("auto", "exact", "scann", "milvus")
 # The embedder fields an index depends on; a mismatch on load is refused.
 EMBEDDER_FIELDS = ("model", "params_hash", "embed_dim", "normalization", "l2_normalized",
                    "metric", "input_size", "resize_mode")
@@ -250,7 +250,7 @@ class SearchIndex:
     def __init__(self, embeddings, paths, labels, ids, embedder: Mapping[str, Any], backend: str,
                  *, scann_params: dict | None = None, tuning: dict | None = None,
                  info: dict | None = None, next_id: int | None = None, built_count: int = 0,
-                 searcher=None, scann_order: np.ndarray | None = None):
+                 searcher=None, scann_order: np.ndarray | None = None, milvus=None):
         self.embeddings = np.ascontiguousarray(embeddings, np.float32)
         self.paths = list(paths)
         self.labels = np.asarray(labels, np.int32)
@@ -268,6 +268,7 @@ class SearchIndex:
         self._scann = searcher
         self._scann_rows: np.ndarray | None = None
         self._scann_positions = None  # the same ScaNN searcher, answering positions
+        self._milvus = milvus  # a milvus_index.MilvusStore for backend 'milvus'
         if backend == "scann":
             if self._scann is None:
                 self._scann = _build_scann(self.embeddings, self.ids, self.scann_params)
@@ -281,7 +282,7 @@ class SearchIndex:
               target_recall: float | None = None, k: int = 10,
               tune_queries: np.ndarray | None = None,
               scann_params: Mapping[str, Any] | None = None, info: dict | None = None,
-              seed: int = 0) -> SearchIndex:
+              seed: int = 0, milvus: Mapping[str, Any] | None = None) -> SearchIndex:
         """Builds an index over `embeddings[N, D]` (row i is `paths[i]`, `labels[i]`).
 
         backend 'auto' is exact up to `exact_max_items` items, ScaNN above. A ScaNN index
@@ -289,6 +290,8 @@ class SearchIndex:
         DEFAULT_TARGET_RECALL) recall@k against exact search, on `tune_queries` or on gallery
         items left out in turn; `index.tuning["met"]` says whether it got there. 0 keeps
         ScaNN's untuned shape (for benchmarks of that shape; nothing is measured then).
+        backend 'milvus' puts the gallery in the collection `milvus` names (uri, collection,
+        index_type; milvus_index.py) and measures its recall@k against exact search.
         """
         embeddings = _check_embeddings(embeddings, embedder_meta)
         n = len(embeddings)
@@ -313,7 +316,11 @@ class SearchIndex:
             check_scann_init(params.get("init", "random"))
         index = cls(embeddings, paths, labels, np.arange(n, dtype=np.int64), embedder_meta,
                     backend, scann_params=params, info=info)
-        if backend == "scann" and target_recall > 0 and n >= 2:
+        if backend == "milvus":
+            from facejax.retrieval import milvus_index
+
+            milvus_index.build_for(index, milvus or {}, k=k, seed=seed)
+        elif backend == "scann" and target_recall > 0 and n >= 2:
             index.tune(target_recall, k=k, queries=tune_queries, seed=seed)
         elif target_recall > 0:
             # Exact search has recall 1 by construction: there is nothing to tune.
@@ -347,6 +354,11 @@ class SearchIndex:
             if self._exact is None:
                 self._exact = ExactSearcher(self.embeddings)
             return self._exact.search(queries, k)
+        if self.backend == "milvus":
+            from facejax.retrieval.milvus_index import rows_of
+
+            found, scores = self._milvus.search(queries, k)
+            return rows_of(self._milvus, found, self.ids), scores
         p = self.scann_params
         leaves = leaves_to_search or p["leaves_to_search"]
         pre = max(k, reorder or p["reorder"])
@@ -433,6 +445,8 @@ class SearchIndex:
                                                 or (np.diff(new_ids) <= 0).any())):
                 raise DataError(f"ids for {n} new items must increase from next_id="
                                 f"{self.next_id} or above, got {new_ids[:10].tolist()}")
+        if self.backend == "milvus" and n:  # first: a refused write changes nothing here
+            self._milvus.upsert(new_ids, embeddings, labels, paths)
         if n:
             self.next_id = int(new_ids[-1]) + 1
         self.embeddings = np.concatenate([self.embeddings, embeddings])
@@ -457,6 +471,8 @@ class SearchIndex:
         keep = ~np.isin(self.ids, ids)
         if not keep.any():
             raise DataError("cannot remove every item from the index; build a new one instead")
+        if self.backend == "milvus" and len(ids):
+            self._milvus.delete(ids)
         self.embeddings = self.embeddings[keep]
         self.paths = [p for p, kept in zip(self.paths, keep) if kept]
         self.labels = self.labels[keep]
@@ -546,6 +562,10 @@ class SearchIndex:
                 order = np.array([int(d) for d in self._scann.docids], np.int64)
                 np.save(os.path.join(sdir, "order.npy"), order)
             manifest = self.manifest()
+            if self.backend == "milvus":
+                from facejax.retrieval.milvus_index import manifest_spec
+
+                manifest["milvus"] = manifest_spec(self._milvus, path)
             # Hashed from the written files (the page cache): ~0.45 s per 512 MB (integrity.py).
             manifest["files"] = integrity.hash_files(tmp, integrity.files_under(tmp))
             # The manifest goes last: a directory with a manifest is a complete index.
@@ -601,11 +621,16 @@ class SearchIndex:
             except Exception as e:  # noqa: BLE001  (ScaNN's C++ errors: IndexError and others)
                 raise CheckpointError(f"{what}: cannot load the ScaNN searcher in scann/ "
                                       f"({type(e).__name__}: {e}); {_FIX}") from None
+        milvus = None
+        if manifest["backend"] == "milvus":
+            from facejax.retrieval.milvus_index import open_for
+
+            milvus = open_for(manifest, path, emb, labels, ids, paths)
         return cls(emb, paths, labels, ids, manifest["embedder"], manifest["backend"],
                    scann_params=manifest.get("scann"), tuning=manifest.get("tuning"),
                    info=manifest.get("info"), next_id=manifest.get("next_id"),
                    built_count=manifest.get("built_count", n), searcher=searcher,
-                   scann_order=order)
+                   scann_order=order, milvus=milvus)
 
 
 def check_k(k, size: int | None = None) -> None:
@@ -637,7 +662,7 @@ def read_manifest(path: str) -> dict:
         raise CheckpointError(f"{mpath} is not a facejax index manifest of version "
                               f"{FORMAT_VERSION}")
     integrity.check_seal(manifest, mpath, _FIX)
-    if manifest.get("backend") not in ("exact", "scann"):
+    if manifest.get("backend") not in ("exact", "scann", "milvus"):
         raise CheckpointError(f"{mpath} names an unknown backend {manifest.get('backend')!r}")
     return manifest
 

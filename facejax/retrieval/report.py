@@ -168,6 +168,9 @@ def search_line(result: Mapping[str, Any]) -> str:
             return "Metrics from exact search (the index is exact)."
         return (f"Metrics from exact search ({pairs}, within eval.exact_max_pairs="
                 f"{s['exact_max_pairs']:,}), not from the {result['backend']} index.")
+    if s["metrics_from"] == "milvus":
+        return (f"Metrics from the Milvus index ({pairs} is above eval.exact_max_pairs="
+                f"{s['exact_max_pairs']:,}); its recall against exact search is below.")
     return (f"Metrics from the ScaNN index re-tuned for recall@{s['depth']} (the depth the "
             f"metrics read): leaves_to_search={s['leaves_to_search']}, reorder={s['reorder']}, "
             f"recall@{s['depth']} {_fmt(s['depth_recall'])} against exact search on "

@@ -56,6 +56,7 @@ def _build_workdir_index(workdir: str, config, *, backend: str | None, target_re
     untuned, target = not target, target or DEFAULT_TARGET_RECALL
     init = check_scann_init(config.index.scann_init)
     ks = check_ks(config.eval.ks)
+    milvus = _milvus_options(workdir, config) if backend == "milvus" else None
     embedder = load_embedder(os.path.join(workdir, EMBEDDER_DIR))
     data = prepare_run_data(config, embedder)
     loo = data.gallery is None
@@ -78,7 +79,7 @@ def _build_workdir_index(workdir: str, config, *, backend: str | None, target_re
     index = SearchIndex.build(emb, paths, gallery.labels, embedder.meta, backend=backend,
                               exact_max_items=config.index.exact_max_items,
                               target_recall=target, k=ks[-1], info=info,
-                              scann_params=dict(init=init), seed=config.seed)
+                              scann_params=dict(init=init), seed=config.seed, milvus=milvus)
     if untuned and index.backend == "scann":
         print(f"note: index.target_recall=0 (no tuning) is read as {target}: ScaNN indexes are "
               f"always tuned", flush=True)
@@ -90,3 +91,16 @@ def _build_workdir_index(workdir: str, config, *, backend: str | None, target_re
     shutil.rmtree(work, ignore_errors=True)  # the saved index holds every embedding now
     multihost.barrier("index_saved")
     return index
+
+
+def _milvus_options(workdir: str, config) -> dict:
+    """index.milvus_* checked before the embedding pass: a bad URI fails in seconds."""
+    from facejax.retrieval import milvus_index as mi
+
+    uri = config.index.milvus_uri or os.path.join(os.path.abspath(workdir), "milvus.db")
+    collection = config.index.milvus_collection or mi.default_collection(workdir)
+    opts = dict(uri=mi.check_uri(uri), collection=mi.check_collection_name(collection),
+                index_type=mi.check_index_type(config.index.milvus_index))
+    mi.connect(uri).close()
+    return opts
+
