@@ -1,7 +1,7 @@
 """Silences orbax output that is expected, only around the orbax calls that print it: notes
 about what facejax does on purpose (manager creation, saves), and the leftovers of a restore
 that failed (reported once, as a CheckpointError, instead). Nothing is installed at import or
-left installed after a call."""
+left installed after a successful call; only a failed restore leaves its narrow filters."""
 
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ def _drop_abandoned_reads(previous):
         if not (closed_loop or orbax_read):
             previous(unraisable)
 
+    hook.drops_abandoned_reads = True
     return hook
 
 
@@ -73,21 +74,28 @@ def quiet_expected_notes() -> Iterator[None]:
 @contextlib.contextmanager
 def quiet_failed_restore() -> Iterator[None]:
     """Around an orbax restore: a failed restore abandons its sibling reads, whose failures
-    (the same damage) print while the restore is failing and when their tasks are collected.
-    On failure the collection is run here, inside the scope; then both hooks come off, on
-    success and failure alike."""
+    (the same damage) print while the restore is failing, when their tasks are collected, and
+    when tensorstore finishes them later, into an event loop orbax has closed. After a
+    successful restore both hooks come off. After a failed one they stay for the rest of the
+    process, because those reads end at a time nothing can wait for (under load, seconds after
+    the CheckpointError); they drop only reports of orbax/tensorstore reads, and a script ends
+    on that CheckpointError anyway."""
     previous_hook = sys.unraisablehook
-    hook = _drop_abandoned_reads(previous_hook)
-    sys.unraisablehook = hook
-    log_filter = _QuietAbandonedReads()
     asyncio_log = logging.getLogger("asyncio")
-    asyncio_log.addFilter(log_filter)
+    if getattr(previous_hook, "drops_abandoned_reads", False):  # left by a failed restore
+        hook, log_filter = previous_hook, None
+    else:
+        hook = _drop_abandoned_reads(previous_hook)
+        sys.unraisablehook = hook
+        log_filter = _QuietAbandonedReads()
+        asyncio_log.addFilter(log_filter)
     try:
         yield
     except BaseException:
         gc.collect()  # abandoned read tasks report "exception was never retrieved" now
         raise
-    finally:
-        asyncio_log.removeFilter(log_filter)
-        if sys.unraisablehook is hook:  # someone else's hook installed meanwhile stays
-            sys.unraisablehook = previous_hook
+    else:
+        if log_filter is not None:
+            asyncio_log.removeFilter(log_filter)
+            if sys.unraisablehook is hook:  # someone else's hook installed meanwhile stays
+                sys.unraisablehook = previous_hook
