@@ -8,8 +8,9 @@ padding) it times, interleaved (median of `--runs` after a warm-up):
 - `xla grouped`: `lax.conv_general_dilated(feature_group_count=C)`, NHWC, as nnx.Conv runs it;
 - `xla shifted`: the same conv written as k*k shifted multiply-adds (elementwise, fused by XLA);
 - `torch NCHW` / `torch channels_last`: `nn.Conv2d(groups=C)` in inference mode.
-Then the whole MobileNetV2 forward (facejax, same batch), so the summed depthwise time is the
-depthwise share of the network. Outputs of `grouped` and `shifted` are checked equal (1e-4).
+Then the whole MobileNetV2 forward (facejax, same batch) with each implementation, so the summed
+depthwise time is the depthwise share of the network. Outputs of `grouped` and `shifted` are
+checked equal (1e-4).
 """
 
 from __future__ import annotations
@@ -26,10 +27,24 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from forward import facejax_fn  # noqa: E402
+from flax import nnx
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from forward import random_weights  # noqa: E402
+
+from facejax.models import create_model  # noqa: E402
 from facejax.models.mobilenet import plan_v2  # noqa: E402
+
+
+def network_fn(x: np.ndarray, impl: str):
+    """MobileNetV2 forward with its depthwise convs as `impl` ('grouped' or 'shifted')."""
+    model = nnx.eval_shape(lambda: create_model("mobilenet_v2", num_classes=1000,
+                                                rngs=nnx.Rngs(0), depthwise=impl))
+    random_weights(model)
+    graphdef, state = nnx.split(model)
+    fwd = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+    xj = jnp.asarray(x)
+    return lambda: fwd(state, xj).block_until_ready()
 
 
 def shapes(size: int = 224) -> list[tuple[int, int, int]]:
@@ -116,12 +131,14 @@ def main(argv=None) -> None:
         print(f"# {side:4d}px {c:5d}ch s{stride} " + "  ".join(f"{k} {v * 1e3:7.2f} ms"
                                                             for k, v in sec.items()), flush=True)
     x = rng.standard_normal((args.batch, 224, 224, 3)).astype(np.float32)
-    full = timed({"mobilenet_v2": facejax_fn("mobilenet_v2", x)}, args.runs)["mobilenet_v2"]
+    full = timed({impl: network_fn(x, impl) for impl in ("grouped", "shifted")}, args.runs)
     print(f"\nbatch {args.batch}, 17 depthwise layers of MobileNetV2 at 224 px, summed ms:")
     for k, v in totals.items():
         print(f"| {k} | {v * 1e3:.1f} ms | {v / totals['torch channels_last']:.2f}x torch CL |")
-    print(f"| facejax MobileNetV2 forward | {full * 1e3:.1f} ms | depthwise (grouped) share "
-          f"{totals['xla grouped'] / full:.0%} |")
+    for impl, sec in full.items():
+        print(f"| MobileNetV2 forward, depthwise={impl} | {sec * 1e3:.1f} ms | "
+              f"{args.batch / sec:.1f} img/s | depthwise share "
+              f"{totals['xla ' + impl] / sec:.0%} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"batch": args.batch, "rows": rows, "totals_s": totals,
