@@ -2,6 +2,7 @@
 statistics, saved by Keras 3 and in the legacy layout) == our converted models."""
 
 import os
+import re
 
 os.environ.setdefault("KERAS_BACKEND", "jax")  # conftest sets it too; keras reads it on import
 
@@ -51,13 +52,30 @@ def features_after(model, layer_name: str):
     return model.layers[names.index(layer_name) + 1].output
 
 
-def write_legacy_h5(model, path) -> None:
+_KERAS2 = {"conv": "Conv", "conv_bn": "Conv/BatchNorm", "conv_1": "Conv_1",
+           "conv_1_bn": "Conv_1/BatchNorm", "conv_2": "Conv_2", "logits": "Logits",
+           "conv1_conv": "conv1/conv", "conv1_bn": "conv1/bn"}
+
+
+def keras2_name(name: str) -> str:
+    """The tf.keras 2 name of a Keras 3 MobileNetV3/DenseNet layer, as the downloadable files
+    spell it (`expanded_conv_3/expand/BatchNorm`, `conv1/bn`): nested HDF5 groups."""
+    m = re.fullmatch(r"(expanded_conv(?:_\d+)?)_(expand|depthwise|project|squeeze_excite_conv"
+                     r"(?:_1)?)(_bn)?", name)
+    if m:
+        op = m[2].replace("squeeze_excite_conv", "squeeze_excite/Conv")
+        return f"{m[1]}/{op}" + ("/BatchNorm" if m[3] else "")
+    return _KERAS2.get(name, name)
+
+
+def write_legacy_h5(model, path, rename=lambda n: n) -> None:
     """Keras 2 `save_weights` layout (how the downloadable ImageNet files are stored)."""
     with h5py.File(path, "w") as f:
-        f.attrs["layer_names"] = [layer.name.encode() for layer in model.layers]
+        f.attrs["layer_names"] = [rename(layer.name).encode() for layer in model.layers]
         for layer in model.layers:
-            g = f.create_group(layer.name)
-            names = [f"{layer.name}/{w.name}:0" for w in layer.weights]
+            name = rename(layer.name)
+            g = f.require_group(name)
+            names = [f"{name}/{w.name}:0" for w in layer.weights]
             g.attrs["weight_names"] = [n.encode() for n in names]
             for n, w in zip(names, layer.weights):
                 g.create_dataset(n, data=np.asarray(w.numpy()))
@@ -81,7 +99,7 @@ def forward(model, x):
 
 
 def check(app: str, name: str, size: int, features, *, seed: int, tmp_path, legacy=False,
-          pixels255=False, batch=2, **kw):
+          pixels255=False, batch=2, rename=lambda n: n, **kw):
     """Builds Keras `app` with random weights, saves, converts, compares logits + features."""
     keras.utils.set_random_seed(seed)
     ref = getattr(keras.applications, app)(weights=None, input_shape=(size, size, 3),
@@ -91,7 +109,7 @@ def check(app: str, name: str, size: int, features, *, seed: int, tmp_path, lega
     path = tmp_path / f"{name}.weights.h5"
     if legacy:
         path = tmp_path / f"{name}.h5"
-        write_legacy_h5(ref, path)
+        write_legacy_h5(ref, path, rename)
     else:
         ref.save_weights(str(path))
     x01 = np.random.default_rng(seed + 1).uniform(size=(batch, size, size, 3)).astype(np.float32)
@@ -134,9 +152,9 @@ def test_mobilenet_v3_small_parity_builtin_rescaling(tmp_path):
     assert ref.count_params() == 2_554_968
 
 
-def test_mobilenet_v3_large_parity_legacy_h5(tmp_path):
+def test_mobilenet_v3_large_parity_legacy_h5_tf_keras2_names(tmp_path):
     check("MobileNetV3Large", "mobilenet_v3_large", 67, lambda m: features_after(m, "conv_2"),
-          seed=3, tmp_path=tmp_path, pixels255=True, legacy=True)
+          seed=3, tmp_path=tmp_path, pixels255=True, legacy=True, rename=keras2_name)
 
 
 def test_densenet121_parity(tmp_path):
@@ -144,9 +162,9 @@ def test_densenet121_parity(tmp_path):
     assert ref.count_params() == 8_062_504
 
 
-def test_densenet169_parity_legacy_h5(tmp_path):
+def test_densenet169_parity_legacy_h5_tf_keras2_names(tmp_path):
     check("DenseNet169", "densenet169", 40, _gap, seed=5, tmp_path=tmp_path, legacy=True,
-          batch=1)
+          batch=1, rename=keras2_name)
 
 
 def test_inception_v3_parity(tmp_path):

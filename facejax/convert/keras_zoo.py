@@ -30,22 +30,25 @@ def _block(m: re.Match) -> str:
     return f"backbone/block{int(m['i'] or 0)}"
 
 
-_MOBILENET: list[tuple[re.Pattern, Callable[[re.Match], str]]] = [
-    (re.compile(r"Conv1|conv"), lambda m: "backbone/stem_conv"),
-    (re.compile(r"bn_Conv1|conv_bn"), lambda m: "backbone/stem_bn"),
-    (re.compile(r"Conv_1|conv_1"), lambda m: "backbone/head_conv"),
-    (re.compile(r"Conv_1_bn|conv_1_bn"), lambda m: "backbone/head_bn"),
-    (re.compile(r"conv_2"), lambda m: "backbone/pre_logits"),
-    (re.compile(r"predictions|logits"), lambda m: "head"),
-    (re.compile(r"(?:block_|expanded_conv_)(?P<i>\d+)?_?(?P<op>expand|depthwise|project)"
-                r"(?P<bn>_BN|_bn)?"),
-     lambda m: f"{_block(m)}/{'dw' if m['op'] == 'depthwise' else m['op']}_"
+# Matched case-insensitively on `_normalise`d names: Keras 3 writes `conv_bn`, `logits`;
+# tf.keras 2 (the downloadable MobileNetV3 files) wrote `Conv/BatchNorm`, `Logits`,
+# `expanded_conv_1/expand/BatchNorm`, `expanded_conv/squeeze_excite/Conv_1`.
+_Rules = list[tuple[re.Pattern, Callable[[re.Match], str]]]
+_MOBILENET: _Rules = [(re.compile(p, re.I), f) for p, f in [
+    (r"conv1|conv", lambda m: "backbone/stem_conv"),
+    (r"bn_conv1|conv_bn", lambda m: "backbone/stem_bn"),
+    (r"conv_1", lambda m: "backbone/head_conv"),
+    (r"conv_1_bn", lambda m: "backbone/head_bn"),
+    (r"conv_2", lambda m: "backbone/pre_logits"),
+    (r"predictions|logits", lambda m: "head"),
+    (r"(?:block_|expanded_conv_)(?P<i>\d+)?_?(?P<op>expand|depthwise|project)(?P<bn>_bn)?",
+     lambda m: f"{_block(m)}/{'dw' if m['op'].lower() == 'depthwise' else m['op'].lower()}_"
                f"{'bn' if m['bn'] else 'conv'}"),
-    (re.compile(r"expanded_conv_(?P<i>\d+)?_?squeeze_excite_conv(?P<one>_1)?"),
+    (r"expanded_conv_(?P<i>\d+)?_?squeeze_excite_conv(?P<one>_1)?",
      lambda m: f"{_block(m)}/se/{'expand' if m['one'] else 'reduce'}"),
-]
+]]
 
-_DENSENET: list[tuple[re.Pattern, Callable[[re.Match], str]]] = [
+_DENSENET: _Rules = [
     (re.compile(r"conv1_(conv|bn)"), lambda m: f"backbone/stem_{m[1]}"),
     (re.compile(r"conv(\d)_block(\d+)_0_bn"),
      lambda m: f"backbone/block{int(m[1]) - 1}_layer{m[2]}/bn1"),
@@ -61,10 +64,15 @@ _DENSENET: list[tuple[re.Pattern, Callable[[re.Match], str]]] = [
 _AUTO = re.compile(r"(conv2d|batch_normalization)(?:_(\d+))?")
 
 
+def _normalise(name: str) -> str:
+    """tf.keras 2 names (`conv1/bn`, `Conv/BatchNorm`) -> the Keras 3 spelling's shape."""
+    return name.replace("/BatchNorm", "_bn").replace("/", "_")
+
+
 def family(layers: dict[str, list[np.ndarray]]) -> str:
     """'mobilenet', 'densenet', 'inception' or '' (not one of these) from the layer names."""
-    names = set(layers)
-    if names & {"bn_Conv1", "conv_bn"}:
+    names = {_normalise(n) for n in layers}
+    if {n.lower() for n in names} & {"bn_conv1", "conv_bn"}:
         return "mobilenet"
     if any(re.fullmatch(r"pool\d_conv", n) for n in names):
         return "densenet"
@@ -130,6 +138,7 @@ def _inception(layers) -> dict[str, Any]:
 
 def convert(layers: dict[str, list[np.ndarray]], family_name: str) -> dict[str, Any]:
     """{keras layer: [arrays]} of a `family()` file -> our nested parameter dict."""
+    layers = {_normalise(k): v for k, v in layers.items()}
     if family_name == "mobilenet":
         return _by_rules(layers, _MOBILENET, "MobileNet")
     if family_name == "densenet":
