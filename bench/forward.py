@@ -38,6 +38,12 @@ PEERS = {
     "resnet50v2": (None, "ResNet50V2"),
     "vgg16": ("vgg16", "VGG16"),
     "efficientnet_lite0": (None, None),  # neither ships Lite (keras/torchvision B0 has SE)
+    "mobilenet_v2": ("mobilenet_v2", "MobileNetV2"),
+    "mobilenet_v3_small": ("mobilenet_v3_small", "MobileNetV3Small"),
+    "mobilenet_v3_large": ("mobilenet_v3_large", "MobileNetV3Large"),
+    "densenet121": ("densenet121", "DenseNet121"),
+    "densenet169": ("densenet169", "DenseNet169"),
+    "inception_v3": ("inception_v3", "InceptionV3"),
 }
 COLUMNS = ("facejax", "torch NCHW", "torch channels_last", "keras-jax")
 

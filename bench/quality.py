@@ -36,7 +36,10 @@ from facejax import cli  # noqa: E402
 from facejax.errors import ConfigError, DataError  # noqa: E402
 
 SEED_MODELS = ("scratch_cnn", "resnet18", "resnet50", "resnet50v2", "vgg16")
-MODELS = ("raw_pixels",) + SEED_MODELS + ("efficientnet_lite0", "dlib_resnet")
+# The seed's future work (issue 14): MobileNet, DenseNet, Inception (Keras ImageNet layouts).
+ZOO_MODELS = ("mobilenet_v2", "mobilenet_v2_035", "mobilenet_v3_small", "mobilenet_v3_large",
+              "densenet121", "densenet169", "inception_v3")
+MODELS = ("raw_pixels",) + SEED_MODELS + ("efficientnet_lite0", "dlib_resnet") + ZOO_MODELS
 # The seed paper's Table 3 (closed-set celebrity faces).
 PAPER = {
     "resnet50": ("transfer learning ResNet50", 0.42, 0.45, 0.50),

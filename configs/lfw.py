@@ -5,7 +5,8 @@
 
 The argument is `model,recipe,protocol[,seed]`:
 - model: a registry name (scratch_cnn, resnet18, resnet50, resnet50v2, vgg16, efficientnet_lite0,
-  dlib_resnet, raw_pixels).
+  dlib_resnet, raw_pixels, mobilenet_v2[_035], mobilenet_v3_small/large, densenet121/169,
+  inception_v3).
 - recipe: `seed` (the paper's: softmax, Adam 1e-3, per-epoch step decay, the last 4 layers
   trainable when starting from ImageNet weights), `best` (ArcFace, AdamW, warm-up + cosine, mild
   augmentation), `features` (no training: the initial weights are scored), an ablation of

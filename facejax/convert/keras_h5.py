@@ -18,6 +18,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from facejax.convert import keras_zoo
 from facejax.convert.limits import ByteBudget
 from facejax.convert.merge import unflatten
 from facejax.errors import WeightsError
@@ -104,7 +105,10 @@ def read_h5(path: str | os.PathLike) -> dict[str, list[np.ndarray]]:
 
 
 def convert_layers(layers: dict[str, list[np.ndarray]]) -> dict[str, Any]:
-    """{keras layer: [arrays]} -> nested dict for our ResNet / ResNetV2 / VGG model."""
+    """{keras layer: [arrays]} -> nested dict for our ResNet / ResNetV2 / VGG model (and, via
+    `keras_zoo`, MobileNetV2/V3, DenseNet and InceptionV3)."""
+    if family := keras_zoo.family(layers):
+        return keras_zoo.convert(layers, family)
     out, unknown = {}, []
     for name, arrays in layers.items():
         rule = next(((p, f) for p, f in _RULES if p.fullmatch(name)), None)

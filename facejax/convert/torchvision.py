@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from facejax.convert import torchvision_zoo
 from facejax.convert.merge import unflatten
 from facejax.errors import WeightsError
 from facejax.models.vgg import CFGS, conv_names
@@ -141,6 +142,8 @@ def _no_unknown(unknown: list[str], family: str) -> None:
 def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """Detects ResNet vs VGG from the keys and converts (a 'module.' prefix is stripped)."""
     sd = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    if family := torchvision_zoo.family(sd):  # MobileNetV2/V3, DenseNet, Inception v3
+        return torchvision_zoo.convert(sd, family)
     if any(k.startswith("layer1.") for k in sd):
         return convert_resnet(sd)
     if any(k.startswith("features.") for k in sd):

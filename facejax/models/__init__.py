@@ -1,6 +1,17 @@
 """Model zoo: every family's `MODELS` table merged into one registry."""
 
-from facejax.models import cnn, dlib_resnet, efficientnet, pixels, resnet, resnet_v2, vgg
+from facejax.models import (
+    cnn,
+    densenet,
+    dlib_resnet,
+    efficientnet,
+    inception,
+    mobilenet,
+    pixels,
+    resnet,
+    resnet_v2,
+    vgg,
+)
 from facejax.models.heads import EmbeddingModel
 from facejax.models.registry import (
     ModelSpec,
@@ -22,7 +33,8 @@ def _merge(*families) -> dict[str, ModelSpec]:
     return models
 
 
-MODELS = _merge(cnn, pixels, resnet, resnet_v2, vgg, efficientnet, dlib_resnet)
+MODELS = _merge(cnn, pixels, resnet, resnet_v2, vgg, efficientnet, dlib_resnet, mobilenet,
+                densenet, inception)
 
 __all__ = ["MODELS", "EmbeddingModel", "ModelSpec", "Preset", "create_model", "get_preset",
            "get_spec", "list_models"]

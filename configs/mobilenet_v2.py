@@ -1,0 +1,23 @@
+"""MobileNetV2 (alpha 1.0) from Keras ImageNet weights, transfer learning as the seed
+(`common.keras_transfer`).
+
+Inputs are resized to 224 px on the device and normalised as the weights expect (tf: [-1, 1]):
+
+    python scripts/train.py --config configs/mobilenet_v2.py --workdir \
+        runs/mobilenet_v2 --config.data.root=../shared/data/faces/lfw_aligned
+
+Offline, put `mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5` in
+$FACEJAX_WEIGHTS or ~/.keras/models (the error names it), or train from scratch with
+--config.model.pretrained=''. The torchvision layout: --config.model.weights_source=torchvision
+(`mobilenet_v2-b0353104.pth`).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import keras_transfer
+
+
+def get_config():
+    return keras_transfer("mobilenet_v2")
