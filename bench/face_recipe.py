@@ -76,26 +76,30 @@ def run_cell(workdir: str, overrides: list[str]) -> dict:
     report = json.load(open(os.path.join(workdir, "report", "report.json")))
     history = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
     val = [(r.get("epoch"), r.get("val_top1")) for r in history if r.get("val_top1") is not None]
+    val_map = [(r.get("epoch"), r.get("val_map_r")) for r in history
+               if r.get("val_map_r") is not None]
     best = [r.get("epoch") for r in history if r.get("best")]
     epochs = max((r.get("epoch") or 0 for r in history), default=0)
     return dict(metrics=report["metrics"], num_queries=report.get("num_queries"),
-                gallery_size=report.get("gallery_size"), val_top1=val,
+                gallery_size=report.get("gallery_size"), val_top1=val, val_map_r=val_map,
                 kept_starting_point=bool(epochs and best and best[-1] == 0),
                 best_epoch=best[-1] if best else None, epochs_run=epochs)
 
 
 def table(cells: dict) -> str:
     lines = ["| folder | recipe | test Top-1 | test mAP@R | queries / gallery | epochs | best "
-             "epoch | val Top-1 by epoch (0 = untrained) |", "|---|---|---|---|---|---|---|---|"]
+             "epoch | val Top-1 by epoch (0 = untrained) | val mAP@R by epoch |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(cells, key=lambda k: (k.split("/")[0], list(RECIPES).index(k.split("/")[1])
                                             if k.split("/")[1] in RECIPES else 9)):
         folder, recipe = key.split("/")
         c = cells[key]
         m = c["metrics"]
         curve = " ".join(f"{v:.2f}" for _, v in c["val_top1"]) or "—"
+        curve_map = " ".join(f"{v:.3f}" for _, v in c.get("val_map_r", [])) or "—"
         lines.append(f"| {folder} | {recipe} | {m['top1']:.3f} | {m['map@r']:.3f} | "
                      f"{c['num_queries']} / {c['gallery_size']} | {c.get('epochs_run', '—')} | "
-                     f"{c.get('best_epoch', '—')} | {curve} |")
+                     f"{c.get('best_epoch', '—')} | {curve} | {curve_map} |")
     return "\n".join(lines)
 
 
@@ -103,6 +107,8 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/face_recipe", help="cell folders and results.json")
     p.add_argument("--att_aligned", default="", help="aligned AT&T folder (adds the att rows)")
+    p.add_argument("--att_raw", default="", help="raw AT&T folder (adds the att_raw rows: "
+                   "what a wrong crop costs)")
     p.add_argument("--folders", default="", help="comma list of folders (default: all)")
     p.add_argument("--recipes", default="", help="comma list of recipes (default: all)")
     p.add_argument("--table", action="store_true", help="only print the table of saved cells")
@@ -110,6 +116,8 @@ def main(argv: list[str]) -> int:
     folders = dict(FOLDERS)
     if args.att_aligned:
         folders["att"] = [f"data.root={os.path.abspath(args.att_aligned)}"]
+    if args.att_raw:
+        folders["att_raw"] = [f"data.root={os.path.abspath(args.att_raw)}"]
     results_path = os.path.join(args.out, "results.json")
     cells = json.load(open(results_path)) if os.path.isfile(results_path) else {}
     if not args.table:

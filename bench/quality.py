@@ -36,11 +36,11 @@ from facejax import cli  # noqa: E402
 from facejax.errors import ConfigError, DataError  # noqa: E402
 
 SEED_MODELS = ("scratch_cnn", "resnet18", "resnet50", "resnet50v2", "vgg16")
-# The seed's future work (issue 14): MobileNet, DenseNet, Inception (Keras ImageNet layouts).
+# The paper's future work (issue 14): MobileNet, DenseNet, Inception (Keras ImageNet layouts).
 ZOO_MODELS = ("mobilenet_v2", "mobilenet_v2_035", "mobilenet_v3_small", "mobilenet_v3_large",
               "densenet121", "densenet169", "inception_v3")
 MODELS = ("raw_pixels",) + SEED_MODELS + ("efficientnet_lite0", "dlib_resnet") + ZOO_MODELS
-# The seed paper's Table 3 (closed-set celebrity faces).
+# The paper's Table 3 (closed-set celebrity faces).
 PAPER = {
     "resnet50": ("transfer learning ResNet50", 0.42, 0.45, 0.50),
     "vgg16": ("transfer learning VGG16", 0.30, 0.29, 0.397),
@@ -230,8 +230,8 @@ def write_outputs(out: str, cells: list[dict], md_path: str, command: str) -> No
     notes = os.path.join(ROOT, "bench", "quality_notes.md")
     if os.path.isfile(notes):
         parts.append(open(notes).read().strip())
-    parts += ["## Closed-set, LFW-260 (the seed's setting)", table(cells, "closed_set"),
-              "The seed paper's Table 3, for reference (its own celebrity data and protocol):",
+    parts += ["## Closed-set, LFW-260 (the paper's setting)", table(cells, "closed_set"),
+              "The paper's Table 3, for reference (its own celebrity data and protocol):",
               "\n".join(paper),
               "## Open-set: identities never trained on, leave-one-out",
               table(cells, "open_set")]

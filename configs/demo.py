@@ -22,7 +22,7 @@ def get_config():
     c.augment.zoom = 0.05
     c.augment.translate = 0.05
     c.train.epochs = 3
-    # The seed's batch 128 (base()). With the scratch CNN's BatchNorm momentum 0.9 (not Keras'
+    # The paper's batch 128 (base()). With the scratch CNN's BatchNorm momentum 0.9 (not Keras'
     # 0.99) this demo reaches the same validation accuracy as batch 64: 0.848 vs 0.853 after
     # 3 epochs.
     c.train.monitor = "val_accuracy"

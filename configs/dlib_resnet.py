@@ -6,7 +6,7 @@ Images are cached at 150 px, dlib's chip size; they should be faces aligned like
 embedding (no projection), a cosine head learns the classes:
 
     python scripts/train.py --config configs/dlib_resnet.py --workdir runs/dlib_resnet \
-        --config.data.root=../shared/data/faces/lfw_aligned
+        --config.data.root=/path/to/faces
 
 Score the pretrained descriptor without training with --config.train.epochs=0.
 """

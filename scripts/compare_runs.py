@@ -1,4 +1,4 @@
-"""Compare evaluated runs in one table (the seed's Table 3): models as rows, Top-1/5/10 + more.
+"""Compare evaluated runs in one table (the paper's Table 3): models as rows, Top-1/5/10 + more.
 
   python scripts/compare_runs.py runs/resnet50 runs/vgg16 runs/scratch --out comparison.md
 

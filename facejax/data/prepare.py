@@ -236,7 +236,7 @@ def prepare_data(cfg, *, prune_cache: bool = False) -> PreparedData:
     before decoding (of training/ only, for competition). Protocols: closed_set (per class:
     train / val / test; test queries train) or open_set (held-out identities, leave-one-out);
     competition always queries query/ against gallery/. In every protocol val (model selection)
-    is disjoint from the queries, except closed_set with test_fraction=0 (the seed's setup).
+    is disjoint from the queries, except closed_set with test_fraction=0 (the paper's setup).
     `prune_cache` deletes older cache entries of the same source and settings.
 
     Raises:

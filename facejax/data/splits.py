@@ -246,7 +246,7 @@ def closed_set(paths: Sequence[str], labels: np.ndarray, class_names: Sequence[s
     """Per class, images split into train, val and test; retrieval queries test against train.
 
     val only selects the model (early stopping, best checkpoint). With test_fraction=0 there is
-    no test side and val doubles as the query set, as in the seed: those scores are optimistic,
+    no test side and val doubles as the query set, as in the paper: those scores are optimistic,
     since the checkpoint was picked on the same images.
     """
     labels = np.asarray(labels)

@@ -1,4 +1,4 @@
-"""The seed paper's scratch CNN (Table 1): three conv/BN/conv/max-pool blocks, then Flatten."""
+"""The paper's scratch CNN (Table 1): three conv/BN/conv/max-pool blocks, then Flatten."""
 
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ BN_MOMENTUM = 0.9
 
 
 class ScratchCNN(nnx.Module):
-    """Table 1 of the seed, for a square `input_size` RGB input.
+    """Table 1 of the paper, for a square `input_size` RGB input.
 
     Each block is Conv3x3 'same' (ReLU) -> BatchNorm -> Conv3x3 'valid' (ReLU) -> MaxPool 2x2.
-    The order follows the seed's Keras model, where the ReLU lives inside `Conv2D(activation=
+    The order follows the paper's Keras model, where the ReLU lives inside `Conv2D(activation=
     'relu')` and BatchNormalization comes after it; BN uses Keras' epsilon 1e-3, and momentum
     `bn_momentum` (default `BN_MOMENTUM` = 0.9; pass 0.99 for Keras' exact default). Features
     are the Flatten, so `num_features` depends on `input_size` (128 -> 14*14*128 = 25088);

@@ -1,4 +1,4 @@
-"""Retrieval metrics in NumPy: hit@k (the seed's Top-k), precision/recall/F1@k, mAP@R, ANN recall.
+"""Retrieval metrics in NumPy: hit@k (the paper's Top-k), precision/recall/F1@k, mAP@R, ANN recall.
 
 Per-query functions take `rel`, a bool matrix [Q, K] that is True where the j-th result of
 query i shares its label, and `num_rel` [Q], the number of gallery items that do (for
@@ -39,7 +39,7 @@ def _check_k(rel: np.ndarray, k: int) -> None:
 
 
 def hit_at_k(rel: np.ndarray, k: int) -> np.ndarray:
-    """1 if any of the top-k is relevant (the seed's Top-k accuracy), per query."""
+    """1 if any of the top-k is relevant (the paper's Top-k accuracy), per query."""
     _check_k(rel, k)
     return rel[:, :k].any(axis=1).astype(np.float64)
 

@@ -1,4 +1,4 @@
-"""Evaluation report: report.json, report.md, a static report.html and the seed's Figure 9 PNG."""
+"""Evaluation report: report.json, report.md, a static report.html and the query-and-top-5 figure (PNG)."""
 
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def _short(name: str, width: int = 18) -> str:
 def examples_figure(examples: Sequence[Mapping[str, Any]],
                     image_loader: Callable[[str], np.ndarray | None], out_png: str,
                     title: str = "") -> None:
-    """The seed's Figure 9 from `evaluate` examples; `image_loader(path)` gives uint8 HxWx3."""
+    """The query-and-top-5 figure from `evaluate` examples; `image_loader(path)` gives uint8 HxWx3."""
     rows = []
     for ex in examples:
         rows.append(dict(
@@ -361,7 +361,7 @@ def _markdown(result, title, figure, curves) -> str:
     if rows:
         out += ["", f"## {class_heading(result)}", "", _md_table(header, rows)]
     if figure:
-        out += ["", "## Examples (the seed's Figure 9)", "",
+        out += ["", "## Examples: queries and their top-5", "",
                 ("Each row: a random query (blue) and its top-5 results; green border = same "
                  "identity, red = different. Captions: identity and cosine score."), "",
                 f"![query and top-5 results]({figure})"]
@@ -427,7 +427,7 @@ def _html(result, title, figure, curves) -> str:
     if rows:
         parts += [f"<h2>{html.escape(class_heading(result))}</h2>", _html_table(header, rows)]
     if figure:
-        parts += ["<h2>Examples (the seed's Figure 9)</h2>",
+        parts += ["<h2>Examples: queries and their top-5</h2>",
                   ("<p class='note'>A random query (blue) and its top-5 results: green border = "
                    "same identity, red = different.</p>"),
                   f"<img src='{html.escape(figure)}' alt='query and top-5 results'>"]
@@ -462,7 +462,7 @@ def _jsonable(x):
 # ----------------------------------------------------------------------------- comparison
 
 def compare_table(runs: Sequence[tuple[str, Mapping[str, Any]]], k: int | None = None) -> str:
-    """The seed's Table 3: one row per run, Top-1/5/10, then precision@k, mAP@R and F1@k.
+    """The paper's Table 3: one row per run, Top-1/5/10, then precision@k, mAP@R and F1@k.
 
     `k` defaults to 10, or the largest k that every run was evaluated at.
     """

@@ -1,6 +1,6 @@
 """Fit `train.batch_size` to a training set smaller than one batch (small first folders).
 
-The configs keep the seed's batch of 128 (64 for faces); a 200-image folder holds ~127 training
+The configs keep the paper's batch of 128 (64 for faces); a 200-image folder holds ~127 training
 images after the validation and test splits, which used to stop the run before anything was
 learnt — even with `train.epochs=0`, where no training batch is ever drawn. Instead the batch
 becomes the largest power of two that fits (a multiple of the device count), with a notice.

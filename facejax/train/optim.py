@@ -63,7 +63,7 @@ def make_schedule(t, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
         raise ConfigError(f"train.decay_rate must be in (0, 1], got {t.decay_rate}")
     if t.schedule == "constant":
         main = optax.constant_schedule(lr)
-    elif t.schedule == "step":  # the seed's per-epoch decay: lr * rate ** epoch
+    elif t.schedule == "step":  # the paper's per-epoch decay: lr * rate ** epoch
         main = optax.exponential_decay(lr, spe, t.decay_rate, staircase=True)
     elif t.schedule == "exponential":
         main = optax.exponential_decay(lr, spe, t.decay_rate)

@@ -1,4 +1,4 @@
-"""Per-epoch training curves as PNGs (the seed's loss and accuracy figures), redrawn each epoch.
+"""Per-epoch training curves as PNGs (the paper's loss and accuracy figures), redrawn each epoch.
 
 The accuracy figure holds two kinds of line, named as such in its legend and title: the
 classifier's accuracy (the training head's softmax over the training classes; low with many
