@@ -1,4 +1,5 @@
-"""ResNet50 from Keras ImageNet weights, transfer learning as in the paper (`facejax.config_schema.keras_transfer`).
+"""ResNet50 from Keras ImageNet weights,
+transfer learning as in the paper (`facejax.config_schema.keras_transfer`).
 
 Inputs are resized to 224 px on the device and normalised as Keras does (caffe: BGR minus
 the ImageNet mean):

@@ -1,4 +1,5 @@
-"""Evaluation report: report.json, report.md, a static report.html and the query-and-top-5 figure (PNG)."""
+"""Evaluation report: report.json, report.md, a static report.html and the query-and-top-5
+figure (PNG)."""
 
 from __future__ import annotations
 
@@ -94,7 +95,8 @@ def _short(name: str, width: int = 18) -> str:
 def examples_figure(examples: Sequence[Mapping[str, Any]],
                     image_loader: Callable[[str], np.ndarray | None], out_png: str,
                     title: str = "") -> None:
-    """The query-and-top-5 figure from `evaluate` examples; `image_loader(path)` gives uint8 HxWx3."""
+    """The query-and-top-5 figure from `evaluate` examples; `image_loader(path)` gives uint8
+    HxWx3."""
     rows = []
     for ex in examples:
         rows.append(dict(
