@@ -280,6 +280,11 @@ def test_search_marks_results_below_the_calibrated_threshold(run, capsys):
     work, root = run
     query = os.path.join(root, "person_c", "person_c_000.png")
     args = ["--workdir", work, "--query", query, "--k", "6"]
+    # The run's evaluation measured open-set rejection; without it, the pair threshold rules.
+    report_json = pathlib.Path(work, "report", "report.json")
+    evaluated = report_json.read_text()
+    report_json.write_text(json.dumps({k: v for k, v in json.loads(evaluated).items()
+                                       if k != "rejection"}))
     assert _script("search").main(args + ["--json"]) == 0
     plain = json.loads(capsys.readouterr().out)
     assert plain["threshold"] is None
@@ -300,8 +305,17 @@ def test_search_marks_results_below_the_calibrated_threshold(run, capsys):
         assert json.loads(capsys.readouterr().out)["threshold"] is None
         with pytest.raises(ConfigError, match="threshold"):
             _script("search").main(args + ["--threshold", "2"])
+        # With the open-set figures back, auto takes the threshold that accepts 5% of unknown
+        # people instead of the pair one.
+        report_json.write_text(evaluated)
+        open_set = [r["threshold"] for r in json.loads(evaluated)["rejection"]["tradeoff"]
+                    if r["target_false_accept"] == 0.05]
+        assert len(open_set) == 1 and open_set[0] != cut
+        assert _script("search").main(args + ["--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["threshold"] == open_set[0]
     finally:
         report.unlink()
+        report_json.write_text(evaluated)
 
 
 def test_a_scann_index_below_its_target_is_flagged_in_bold(run, tmp_path, monkeypatch, capsys):
