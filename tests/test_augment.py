@@ -193,3 +193,19 @@ def test_show_augment_writes_a_grid(tmp_path):
     from PIL import Image
     with Image.open(out) as im:
         assert im.format == "PNG" and im.width > 100
+        pixels = np.asarray(im.convert("RGB")).astype(int)
+    # No data configured: the originals' row shows the synthetic pattern twice. Each panel is
+    # found by its red top-left corner and its black frame, and read back pixel by pixel.
+    pattern = script.synthetic_pattern(24).astype(int)
+    red = np.all(pixels == pattern[0, 0], axis=-1)
+    top = np.flatnonzero(red.any(axis=1))[0]
+    corner_rows = red[top:top + 3].any(axis=0)
+    lefts = np.flatnonzero(np.diff(np.r_[0, corner_rows.astype(int)]) == 1)
+    assert len(lefts) == 2, "the two originals side by side"
+    for left in lefts:
+        width = np.flatnonzero(np.all(pixels[top + 1, left:] == 0, axis=-1))[0]  # the frame
+        scale = width / 24
+        assert scale > 2, "drawn at a legible size"
+        centres = ((np.arange(24) + 0.5) * scale).astype(int)
+        shown = pixels[top + centres[:, None], left + centres[None, :]]
+        assert np.mean(np.all(np.abs(shown - pattern) <= 2, axis=-1)) > 0.97
