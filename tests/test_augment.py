@@ -52,6 +52,7 @@ def _rot90_matrix(n):
     return jnp.asarray(a), jnp.zeros((n, 2), jnp.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fill_mode", augment.FILL_MODES)
 def test_zero_parameters_are_identity(fill_mode):
     imgs = _images()
@@ -63,6 +64,7 @@ def test_zero_parameters_are_identity(fill_mode):
     np.testing.assert_allclose(np.asarray(warped), imgs / 255.0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_flip_twice_is_identity():
     imgs = _images(8)
     key = jax.random.key(3)
@@ -87,6 +89,7 @@ def test_rotation_by_90_matches_rot90():
     np.testing.assert_array_equal(out, np.rot90(imgs, axes=(1, 2)))
 
 
+@pytest.mark.slow
 def test_shapes_dtypes_and_range():
     imgs = _images(3, 20)
     cfg = augment_config()
@@ -99,6 +102,7 @@ def test_shapes_dtypes_and_range():
     assert ev.shape == (3, 32, 32, 3) and ev.dtype == jnp.float32
 
 
+@pytest.mark.slow
 def test_seed_determinism_and_variation():
     imgs = _images(4, 24)
     cfg = augment_config()
@@ -112,6 +116,7 @@ def test_seed_determinism_and_variation():
     assert np.abs(out[0] - out[1]).mean() > 1e-3
 
 
+@pytest.mark.slow
 def test_fill_modes_after_big_rotation():
     imgs = np.full((1, 32, 32, 3), 200, np.uint8)
     theta = np.deg2rad(45.0)
@@ -134,6 +139,7 @@ def test_fill_modes_after_big_rotation():
     np.testing.assert_array_equal(row, [30, 40, 50, 60, 70, 70, 70, 70])
 
 
+@pytest.mark.slow
 def test_works_under_jit():
     imgs = _images(2, 16)
     cfg = augment_config()
@@ -182,6 +188,7 @@ def test_bad_config_and_inputs_raise_clear_errors():
         augment.preprocess_eval(imgs[0], 8, "unit")
 
 
+@pytest.mark.slow
 def test_show_augment_writes_a_grid(tmp_path):
     path = pathlib.Path(__file__).parents[1] / "scripts" / "show_augment.py"
     spec = importlib.util.spec_from_file_location("_show_augment", path)

@@ -17,6 +17,8 @@ from facejax.train import loop
 from facejax.train.imprint import class_means, imprint_head
 from facejax.train.state import resolve_input
 
+pytestmark = pytest.mark.slow  # every test here takes seconds: not in ./run.sh test --fast
+
 
 def test_class_means_are_normalised_means_in_any_row_order():
     model = create_model("raw_pixels", num_classes=3, rngs=nnx.Rngs(0), head="cosine")

@@ -67,6 +67,7 @@ def test_lfw_config_uses_imagenet_weights_when_the_file_is_found(tmp_path, monke
     assert cfg("efficientnet_lite0,best,closed_set").train.head_init == "random"
 
 
+@pytest.mark.slow
 def test_raw_pixels_features_ignore_brightness():
     model = create_model("raw_pixels", num_classes=2, rngs=nnx.Rngs(0))
     x = jnp.asarray(np.random.default_rng(0).random((2, 48, 48, 3)), jnp.float32)
@@ -100,6 +101,7 @@ def test_plan_and_tables():
     assert "| best (3 ep. max) |" in quality.table(rows + capped, "closed_set")
 
 
+@pytest.mark.slow
 def test_one_cell_end_to_end(tmp_path, monkeypatch):
     """raw_pixels features on a tiny 6-identity folder: train(0 epochs) -> export -> index ->
     evaluate -> cell.json, then the tables; a second run reuses the cell."""

@@ -23,6 +23,7 @@ def _script():
 SMALL = ["--num", "2", "--rows", "1", "--config.data.image_size=16"]
 
 
+@pytest.mark.slow
 def test_out_file_and_folder(tmp_path, capsys):
     script = _script()
     out = tmp_path / "sub" / "grid.png"
@@ -47,6 +48,7 @@ def _runs(mask) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(edges[::2], edges[1::2]) if b - a >= 10]
 
 
+@pytest.mark.slow
 def test_grid_shows_the_images_in_columns_and_every_draw_in_rows(tmp_path):
     """Two flat-colour images (a flat image stays flat under the default flips, shifts and
     reflect-filled rotations): each colour fills one column, in the originals' row and in each
