@@ -3,6 +3,7 @@
 #   ./run.sh demo   set up .venv, then train -> export -> index -> evaluate -> report on Fashion-MNIST
 #   ./run.sh serve  set up .venv, then serve runs/demo (after ./run.sh demo) at http://127.0.0.1:8000
 #   ./run.sh test   set up .venv with the test extras, then lint and run the whole test suite
+#   ./run.sh test --fast   the same without the tests marked slow: a quick check of every package
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -82,10 +83,14 @@ case "${1:-}" in
     if [[ "$free_mb" =~ ^[0-9]+$ ]] && [ "$free_mb" -lt 1500 ]; then
       echo "== warning: only ${free_mb} MB free in $tmp; the tests need about 1 GB (set TMPDIR)" >&2
     fi
-    .venv/bin/python -m pytest -q "$@"
+    args=()
+    for arg in "$@"; do
+      if [ "$arg" = --fast ]; then args+=(-m "not slow"); else args+=("$arg"); fi
+    done
+    .venv/bin/python -m pytest -q ${args[@]+"${args[@]}"}
     ;;
   *)
-    echo "usage: ./run.sh demo | ./run.sh serve | ./run.sh test" >&2
+    echo "usage: ./run.sh demo | ./run.sh serve | ./run.sh test [--fast]" >&2
     exit 2
     ;;
 esac

@@ -20,7 +20,7 @@ from facejax.data import align_dlib
 from facejax.data.align_dlib import LOG_NAME, FaceAligner, align_folder
 from facejax.errors import ConfigError, DataError
 
-pytestmark = pytest.mark.parity
+pytestmark = [pytest.mark.slow, pytest.mark.parity]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # dlib's 5-point chip template (get_face_chip_details), as fractions before padding.
 TEMPLATE_5 = np.array([[0.8595674595992, 0.2134981538014], [0.6460604764104, 0.2289674387677],

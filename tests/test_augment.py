@@ -52,6 +52,7 @@ def _rot90_matrix(n):
     return jnp.asarray(a), jnp.zeros((n, 2), jnp.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fill_mode", augment.FILL_MODES)
 def test_zero_parameters_are_identity(fill_mode):
     imgs = _images()
@@ -63,6 +64,7 @@ def test_zero_parameters_are_identity(fill_mode):
     np.testing.assert_allclose(np.asarray(warped), imgs / 255.0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_flip_twice_is_identity():
     imgs = _images(8)
     key = jax.random.key(3)
@@ -87,6 +89,7 @@ def test_rotation_by_90_matches_rot90():
     np.testing.assert_array_equal(out, np.rot90(imgs, axes=(1, 2)))
 
 
+@pytest.mark.slow
 def test_shapes_dtypes_and_range():
     imgs = _images(3, 20)
     cfg = augment_config()
@@ -99,6 +102,7 @@ def test_shapes_dtypes_and_range():
     assert ev.shape == (3, 32, 32, 3) and ev.dtype == jnp.float32
 
 
+@pytest.mark.slow
 def test_seed_determinism_and_variation():
     imgs = _images(4, 24)
     cfg = augment_config()
@@ -112,6 +116,7 @@ def test_seed_determinism_and_variation():
     assert np.abs(out[0] - out[1]).mean() > 1e-3
 
 
+@pytest.mark.slow
 def test_fill_modes_after_big_rotation():
     imgs = np.full((1, 32, 32, 3), 200, np.uint8)
     theta = np.deg2rad(45.0)
@@ -134,6 +139,7 @@ def test_fill_modes_after_big_rotation():
     np.testing.assert_array_equal(row, [30, 40, 50, 60, 70, 70, 70, 70])
 
 
+@pytest.mark.slow
 def test_works_under_jit():
     imgs = _images(2, 16)
     cfg = augment_config()
@@ -182,6 +188,7 @@ def test_bad_config_and_inputs_raise_clear_errors():
         augment.preprocess_eval(imgs[0], 8, "unit")
 
 
+@pytest.mark.slow
 def test_show_augment_writes_a_grid(tmp_path):
     path = pathlib.Path(__file__).parents[1] / "scripts" / "show_augment.py"
     spec = importlib.util.spec_from_file_location("_show_augment", path)
@@ -193,3 +200,19 @@ def test_show_augment_writes_a_grid(tmp_path):
     from PIL import Image
     with Image.open(out) as im:
         assert im.format == "PNG" and im.width > 100
+        pixels = np.asarray(im.convert("RGB")).astype(int)
+    # No data configured: the originals' row shows the synthetic pattern twice. Each panel is
+    # found by its red top-left corner and its black frame, and read back pixel by pixel.
+    pattern = script.synthetic_pattern(24).astype(int)
+    red = np.all(pixels == pattern[0, 0], axis=-1)
+    top = np.flatnonzero(red.any(axis=1))[0]
+    corner_rows = red[top:top + 3].any(axis=0)
+    lefts = np.flatnonzero(np.diff(np.r_[0, corner_rows.astype(int)]) == 1)
+    assert len(lefts) == 2, "the two originals side by side"
+    for left in lefts:
+        width = np.flatnonzero(np.all(pixels[top + 1, left:] == 0, axis=-1))[0]  # the frame
+        scale = width / 24
+        assert scale > 2, "drawn at a legible size"
+        centres = ((np.arange(24) + 0.5) * scale).astype(int)
+        shown = pixels[top + centres[:, None], left + centres[None, :]]
+        assert np.mean(np.all(np.abs(shown - pattern) <= 2, axis=-1)) > 0.97

@@ -92,6 +92,7 @@ def closes(monkeypatch) -> list:
     return calls
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["truncated", "manifest"])
 def test_restoring_a_damaged_checkpoint_names_it_and_closes_the_manager(saved_run, tmp_path,
                                                                          closes, how):
@@ -104,6 +105,7 @@ def test_restoring_a_damaged_checkpoint_names_it_and_closes_the_manager(saved_ru
     assert closes == [os.path.join(workdir, "checkpoints")]
 
 
+@pytest.mark.slow
 def test_export_of_a_damaged_checkpoint_prints_one_line(saved_run, tmp_path):
     """The script's whole stderr: no traceback from orbax's abandoned reads or threads."""
     workdir = damage(saved_run, tmp_path / "run", "truncated")
@@ -115,6 +117,7 @@ def test_export_of_a_damaged_checkpoint_prints_one_line(saved_run, tmp_path):
     assert not os.path.exists(os.path.join(workdir, "embedder"))
 
 
+@pytest.mark.slow
 def test_a_flipped_byte_in_a_checkpoint_stops_restore_and_export(saved_run, tmp_path):
     """8 bytes flipped inside the weights used to restore (and export) as wrong or NaN
     weights without a word; the step's checksums now name the checkpoint and the file."""
@@ -139,6 +142,7 @@ def test_a_flipped_byte_in_a_checkpoint_stops_restore_and_export(saved_run, tmp_
     assert not os.path.exists(os.path.join(workdir, "embedder"))
 
 
+@pytest.mark.slow
 def test_nan_weights_in_intact_files_stop_restore_and_export(tmp_path):
     """Files that match their checksums but hold NaN weights: refused, naming the checkpoint
     and the array, instead of exporting an embedder that returns NaN."""
@@ -176,6 +180,7 @@ def test_failed_restore_filter_drops_only_abandoned_checkpoint_reads(msg, droppe
     assert _QuietAbandonedReads().filter(record) is not dropped
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["truncated", "manifest"])
 def test_a_failed_restore_quiets_only_orbax_reads_and_a_good_one_nothing(saved_run, tmp_path,
                                                                           how, monkeypatch):
@@ -229,6 +234,7 @@ def test_importing_and_using_checkpoints_installs_no_global_log_filter(tmp_path)
     assert out.returncode == 0 and out.stdout.strip() == "clean", out.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_half_written_steps_are_gone_when_the_manager_opens(saved_run, tmp_path):
     """A step a killed run left half-written is deleted before RunCheckpoints returns (no
     background cleanup for close() to wait on); a read-only open (export) leaves it."""
@@ -244,6 +250,7 @@ def test_half_written_steps_are_gone_when_the_manager_opens(saved_run, tmp_path)
     ckpt.close()
 
 
+@pytest.mark.slow
 def test_restoring_a_healthy_run_logs_no_orbax_warnings(saved_run, caplog):
     with caplog.at_level(logging.INFO):
         model, config = ckpt_lib.restore_model(saved_run)
@@ -252,6 +259,7 @@ def test_restoring_a_healthy_run_logs_no_orbax_warnings(saved_run, caplog):
     assert noisy == []
 
 
+@pytest.mark.slow
 def test_unparseable_run_files(saved_run, tmp_path):
     workdir = str(tmp_path / "run")
     shutil.copytree(saved_run, workdir)
@@ -272,6 +280,7 @@ def test_unparseable_run_files(saved_run, tmp_path):
         ckpt_lib.restore_model(workdir)
 
 
+@pytest.mark.slow
 def test_a_file_where_a_run_folder_belongs(tmp_path):
     from facejax.train.loop import train_and_evaluate
     from facejax.train.lr_find import lr_find

@@ -194,6 +194,7 @@ def test_all_bad_folder_raises_and_leaves_nothing(tmp_path):
     assert _entries(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_two_workers_give_the_same_cache(tmp_path):
     root = tmp_path / "data"
     write_corpus(root / "x")
@@ -242,6 +243,7 @@ def test_colour_helper_is_distinct():
     assert len(colours) == 20
 
 
+@pytest.mark.slow
 def test_crashed_worker_is_a_data_error_not_a_hang():
     # os._exit as the "reader" kills each worker on its first image, like a segfaulting decoder.
     with pytest.raises(DataError, match="decode worker process died"):

@@ -38,6 +38,7 @@ def _equal(a, b) -> bool:
                                       for x, y in zip(la, lb))
 
 
+@pytest.mark.slow
 def test_round_trip_and_best_plus_latest_retention(tmp_path, tiny_state):
     _, state = tiny_state
     ckpt = ckpt_lib.RunCheckpoints(str(tmp_path), "val_accuracy")
@@ -59,6 +60,7 @@ def test_round_trip_and_best_plus_latest_retention(tmp_path, tiny_state):
     ckpt.close()
 
 
+@pytest.mark.slow
 def test_half_written_checkpoint_is_never_picked_up(tmp_path, tiny_state):
     _, state = tiny_state
     ckpt = ckpt_lib.RunCheckpoints(str(tmp_path), "val_accuracy")
@@ -75,6 +77,7 @@ def test_half_written_checkpoint_is_never_picked_up(tmp_path, tiny_state):
     reopened.close()
 
 
+@pytest.mark.slow
 def test_restoring_into_other_shapes_is_a_checkpoint_error(tmp_path, tiny_state):
     config, state = tiny_state
     ckpt = ckpt_lib.RunCheckpoints(str(tmp_path), "val_accuracy")
@@ -118,6 +121,7 @@ def test_restore_model_needs_a_training_workdir(tmp_path):
     ("val_loss", (0.9, 0.5, 0.5, 0.7), 4),      # lower is better; a tie keeps the earlier step
     ("val_top1", (0.2, 0.6, 0.6, 0.1), 4),
 ])
+@pytest.mark.slow
 def test_best_step_follows_the_monitor_direction(tmp_path, tiny_state, monitor, values, best):
     _, state = tiny_state
     ckpt = ckpt_lib.RunCheckpoints(str(tmp_path), monitor)
@@ -129,6 +133,7 @@ def test_best_step_follows_the_monitor_direction(tmp_path, tiny_state, monitor, 
     ckpt.close()
 
 
+@pytest.mark.slow
 def test_every_step_carries_checksums_that_catch_a_changed_byte(tmp_path, tiny_state):
     """orbax 0.12 checksums no array data; each step gets a SHA256SUMS of its items' files,
     written before orbax renames the step into place, and checked before any read."""
@@ -164,6 +169,7 @@ def test_every_step_carries_checksums_that_catch_a_changed_byte(tmp_path, tiny_s
     assert "is not '<sha256>  <file>'" in ckpt_lib.verify_checksums(step_dir)
 
 
+@pytest.mark.slow
 def test_restoring_nan_arrays_names_the_step_and_the_arrays(tmp_path, tiny_state):
     """Intact files holding NaN/inf (saved from a model that had gone bad): the resume names
     the checkpoint instead of training on and blaming the learning rate."""

@@ -42,6 +42,7 @@ def _numpy(layer) -> list[np.ndarray]:
     return [np.asarray(w.value) for w in layer.weights]  # Keras' own order: kernel, bias / BN
 
 
+@pytest.mark.slow
 @pytest.mark.parity
 def test_matches_the_seed_keras_model():
     """The same layers in Keras (the seed's framework) give the same count and outputs."""
@@ -94,6 +95,7 @@ def small():
                         dropout=0.5)
 
 
+@pytest.mark.slow
 def test_other_input_sizes_and_errors(small):
     # 32 -> 30 -> 15 -> 13 -> 6 -> 4 -> 2: 2 * 2 * 128 flatten features
     assert small.backbone.num_features == 512
@@ -106,6 +108,7 @@ def test_other_input_sizes_and_errors(small):
         create_model("scratch_cnn", num_classes=5, rngs=nnx.Rngs(0), input_size=16)
 
 
+@pytest.mark.slow
 def test_train_mode_dropout_and_batch_stats(small):
     fwd = nnx.jit(lambda m, v, train: m(v, train=train), static_argnums=2)
     x = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3))

@@ -87,6 +87,7 @@ def resnet50_ref():
     return reference("ResNet50", 64, "avg_pool", seed=0, classifier_activation=None)
 
 
+@pytest.mark.slow
 def test_resnet50_parity_keras3_weights(resnet50_ref, tmp_path):
     ref, both = resnet50_ref
     path = tmp_path / "resnet50.weights.h5"
@@ -99,6 +100,7 @@ def test_resnet50_parity_keras3_weights(resnet50_ref, tmp_path):
     assert rel_err(got_feats, feats) <= TOL
 
 
+@pytest.mark.slow
 def test_resnet50_legacy_h5_converts_identically(resnet50_ref, tmp_path):
     ref, _ = resnet50_ref
     ref.save_weights(str(tmp_path / "new.weights.h5"))
@@ -116,6 +118,7 @@ def test_resnet50_legacy_h5_converts_identically(resnet50_ref, tmp_path):
     assert param_and_stat_count(model) == ref.count_params() == 25_636_712
 
 
+@pytest.mark.slow
 def test_resnet50v2_parity(tmp_path):
     ref, both = reference("ResNet50V2", 64, "avg_pool", seed=2, classifier_activation=None)
     path = tmp_path / "resnet50v2.weights.h5"
@@ -129,6 +132,7 @@ def test_resnet50v2_parity(tmp_path):
     assert param_and_stat_count(model) == ref.count_params() == 25_613_800
 
 
+@pytest.mark.slow
 def test_vgg19_parity_with_top_224(tmp_path):
     # The Keras classifier flattens a 7x7 map, so the top needs 224 px; our adaptive pool is
     # then the identity and fc1 takes Keras' NHWC flatten order unchanged.
@@ -144,6 +148,7 @@ def test_vgg19_parity_with_top_224(tmp_path):
     assert param_and_stat_count(model) == ref.count_params() == 143_667_240
 
 
+@pytest.mark.slow
 def test_vgg16_notop_parity_legacy_h5(tmp_path):
     # A notop file has no fc1/fc2/predictions: features are the global-average-pooled conv map
     # (Keras pooling='avg'). Training would keep the head's initial value via dont_load

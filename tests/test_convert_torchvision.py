@@ -89,6 +89,7 @@ def resnet18_ref():
 
 @pytest.mark.parametrize("fmt,suffix", [("zip", ".pth"), ("legacy", ".pth"),
                                         ("safetensors", ".safetensors")])
+@pytest.mark.slow
 def test_resnet18_parity_all_formats(resnet18_ref, tmp_path, fmt, suffix):
     path = tmp_path / f"resnet18{suffix}"
     save(resnet18_ref.state_dict(), path, fmt)
@@ -97,6 +98,7 @@ def test_resnet18_parity_all_formats(resnet18_ref, tmp_path, fmt, suffix):
     check_parity(model, resnet18_ref, x)
 
 
+@pytest.mark.slow
 def test_resnet18_train_mode_batch_statistics(resnet18_ref):
     # Training-mode BN normalises with the batch's own statistics in both frameworks.
     model = ours("resnet18", tv_convert.convert_state_dict(
@@ -105,6 +107,7 @@ def test_resnet18_train_mode_batch_statistics(resnet18_ref):
     check_parity(model, resnet18_ref, x, train=True)
 
 
+@pytest.mark.slow
 def test_resnet50_parity(tmp_path):
     ref = reference("resnet50", seed=1)
     path = tmp_path / "resnet50.safetensors"
@@ -114,6 +117,7 @@ def test_resnet50_parity(tmp_path):
     check_parity(model, ref, x)
 
 
+@pytest.mark.slow
 def test_vgg16_parity_small_input_adaptive_pool(tmp_path):
     # 64 px leaves a 2x2 map that torchvision's AdaptiveAvgPool2d(7) blows up to 7x7: this
     # checks our adaptive pooling and the fc1 NCHW -> NHWC permutation at once.
@@ -127,6 +131,7 @@ def test_vgg16_parity_small_input_adaptive_pool(tmp_path):
 
 @pytest.mark.parametrize("name,expected", [("resnet18", 11_689_512), ("resnet50", 25_557_032),
                                            ("vgg16", 138_357_544)])
+@pytest.mark.slow
 def test_param_counts_match_torchvision(name, expected):
     # torch counts parameters only (BN weight/bias, not running stats): compare Params.
     ref = sum(p.numel() for p in getattr(torchvision.models, name)(weights=None).parameters())
@@ -159,6 +164,7 @@ def test_load_state_dict_errors(tmp_path):
         tv_convert.convert_file(bad)
 
 
+@pytest.mark.slow
 def test_resnet_weights_into_keras_layout_fail_loudly():
     # torchvision ResNet has no conv biases; the Keras layout does -> a loud merge error.
     tree = tv_convert.convert_state_dict(

@@ -114,6 +114,7 @@ def _classes_idx(directory, seed: int) -> str:
     return str(directory)
 
 
+@pytest.mark.slow
 def test_resuming_on_other_pixels_is_refused_unless_allowed(tmp_path, capsys):
     from facejax.train import loop
 
@@ -153,6 +154,7 @@ def _recolour(root, rel, colour):
     Image.new("RGB", (20, 16), colour).save(os.path.join(root, rel))
 
 
+@pytest.mark.slow
 def test_evaluating_an_index_against_other_pixels_is_refused_unless_allowed(tmp_path, capsys):
     root = str(tmp_path / "images")
     write_image_folder(root, {f"p{c}": 5 for c in "abcd"}, size=(20, 16))
@@ -178,6 +180,7 @@ def test_evaluating_an_index_against_other_pixels_is_refused_unless_allowed(tmp_
         wd.evaluate_workdir(work, wd.read_run_config(work), progress=False)
 
 
+@pytest.mark.slow
 def test_an_index_without_a_data_id_evaluates_with_a_note(tmp_path, capsys):
     root = str(tmp_path / "images")
     write_image_folder(root, {f"p{c}": 4 for c in "abc"}, size=(20, 16))
@@ -276,6 +279,7 @@ def test_a_data_root_that_is_a_run_folder_is_refused(tmp_path):
         sources.scan_folder(run)
 
 
+@pytest.mark.slow
 def test_a_workdir_inside_the_data_root_never_enters_its_own_gallery(tmp_path):
     root = tmp_path / "faces"
     write_image_folder(str(root), {f"p{c}": 4 for c in "abc"}, size=(20, 16))

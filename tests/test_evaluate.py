@@ -98,6 +98,7 @@ def fake_data(loo):
                            protocol="open_set" if loo else "closed_set")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loo", [False, True])
 def test_evaluate_end_to_end(loo):
     data = fake_data(loo)
@@ -110,6 +111,7 @@ def test_evaluate_end_to_end(loo):
     assert "Top-1=1.0000" in E.result_summary(r)
 
 
+@pytest.mark.slow
 def test_scann_backend_reports_ann_recall():
     rng = np.random.default_rng(0)
     centers = rng.standard_normal((20, 16))
@@ -180,6 +182,7 @@ def faces():
     return x, y, untuned, E.evaluate_embeddings(x, y, exact, **kw), kw
 
 
+@pytest.mark.slow
 def test_metrics_come_from_exact_search_when_affordable(faces, tmp_path):
     from facejax.retrieval import report as R
 
@@ -201,6 +204,7 @@ def test_metrics_come_from_exact_search_when_affordable(faces, tmp_path):
             "eval.exact_max_pairs=10,000,000,000), not from the scann index.") in md
 
 
+@pytest.mark.slow
 def test_metrics_beyond_the_bound_come_from_scann_tuned_for_their_depth(faces):
     from facejax.retrieval import report as R
 
@@ -219,6 +223,7 @@ def test_metrics_beyond_the_bound_come_from_scann_tuned_for_their_depth(faces):
         E.evaluate_embeddings(x, y, untuned, exact_max_pairs=-1, **kw)
 
 
+@pytest.mark.slow
 def test_chance_levels_are_what_random_rankings_score():
     from facejax.retrieval import metrics as M
 

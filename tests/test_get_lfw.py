@@ -97,6 +97,7 @@ def _script():
     return module
 
 
+@pytest.mark.slow
 def test_download_resumes_checks_unpacks_and_aligns(server, tmp_path, capsys):
     from skimage import data as skdata
 

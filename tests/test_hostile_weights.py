@@ -121,6 +121,7 @@ def _zip_pth(path: Path, pickle_bytes: bytes, records: dict[str, bytes] | None =
 MIB = 1 << 20
 
 
+@pytest.mark.slow
 def test_pth_hostile_files_are_refused_in_bounded_memory(tmp_path):
     one_mib = np.zeros(MIB // 4, "<f4").tobytes()
     full_view = _tensor((MIB // 4,), (1,), numel=MIB // 4)
@@ -191,6 +192,7 @@ def _keras2_h5(path: Path, make, weights: int = 1) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_h5_hostile_files_are_refused_in_bounded_memory(tmp_path):
     import h5py
 
@@ -241,6 +243,7 @@ def _safetensors(path: Path, header: bytes, data: bytes = b"") -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_safetensors_hostile_files_are_refused_in_bounded_memory(tmp_path):
     huge = json.dumps({"w": {"dtype": "F32", "shape": [20000, 20000],
                              "data_offsets": [0, 1_600_000_000]}}).encode()
@@ -273,6 +276,7 @@ def _real_dat() -> bytes:
     return path.read_bytes()
 
 
+@pytest.mark.slow
 @pytest.mark.parity
 def test_dlib_hostile_files_are_refused_in_bounded_memory(tmp_path):
     real = _real_dat()

@@ -5,13 +5,19 @@ import os
 import numpy as np
 import pytest
 from flax import nnx
-from test_train_loop import TINY, overrides, tiny_idx
+from test_train_loop import CLASSES, TINY, overrides, tiny_idx
 
 from facejax.config import load_config
-from facejax.errors import ConfigError
+from facejax.data.augment import preprocess_eval
+from facejax.data.prepare import prepare_data
+from facejax.errors import ConfigError, DataError
 from facejax.models import create_model
+from facejax.train import checkpoint as ckpt_lib
 from facejax.train import loop
 from facejax.train.imprint import class_means, imprint_head
+from facejax.train.state import resolve_input
+
+pytestmark = pytest.mark.slow  # every test here takes seconds: not in ./run.sh test --fast
 
 
 def test_class_means_are_normalised_means_in_any_row_order():
@@ -29,13 +35,18 @@ def test_class_means_are_normalised_means_in_any_row_order():
         np.testing.assert_allclose(means[c], want / np.linalg.norm(want), atol=1e-5)
     imprint_head(model, means)
     logits = np.asarray(model(images[rows].astype(np.float32) / 255.0))
-    assert (logits.argmax(1) == labels).mean() >= 0.5  # the head now knows the classes
+    # The head now scores each image by its cosine with each class's mean (a random head's
+    # cosines are unrelated), and each image is nearest its own class's mean, which it is half of.
+    want_means = np.stack([emb[rows[labels == c]].mean(0) for c in range(3)])
+    want_means /= np.linalg.norm(want_means, axis=1, keepdims=True)
+    np.testing.assert_allclose(logits, emb[rows] @ want_means.T, atol=1e-5)
+    np.testing.assert_array_equal(logits.argmax(1), labels)
     with pytest.raises(ConfigError, match="class means"):
         imprint_head(model, means[:2])
     linear = create_model("raw_pixels", num_classes=3, rngs=nnx.Rngs(0))
     with pytest.raises(ConfigError, match="model.head='cosine'"):
         imprint_head(linear, means)
-    with pytest.raises(Exception, match="no training image"):
+    with pytest.raises(DataError, match="1 classes have no training image"):
         class_means(model, images, rows[:2], labels[:2], 3, input_size=8,
                     normalization="unit")
 
@@ -53,4 +64,16 @@ def test_training_with_an_imprinted_head_starts_accurate(tmp_path):
         loop.validate_config(bad)
     with pytest.raises(ConfigError, match="head_init"):
         loop.validate_config(load_config(TINY, ["train.head_init=means"]))
-    assert os.path.isdir(tmp_path / "run" / "checkpoints")
+    # The run saved the imprinted model as its best (and only) checkpoint: its head's class
+    # weights are the normalised mean embeddings of each class's training images.
+    run = str(tmp_path / "run")
+    assert summary["best_checkpoint"] == os.path.join(run, "checkpoints", "0")
+    saved, _ = ckpt_lib.restore_model(run)
+    data = prepare_data(cfg.data)
+    rows, labels = data.train.indices, data.train.labels
+    size, norm = resolve_input(cfg)
+    emb = np.array(saved.embed(preprocess_eval(np.asarray(data.images)[rows], size, norm)))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    want = np.stack([emb[labels == c].mean(0) for c in range(CLASSES)])
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(saved.head.kernel[...]).T, want, atol=1e-4)

@@ -69,6 +69,7 @@ def _files(root):
                   for d, _, names in os.walk(root) for f in names)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["exact", "scann"])
 def test_every_index_file_is_hashed_and_any_flipped_byte_is_named(saved, tmp_path, backend):
     manifest = json.loads(open(os.path.join(saved[backend], "manifest.json")).read())
@@ -85,6 +86,7 @@ def test_every_index_file_is_hashed_and_any_flipped_byte_is_named(saved, tmp_pat
         assert "\n" not in msg
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["embeddings.npy", "labels.npy", "ids.npy"])
 @pytest.mark.parametrize("hashed", [True, False])
 def test_zero_byte_arrays_are_named(saved, tmp_path, name, hashed):
@@ -98,6 +100,7 @@ def test_zero_byte_arrays_are_named(saved, tmp_path, name, hashed):
     assert want in str(e.value) and REBUILD in str(e.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hashed", [True, False])
 def test_a_label_out_of_range_is_refused(saved, tmp_path, hashed):
     """labels.npy rewritten as a valid array holding -65529: caught by the hash, and without
@@ -115,6 +118,7 @@ def test_a_label_out_of_range_is_refused(saved, tmp_path, hashed):
     assert want in str(e.value)
 
 
+@pytest.mark.slow
 def test_old_index_loads_with_a_note_and_gains_hashes_on_save(saved, tmp_path, capsys):
     path = _copy(saved["scann"], tmp_path)
     _strip_hashes(path)
@@ -129,6 +133,7 @@ def test_old_index_loads_with_a_note_and_gains_hashes_on_save(saved, tmp_path, c
                                   old.search(old.embeddings[:5], 3)[0])
 
 
+@pytest.mark.slow
 def test_an_edited_manifest_is_refused(saved, tmp_path):
     path = _copy(saved["exact"], tmp_path)
     manifest = json.loads((path / "manifest.json").read_text())
@@ -139,6 +144,7 @@ def test_an_edited_manifest_is_refused(saved, tmp_path):
         I.load_index(str(path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hashed", [True, False])
 def test_damaged_scann_token_file(saved, tmp_path, hashed):
     """Out-of-range leaf tokens: ScaNN itself raised IndexError from inside its loader."""

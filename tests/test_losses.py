@@ -45,6 +45,7 @@ def test_arcface_and_cosface_change_only_the_target_logit():
         np.testing.assert_allclose(cosface[i, others], s * cos[i, others], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_arcface_stays_monotonic_past_pi_minus_margin():
     # theta + m > pi would make cos(theta + m) grow again; the fallback keeps it decreasing.
     m = 0.5
@@ -81,6 +82,7 @@ def test_loss_config_rejects_bad_settings():
         LossConfig.from_config(c)
 
 
+@pytest.mark.slow
 def test_arcface_gradient_is_finite_when_a_cosine_is_exactly_one():
     """An imprinted head on a one-image class gives cos = 1.0 exactly; sqrt'(0) used to make
     the step NaN (a no-augmentation fine-tune of dlib's model diverged on its first steps)."""

@@ -91,6 +91,7 @@ def test_abstract_init_cannot_fall_back():
         merge_params({"w": np.ones(2)}, init, dont_load=("head",))
 
 
+@pytest.mark.slow
 def test_load_weights_into_model_with_a_different_head():
     src, dst = tiny(classes=1000), tiny(classes=2)
     loaded = numpy_weights(src)

@@ -43,6 +43,7 @@ def test_registry_has_every_family():
     assert expected <= set(list_models())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list_models())
 def test_every_model_builds_with_contract_shapes(name):
     model = built(name)
@@ -158,6 +159,7 @@ def batch_stats(model):
     return jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
 
 
+@pytest.mark.slow
 def test_real_init_forward_heads(resnet18):
     x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 32, 3)), jnp.float32)
     bn = model_weights(resnet18)["backbone"]["stem_bn"]
@@ -175,6 +177,7 @@ def test_real_init_forward_heads(resnet18):
     np.testing.assert_array_equal(outputs(resnet18, x)[0], cos)  # no dropout at eval
 
 
+@pytest.mark.slow
 def test_batchnorm_and_dropout_train_vs_eval(resnet18):
     x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 32, 32, 3)), jnp.float32)
     stats0 = batch_stats(resnet18)

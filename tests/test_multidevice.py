@@ -6,6 +6,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # every test here takes seconds: not in ./run.sh test --fast
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multidevice_worker.py")
 

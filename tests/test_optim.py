@@ -100,6 +100,7 @@ def _labels(**overrides):
     return traverse_util.flatten_dict(bundle.labels, sep="/")
 
 
+@pytest.mark.slow
 def test_last_n_counts_layers_in_forward_order_not_name_order():
     labels = _labels(**{"train.finetune": "last_n", "train.trainable_last_n": 2})
     trainable = {k.rsplit("/", 1)[0] for k, v in labels.items() if v != "frozen"}
@@ -108,6 +109,7 @@ def test_last_n_counts_layers_in_forward_order_not_name_order():
     assert trainable == {"backbone/block3_bn", "backbone/block3_conv2", "head"}
 
 
+@pytest.mark.slow
 def test_frozen_backbone_discriminative_lr_and_freeze_bn_labels():
     labels = _labels(**{"train.finetune": "frozen_backbone"})
     assert {v for k, v in labels.items() if k.startswith("backbone/")} == {"frozen"}
@@ -138,6 +140,7 @@ def _train(config, steps=3):
     return first, jax.tree.map(np.asarray, state), bundle
 
 
+@pytest.mark.slow
 def test_frozen_parameters_stay_bit_identical():
     # last_n + freeze_bn freezes whole layers and BatchNorm scale/bias inside the open block;
     # AdamW with weight decay would move any parameter that leaked into an optimizer group.
@@ -158,6 +161,7 @@ def test_frozen_parameters_stay_bit_identical():
     assert all(stats_same)
 
 
+@pytest.mark.slow
 def test_backbone_lr_mult_scales_backbone_updates():
     base = {"train.optimizer": "sgd", "train.momentum": 0.0, "train.learning_rate": 0.05,
             "train.schedule": "constant"}

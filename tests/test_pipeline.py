@@ -110,6 +110,7 @@ def test_process_shards_tile_the_global_batch():
             np.testing.assert_array_equal(joined, whole[step][key])
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_batches(tmp_path):
     # A memory-mapped cache, as prepare_data returns: workers reopen it by path.
     images, indices, labels = _data()
@@ -160,6 +161,7 @@ def test_eval_batches_pad_with_a_mask():
     assert not np.concatenate([b["image"] for b in batches])[~mask].any()  # zero padding
 
 
+@pytest.mark.slow
 def test_sharded_batches_on_eight_fake_devices():
     script = pathlib.Path(__file__).with_name("_multidevice_pipeline.py")
     root = pathlib.Path(__file__).parents[1]

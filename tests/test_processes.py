@@ -83,6 +83,7 @@ def _cmdline(pid: int) -> str:
 
 # ---------------------------------------------------------------------------- tests
 
+@pytest.mark.slow
 def test_a_second_train_in_one_workdir_stops_naming_the_first_and_a_killed_one_blocks_nothing(
         tmp_path):
     """Two identical train commands used to share the workdir (an orbax traceback, duplicate
@@ -141,6 +142,7 @@ def test_hosts_of_one_job_share_a_workdir_a_second_job_does_not(tmp_path):
             pass
 
 
+@pytest.mark.slow
 def test_kill_9_of_training_leaves_no_data_worker_alive(tmp_path):
     """With data.workers=2, a kill -9 of the trainer used to leave both grain workers and the
     resource tracker running (~200 MB each, adopted by init). They now exit with it."""
@@ -175,6 +177,7 @@ def _kill_9_when_workers_run(proc: subprocess.Popen, what: str) -> None:
     assert not survivors, survivors
 
 
+@pytest.mark.slow
 def test_kill_9_of_a_cache_build_leaves_no_decode_worker_alive(tmp_path):
     """With data.decode_workers=2 the cache's decode pool outlived a kill -9 of its parent."""
     import numpy as np
@@ -195,6 +198,7 @@ def test_kill_9_of_a_cache_build_leaves_no_decode_worker_alive(tmp_path):
     _kill_9_when_workers_run(proc, "two decode workers")
 
 
+@pytest.mark.slow
 def test_the_processes_of_one_multi_host_job_share_the_workdir(tmp_path):
     """Each process locks its own index: two processes of one job (jax.distributed on the CPU)
     train, checkpoint (SHA256SUMS by process 0, covering both processes' files) and finish."""

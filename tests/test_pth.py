@@ -79,6 +79,7 @@ def test_tricky_tensors_match_torch_load(tmp_path, fmt):
     assert ours["transposed"][0, 0] != 1e6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_resnet18_state_dict_matches_torch_load(tmp_path, fmt):
     import torchvision

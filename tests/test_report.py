@@ -16,11 +16,16 @@ META = dict(model="toy", params_hash="d" * 64, embed_dim=2, normalization="unit"
             l2_normalized=True, metric="dot", input_size=8, resize_mode="crop")
 
 
-def _result():
+def _points():
+    """4 identities on the unit circle, each within 50 degrees of its own axis."""
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(4), 6).astype(np.int32)
     ang = np.deg2rad(labels * 90 + rng.uniform(-50, 50, len(labels)))
-    x = np.stack([np.cos(ang), np.sin(ang)], 1).astype(np.float32)
+    return np.stack([np.cos(ang), np.sin(ang)], 1).astype(np.float32), labels
+
+
+def _result():
+    x, labels = _points()
     paths = [f"Person_{lab}/img{i}.jpg" for i, lab in enumerate(labels)]
     index = SearchIndex.build(x, paths, labels, META, backend="exact")
     return evaluate_embeddings(x, labels, index, ks=(1, 5, 10), self_rows=np.arange(len(x)),
@@ -35,8 +40,47 @@ def _loader(path):
     return img
 
 
+def _rgb(hex_colour: str) -> np.ndarray:
+    return np.array([int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)])
+
+
+def _panels(path, nrows: int, ncols: int, top_inches: float):
+    """(centre 5x5 patch, pixels from the gap on the left to the centre) of each grid cell,
+    [row][col], read from the PNG by draw_grid's layout: columns between 2% margins with gaps of
+    0.12 column, equal row bands below the top margin, 110 dpi."""
+    with Image.open(path) as im:
+        pixels = np.asarray(im.convert("RGB")).astype(int)
+    h, w = pixels.shape[:2]
+    top = top_inches * 110
+    col = 0.96 * w / (ncols + 0.12 * (ncols - 1))
+    cells = []
+    for i in range(nrows):
+        y = int(top + (i + 0.5) * (h - top) / nrows)
+        row = []
+        for j in range(ncols):
+            left = 0.02 * w + j * 1.12 * col
+            x = int(left + col / 2)
+            row.append((pixels[y - 2:y + 3, x - 2:x + 3],
+                        pixels[y, int(left - 0.06 * col):x]))
+        cells.append(row)
+    return cells
+
+
+def _is(pixels, colour, tol=3) -> np.ndarray:
+    return np.all(np.abs(pixels - np.asarray(colour)) <= tol, axis=-1)
+
+
+def _loo_top1(x, labels) -> float:
+    """Leave-one-out Top-1 by brute force: is each row's most similar other row its class?"""
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    return float(np.mean(labels[np.argmax(sims, axis=1)] == labels))
+
+
 def test_write_report(tmp_path):
     result = _result()
+    top1 = _loo_top1(*_points())  # independent of evaluate()
+    assert top1 == 17 / 24  # hits and misses: the figure shows both
     plots = tmp_path / "plots"
     plots.mkdir()
     Image.new("RGB", (20, 10)).save(plots / "loss.png")
@@ -48,16 +92,27 @@ def test_write_report(tmp_path):
     assert "Protocol: **open_set** (leave-one-out" in md
     assert "24 queries over 4 identities; gallery of 23 images" in md
     assert "| k | Top-k (hit@k) | Precision@k | Recall@k | F1@k |" in md
-    assert f"| 1 | {result['metrics']['top1']:.4f} |" in md
+    assert f"| 1 | {top1:.4f} |" in md
     assert "![loss.png](../plots/loss.png)" in md and f"]({R.FIGURE})" in md
     page = (out / "report.html").read_text()
     assert "<table>" in page and f"src='{R.FIGURE}'" in page and "../plots/loss.png" in page
     loaded = json.loads((out / "report.json").read_text())
-    assert loaded["metrics"]["top1"] == result["metrics"]["top1"]
+    assert loaded["metrics"]["top1"] == pytest.approx(top1)
     assert loaded["gallery_size"] == 23
     with Image.open(paths["figure"]) as fig:
         # Three rows of query + top-5 at a legible size.
         assert fig.width >= 600 and fig.height >= 3 * 200
+    # Each panel shows its image (the query's, then each result's flat identity colour) and
+    # each result's border says whether its identity is the query's.
+    cells = _panels(paths["figure"], 3, 6, top_inches=0.75 + 0.3)  # titled
+    assert len(result["examples"]) == 3
+    for row, ex in zip(cells, result["examples"]):
+        assert _is(row[0][0], _loader(ex["query"])[0, 0]).all()
+        for (patch, line), res in zip(row[1:], ex["results"]):
+            assert _is(patch, _loader(res["path"])[0, 0]).all()
+            same = res["path"].split("/")[0] == ex["query"].split("/")[0]
+            assert _is(line, _rgb(R.CORRECT if same else R.WRONG)).sum() >= 5
+            assert not _is(line, _rgb(R.WRONG if same else R.CORRECT)).any()
 
 
 def test_grid_without_labels(tmp_path):
@@ -68,6 +123,13 @@ def test_grid_without_labels(tmp_path):
     R.draw_grid(rows, out)
     with Image.open(out) as im:
         assert im.width > 200
+    # The query, the result and the grey stand-in for the missing image, grey borders.
+    (query, _), (hit, hit_line), (missing, missing_line) = _panels(out, 1, 3, 0.75)[0]
+    assert _is(query, (0, 120, 0)).all() and _is(hit, (0, 0, 180)).all()
+    assert _is(missing, (200, 200, 200)).all()
+    for line in (hit_line, missing_line):
+        assert _is(line, _rgb(R.NEUTRAL)).sum() >= 5
+        assert not (_is(line, _rgb(R.CORRECT)).any() or _is(line, _rgb(R.WRONG)).any())
 
 
 def test_compare_table():
@@ -77,7 +139,7 @@ def test_compare_table():
     table = R.compare_table([("resnet50", a), ("vgg16", b)])
     lines = table.splitlines()
     assert lines[0].startswith("| Model | Top-1 | Top-5 | Top-10 | Precision@10 | mAP@R | F1@10")
-    assert lines[2].startswith(f"| resnet50 | {a['metrics']['top1']:.4f} |")
+    assert lines[2].startswith(f"| resnet50 | {_loo_top1(*_points()):.4f} |")
     assert lines[3].startswith("| vgg16 | 0.5000 |") and "open_set (LOO) | 24 | 23 |" in lines[3]
     assert "different" not in table
 

@@ -43,6 +43,7 @@ def run(tmp_path_factory):
     return work, root
 
 
+@pytest.mark.slow
 def test_build_and_evaluate(run):
     work, _ = run
     assert os.path.isfile(os.path.join(work, "index", "manifest.json"))
@@ -389,6 +390,7 @@ def _verification(threshold):
                 model="colour", input_size=16, resize_mode="crop", face_crop=[])
 
 
+@pytest.mark.slow
 def test_report_has_the_calibrated_threshold_and_open_set_rejection(run, tmp_path, capsys):
     """Identities held out of the gallery play unknown people: at the run's calibrated
     threshold (report/verification.json) eval_topk and the report give how many are

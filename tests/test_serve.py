@@ -20,6 +20,8 @@ from facejax.retrieval import workdir as wd
 from facejax.retrieval.embed import load_embedder
 from facejax.retrieval.index import load_index
 
+pytestmark = pytest.mark.slow  # every test here takes seconds: not in ./run.sh test --fast
+
 CLASSES = {f"person_{c}": 8 for c in "abcdefgh"}
 KEY = {"X-API-Key": "test-key"}
 

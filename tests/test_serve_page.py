@@ -120,6 +120,7 @@ def test_static_page_fetches_nothing_from_the_network():
                                  text), name
 
 
+@pytest.mark.slow
 def test_page_search_enrol_delete(tmp_path, driver):
     from selenium.webdriver.common.by import By
 
@@ -268,6 +269,7 @@ def test_page_search_enrol_delete(tmp_path, driver):
         assert os.path.getsize(tmp_path / "page.png") > 10_000
 
 
+@pytest.mark.slow
 def test_page_with_keyed_reads(tmp_path, driver):
     """--auth_reads: the page asks for the key, then loads everything with it (thumbnails too:
     an <img> cannot send the header, so they come through fetch)."""

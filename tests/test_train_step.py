@@ -15,6 +15,8 @@ from facejax.train.losses import LossConfig
 from facejax.sharding import make_data_mesh, replicated
 from facejax.train.step import jit_eval_step, jit_train_step
 
+pytestmark = pytest.mark.slow  # every test here takes seconds: not in ./run.sh test --fast
+
 TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                     "tiny.py")
 NUM_CLASSES = 4

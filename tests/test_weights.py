@@ -208,6 +208,7 @@ def _convert_script():
     return convert_weights
 
 
+@pytest.mark.slow
 @pytest.mark.parity
 def test_convert_script_round_trip(lite0_file, tmp_path):
     convert_weights = _convert_script()
@@ -251,6 +252,7 @@ def _dlib_file() -> Path:
         "dlib_face_recognition_resnet_model_v1.dat"
 
 
+@pytest.mark.slow
 @pytest.mark.parity
 def test_a_flipped_bit_in_the_dlib_file_is_refused_unless_allowed(tmp_path, caplog):
     from facejax.convert.dlib_dat import read_dat
