@@ -49,9 +49,10 @@ def test_lfw_config_recipes_and_protocols():
             cfg(bad)
 
 
-def test_lfw_config_uses_imagenet_weights_when_the_file_is_found(tmp_path, monkeypatch):
-    """Whether or not a weights package is installed here: the preset's file is made present
-    (in $FACEJAX_WEIGHTS, searched first) or hidden (nothing else searched)."""
+def test_lfw_config_is_the_same_whether_or_not_the_file_is_installed(tmp_path, monkeypatch):
+    """The preset's file is made present (in $FACEJAX_WEIGHTS, searched first) or hidden
+    (nothing else searched): the config does not change (training then finds the file or says
+    where to put it); starting from random weights is the explicit `-random` recipe."""
     from facejax.convert import weights
     from facejax.models import get_preset
 
@@ -62,9 +63,10 @@ def test_lfw_config_uses_imagenet_weights_when_the_file_is_found(tmp_path, monke
     assert lite.model.pretrained == "imagenet" and lite.train.finetune == "last_n"
     assert cfg("efficientnet_lite0,best,closed_set").train.head_init == "imprint"
     monkeypatch.setattr(weights, "candidates", lambda preset: [("tmp", tmp_path / "absent")])
-    scratch = cfg("efficientnet_lite0,seed,closed_set")
+    assert cfg("efficientnet_lite0,seed,closed_set").to_dict() == lite.to_dict()
+    scratch = cfg("efficientnet_lite0,seed-random,closed_set")
     assert scratch.model.pretrained == "" and scratch.train.finetune == "all"
-    assert cfg("efficientnet_lite0,best,closed_set").train.head_init == "random"
+    assert cfg("efficientnet_lite0,best-random,closed_set").train.head_init == "random"
 
 
 @pytest.mark.slow
