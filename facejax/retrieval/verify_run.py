@@ -93,7 +93,7 @@ def verify_workdir(workdir: str, pairs_path: str | None = None, root: str | None
     face_crop = run_face_crop(config, embedder.meta)
     emb, kept, skipped = embed_images(embedder, root, pairs.images(), face_crop=face_crop,
                                       max_pixels=int(config.data.max_pixels),
-                                      batch_size=int(config.index.batch_size),
+                                      batch_size=int(config.index.embed_batch_size),
                                       progress=progress)
     index_of = {p: i for i, p in enumerate(kept)}
     usable = np.asarray([a in index_of and b in index_of
