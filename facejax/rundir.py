@@ -47,6 +47,10 @@ OLD_MEANING = {"data.test_fraction": 0.0, "data.max_cache_gb": 0.0, "data.exact_
 # a config file that still names the old key gets a ConfigError naming the new one.
 RENAMED = {"train.margin_scale": "train.logit_scale",
            "index.batch_size": "index.embed_batch_size"}
+# Embedder meta keys (embedder.json, and the copy in an index's manifest.json) renamed since
+# artifacts were first exported: old -> today's. input_size was the side of the uint8 cache
+# images the artifact takes (model.input_size, the network's input, is another setting).
+EMBEDDER_META_RENAMED = {"input_size": "cache_size"}
 # Settings that hold for one command only: config.json's value (a resumed training run may
 # have saved true) is never inherited; an override sets them again.
 COMMAND_KEYS = {"data.allow_changed_data": False}
@@ -121,6 +125,16 @@ def renamed(saved: dict) -> dict:
             value = out[section].pop(old_name)
             if isinstance(out.get(new_section), dict):
                 out[new_section].setdefault(new_name, value)
+    return out
+
+
+def migrate_embedder_meta(meta) -> dict:
+    """A copy of an embedder's meta (or an index manifest's copy of it) with each
+    EMBEDDER_META_RENAMED key under its new name; where both are present the new one is kept."""
+    out = dict(meta)
+    for old, new in EMBEDDER_META_RENAMED.items():
+        if old in out:
+            out.setdefault(new, out.pop(old))
     return out
 
 
