@@ -89,6 +89,8 @@ def test_split_override_args():
 @pytest.mark.parametrize("args, message", [
     (["--config", "configs/demo.py", "--config.train.epoch=2"], "did you mean 'epochs'"),
     (["--config", "nope.py"], "config file not found"),
+    (["--config", "configs/demo.py", "--config.train.margin_scale=30"],
+     "'train.margin_scale' was renamed 'train.logit_scale': set train.logit_scale instead"),
 ])
 def test_scripts_print_one_line_not_a_traceback(args, message, tmp_path):
     proc = subprocess.run([sys.executable, "scripts/train.py", "--workdir", str(tmp_path / "w"),
