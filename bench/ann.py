@@ -152,7 +152,7 @@ def sweep(result: Result, settings, search: Callable, truth, queries, single: Ca
 # ----------------------------------------------------------------------------- backends
 
 META = dict(model="bench", params_hash="0" * 64, normalization="none", l2_normalized=True,
-            metric="dot", input_size=0, resize_mode="crop")
+            metric="dot", cache_size=0, resize_mode="crop")
 
 
 def bench_exact(x, q, truth, numpy_too: bool = True, chunk_sizes: str = "8192") -> list[Result]:

@@ -35,7 +35,7 @@ def main(argv: list[str]) -> int:
     meta = embedder.meta
     crop = args.face_crop if args.face_crop is not None else meta.get("face_crop") or ()
     listing = scan_folder(args.folder)
-    cached = cache_listing(listing, image_size=embedder.input_size,
+    cached = cache_listing(listing, image_size=embedder.cache_size,
                            resize_mode=meta["resize_mode"], face_crop=tuple(crop))
     emb = embedder.embed_array(cached.images, batch_size=args.batch)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -62,7 +62,7 @@ def facejax_columns(name: str, cache: int, x: np.ndarray, gallery: np.ndarray, d
     random_weights(model)
     preset = get_preset(name)
     fn, params = make_embed_fn(model, preset.input_size, preset.normalization)
-    meta = dict(model=name, input_size=cache, resize_mode="resize",
+    meta = dict(model=name, cache_size=cache, resize_mode="resize",
                 normalization=preset.normalization)
     t0 = time.perf_counter()
     export_embedder(fn, params, meta, os.path.join(tmp, name))

@@ -141,7 +141,7 @@ def offline_ceiling(workdir: str, config, files: list[str], n: int, batches: lis
     from facejax.retrieval.workdir import EMBEDDER_DIR, run_face_crop
 
     emb = load_embedder(os.path.join(workdir, EMBEDDER_DIR))
-    size, mode = int(emb.meta["input_size"]), emb.meta["resize_mode"]
+    size, mode = int(emb.meta["cache_size"]), emb.meta["resize_mode"]
     crop = run_face_crop(config, emb.meta)
     t0 = time.perf_counter()
     decoded = [decode_image(f, size, mode, int(config.data.max_pixels), crop) for f in files]

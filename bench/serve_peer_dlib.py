@@ -64,7 +64,7 @@ class DlibSearch:
         if meta.get("model") != "dlib_resnet":
             raise SystemExit(f"{workdir} holds a {meta.get('model')} embedder; this peer needs "
                              f"a dlib_resnet run (its index holds dlib descriptors)")
-        self.size, self.mode = int(meta["input_size"]), meta["resize_mode"]
+        self.size, self.mode = int(meta["cache_size"]), meta["resize_mode"]
         if self.size != 150:
             raise SystemExit(f"dlib takes 150 px chips; the embedder was exported for "
                              f"{self.size} px")

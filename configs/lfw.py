@@ -61,7 +61,7 @@ STEPS = {
     # ArcFace on a 128-d projection (the backbone's own 128-d output for dlib, MODEL_STEPS).
     # Faces are aligned: flips and small shifts, no shear or big rotations.
     "best": ({"model.head": "cosine", "model.embed_dim": 128, "train.loss": "arcface",
-              "train.margin": 0.3, "train.margin_scale": 30.0, "train.optimizer": "adamw",
+              "train.margin": 0.3, "train.logit_scale": 30.0, "train.optimizer": "adamw",
               "train.weight_decay": 5e-4, "train.schedule": "cosine", "train.batch_size": 64,
               "train.epochs": 20, "train.warmup_epochs": 1.0, "train.early_stopping_patience": 5,
               "train.learning_rate": 1e-3, "augment.rotation_deg": 5.0, "augment.zoom": 0.05,

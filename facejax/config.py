@@ -43,10 +43,29 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"get_config() in {path} must return an ml_collections.ConfigDict, "
                           f"got {type(config).__name__}")
+    check_renamed(config, f"get_config() in {path}")
     for item in overrides:
         apply_override(config, item)
     check_limits(config)
     return config
+
+
+def _renamed_note(key: str) -> str:
+    """'config key OLD was renamed NEW: ...' when `key` is a renamed setting's old name, else ''."""
+    from facejax.rundir import RENAMED  # rundir imports this module
+
+    new = RENAMED.get(key)
+    return f"config key {key!r} was renamed {new!r}: set {new} instead" if new else ""
+
+
+def check_renamed(config: ml_collections.ConfigDict, where: str) -> None:
+    """ConfigError when `config` (a config file's) sets a setting under its old name
+    (rundir.RENAMED), which would otherwise be ignored."""
+    from facejax.rundir import RENAMED
+
+    for old in RENAMED:
+        if has_key(config, old):
+            raise ConfigError(f"{where} sets {_renamed_note(old)}")
 
 
 def split_override_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -78,6 +97,8 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
     for depth, part in enumerate(parts):
         keys = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
         if part not in keys:
+            if _renamed_note(key):
+                raise ConfigError(_renamed_note(key))
             hint = difflib.get_close_matches(part, keys, n=1)
             where = ".".join(parts[:depth]) or "config"
             msg = f"unknown config key {key!r}: {where} has no field {part!r}"
@@ -175,11 +196,11 @@ def check_limits(config: ml_collections.ConfigDict) -> None:
         limits.check_memory(batch * side * side * 3 * 4,
                             f"a training batch of {batch} float32 images of {side}x{side}",
                             "lower train.batch_size or data.image_size / model.input_size")
-    batch = _int(get_key(config, "index.batch_size", 0))
+    batch = _int(get_key(config, "index.embed_batch_size", 0))
     if batch > 0:
         limits.check_memory(batch * side * side * 3 * 5,
                             f"an embedding batch of {batch} images of {side}x{side}",
-                            "lower index.batch_size or data.image_size / model.input_size")
+                            "lower index.embed_batch_size or data.image_size / model.input_size")
 
 
 def _int(value) -> int:

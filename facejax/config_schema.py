@@ -97,7 +97,8 @@ def train() -> ml_collections.ConfigDict:
         warmup_epochs=0.0,
         loss="softmax",          # softmax | arcface | cosface
         label_smoothing=0.0,
-        margin_scale=30.0,
+        logit_scale=30.0,        # arcface/cosface: the cosine logits are multiplied by this
+                                 # (train.margin_scale before; old config.json files are read)
         margin=0.3,
         finetune="all",          # all | frozen_backbone | last_n
         trainable_last_n=4,
@@ -127,7 +128,8 @@ def index() -> ml_collections.ConfigDict:
         milvus_collection="",    # "" -> facejax_<hash of the run folder's path>
         milvus_index="auto",     # auto (Lite: FLAT; server: by gallery size) | FLAT | HNSW |
                                  # IVF_FLAT | IVF_PQ | SCANN (milvus_index.py)
-        batch_size=256,
+        embed_batch_size=256,    # images per embedder call when the gallery and queries are
+                                 # embedded (index.batch_size before; old config.json is read)
     ))
 
 

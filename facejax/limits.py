@@ -23,7 +23,7 @@ SIZE_LIMITS = {
     "data.image_size": MAX_IMAGE_SIDE,
     "model.input_size": MAX_IMAGE_SIDE,
     "train.batch_size": 65_536,
-    "index.batch_size": 65_536,
+    "index.embed_batch_size": 65_536,
     "data.max_pixels": 1_000_000_000,   # one decoded RGBA image of this size is 4 GB
     "data.decode_workers": 256,         # each is a Python process; 0 picks one per core
     "data.workers": 256,

@@ -34,7 +34,7 @@ REPORT_DIR = "report"  # report.md/json/html and figures
 # a config.json without one of these was not written by facejax.
 RUN_KEYS = ("seed", "model.name", "data.source", "data.root", "data.image_size",
             "data.resize_mode", "data.max_pixels", "index.backend", "index.exact_max_items",
-            "index.target_recall", "index.batch_size", "eval.ks", "eval.num_figure_queries")
+            "index.target_recall", "index.embed_batch_size", "eval.ks", "eval.num_figure_queries")
 # Settings added after runs were first saved, whose absence in an older config.json means
 # something other than today's default: a run without data.test_fraction trained with no test
 # side (0 reproduces its train set, so evaluation never queries training images), one without
@@ -42,6 +42,15 @@ RUN_KEYS = ("seed", "model.name", "data.source", "data.root", "data.image_size",
 # config.json lacks takes the schema's default (facejax/config_schema.py).
 # data.exact_counts_below: hash thresholds for every class (the split such a run was made with).
 OLD_MEANING = {"data.test_fraction": 0.0, "data.max_cache_gb": 0.0, "data.exact_counts_below": 0}
+# Settings renamed since runs were first saved: old dotted key -> today's. `migrate` moves an old
+# key's value to its new name (a config.json or a checkpoint's saved config), and an override or
+# a config file that still names the old key gets a ConfigError naming the new one.
+RENAMED = {"train.margin_scale": "train.logit_scale",
+           "index.batch_size": "index.embed_batch_size"}
+# Embedder meta keys (embedder.json, and the copy in an index's manifest.json) renamed since
+# artifacts were first exported: old -> today's. input_size was the side of the uint8 cache
+# images the artifact takes (model.input_size, the network's input, is another setting).
+EMBEDDER_META_RENAMED = {"input_size": "cache_size"}
 # Settings that hold for one command only: config.json's value (a resumed training run may
 # have saved true) is never inherited; an override sets them again.
 COMMAND_KEYS = {"data.allow_changed_data": False}
@@ -64,14 +73,15 @@ def read_run_config(workdir: str, required=RUN_KEYS) -> ml_collections.ConfigDic
     """The resolved config that training saved as `workdir/config.json`, on today's schema.
 
     Raises CheckpointError if the file is missing, unreadable or lacks one of `required`
-    (checked in the file as written, before `migrate` fills in what it lacks).
+    (checked in the file as written, a RENAMED key under its old name included, before
+    `migrate` fills in what it lacks).
     """
     path = os.path.join(workdir, CONFIG_JSON)
     raw = read_json(path, f"{path} is missing: is {workdir} a training workdir?")
     try:
         if not isinstance(raw, dict):
             raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
-        saved = ml_collections.ConfigDict(raw)
+        saved = ml_collections.ConfigDict(renamed(raw))
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"cannot read {path}: {e}") from e
     missing = [key for key in dict.fromkeys(required) if not has_key(saved, key)]
@@ -88,9 +98,11 @@ def read_run_config(workdir: str, required=RUN_KEYS) -> ml_collections.ConfigDic
 def migrate(saved: dict) -> ml_collections.ConfigDict:
     """A config saved by any facejax version merged onto today's schema: each setting it lacks
     gets its old meaning (OLD_MEANING) or the schema's default; what it has is kept as saved
-    (settings the schema no longer has included)."""
+    (settings the schema no longer has included), a renamed setting under its new name
+    (RENAMED)."""
     from facejax.config_schema import base
 
+    saved = renamed(saved)
     schema = base()
     for key, value in OLD_MEANING.items():
         section, name = key.split(".")
@@ -101,6 +113,29 @@ def migrate(saved: dict) -> ml_collections.ConfigDict:
         # The scratch CNN's index stored its Flatten before model.embedding_pool existed.
         schema.model.embedding_pool = "flatten"
     return ml_collections.ConfigDict(_merge(schema.to_dict(), saved))
+
+
+def renamed(saved: dict) -> dict:
+    """A copy of a saved config (a JSON object) with each RENAMED key under its new name; where
+    both are present (never written by facejax) the new one is kept."""
+    out = {key: dict(value) if isinstance(value, dict) else value for key, value in saved.items()}
+    for old, new in RENAMED.items():
+        (section, old_name), (new_section, new_name) = old.split("."), new.split(".")
+        if isinstance(out.get(section), dict) and old_name in out[section]:
+            value = out[section].pop(old_name)
+            if isinstance(out.get(new_section), dict):
+                out[new_section].setdefault(new_name, value)
+    return out
+
+
+def migrate_embedder_meta(meta) -> dict:
+    """A copy of an embedder's meta (or an index manifest's copy of it) with each
+    EMBEDDER_META_RENAMED key under its new name; where both are present the new one is kept."""
+    out = dict(meta)
+    for old, new in EMBEDDER_META_RENAMED.items():
+        if old in out:
+            out.setdefault(new, out.pop(old))
+    return out
 
 
 def _merge(defaults: dict, saved: dict) -> dict:

@@ -64,6 +64,19 @@ def test_bad_config_files(tmp_path):
         load_config(_write(tmp_path, "def get_config(:\n"))
 
 
+@pytest.mark.parametrize("old, new", [("train.margin_scale", "train.logit_scale"),
+                                      ("index.batch_size", "index.embed_batch_size")])
+def test_a_renamed_setting_names_its_new_key(tmp_path, old, new):
+    with pytest.raises(ConfigError, match=f"'{old}' was renamed '{new}': set {new} instead"):
+        load_config(DEMO, [f"{old}=30"])
+    section, name = old.split(".")
+    body = ("from facejax.config_schema import base\n"
+            f"def get_config():\n    c = base()\n    c.{section}.{name} = 30\n    return c\n")
+    with pytest.raises(ConfigError, match=f"sets config key '{old}' was renamed '{new}'"):
+        load_config(_write(tmp_path, body))
+    assert load_config(DEMO, [f"{new}=30"])[section][new.split(".")[1]] == 30
+
+
 def test_split_override_args():
     overrides, rest = split_override_args(
         ["--workdir", "w", "--config.train.epochs=3", "--config.seed", "4", "--x"])
@@ -76,6 +89,8 @@ def test_split_override_args():
 @pytest.mark.parametrize("args, message", [
     (["--config", "configs/demo.py", "--config.train.epoch=2"], "did you mean 'epochs'"),
     (["--config", "nope.py"], "config file not found"),
+    (["--config", "configs/demo.py", "--config.train.margin_scale=30"],
+     "'train.margin_scale' was renamed 'train.logit_scale': set train.logit_scale instead"),
 ])
 def test_scripts_print_one_line_not_a_traceback(args, message, tmp_path):
     proc = subprocess.run([sys.executable, "scripts/train.py", "--workdir", str(tmp_path / "w"),

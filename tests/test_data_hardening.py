@@ -37,7 +37,7 @@ def test_an_image_size_far_too_large_is_refused_when_the_config_loads():
 def test_overrides_of_a_saved_run_config_are_bounded_too():
     # The retrieval scripts apply overrides to config.json without load_config.
     cfg = load_common_configs().base()
-    for item, key in (("index.batch_size=10000000", "index.batch_size"),
+    for item, key in (("index.embed_batch_size=10000000", "index.embed_batch_size"),
                       ("eval.ks=(1,5,100000000)", "eval.ks"),
                       ("data.max_pixels=100000000000", "data.max_pixels")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

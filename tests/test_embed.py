@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from facejax.errors import CheckpointError, DataError
-from facejax.retrieval import embed
+from facejax.retrieval import embed, integrity
 
 pytestmark = pytest.mark.slow  # every test here takes seconds: not in ./run.sh test --fast
 
@@ -98,10 +98,29 @@ def test_meta_and_hash_recorded(artifact):
     assert meta["params_hash"] == embed.params_hash([np.asarray(a) for a in leaves])
     with open(os.path.join(out, "embedder.json")) as f:
         on_disk = json.load(f)
-    for key in ("input_size", "resize_mode", "normalization", "model", "embed_dim", "metric",
+    for key in ("cache_size", "resize_mode", "normalization", "model", "embed_dim", "metric",
                 "l2_normalized", "facejax_version", "created"):
         assert key in on_disk
-    assert on_disk["input_size"] == SIZE and on_disk["metric"] == "dot"
+    assert on_disk["cache_size"] == SIZE and on_disk["metric"] == "dot"
+    assert "input_size" not in on_disk  # the cache size's old name
+
+
+def test_an_old_embedder_json_with_input_size_loads(artifact, tmp_path):
+    """Artifacts exported before the rename name the cache size input_size: they still load,
+    with the cache size under its new name."""
+    out, _, state, fn = artifact
+    old = tmp_path / "embedder"
+    shutil.copytree(out, old)
+    meta = json.loads((old / "embedder.json").read_text())
+    meta["input_size"] = meta.pop("cache_size")
+    del meta["manifest_sha256"]
+    (old / "embedder.json").write_text(json.dumps(integrity.seal(meta)))
+    emb = embed.load_embedder(str(old))
+    assert emb.cache_size == SIZE and emb.meta["cache_size"] == SIZE
+    assert "input_size" not in emb.meta
+    assert embed.read_embedder_meta(str(old))["cache_size"] == SIZE
+    x = np.random.default_rng(4).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    np.testing.assert_allclose(emb(x), np.asarray(jax.jit(fn)(state, x)), atol=1e-6)
 
 
 def test_wrong_input_is_a_data_error(artifact):

@@ -226,6 +226,25 @@ def test_manifest_refuses_other_embedder(data, tmp_path, field, value):
         I.load_index(path, expect=dict(META, **{field: value}))
 
 
+def test_an_old_index_manifest_with_input_size_matches_todays_embedder(data, tmp_path):
+    """An index saved before the rename holds the embedder's cache size as input_size: it loads
+    against today's embedder meta (cache_size), and still refuses another cache size."""
+    x, y, _ = data
+    path = tmp_path / "index"
+    new_meta = {("cache_size" if k == "input_size" else k): v for k, v in META.items()}
+    I.SearchIndex.build(x[:50], paths_for(50), y[:50], new_meta, backend="exact").save(str(path))
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["embedder"]["cache_size"] == 16 and "input_size" not in manifest["embedder"]
+    manifest["embedder"]["input_size"] = manifest["embedder"].pop("cache_size")
+    del manifest["manifest_sha256"]
+    (path / "manifest.json").write_text(json.dumps(integrity.seal(manifest)))
+    loaded = I.load_index(str(path), expect=new_meta)
+    assert loaded.size == 50 and loaded.embedder["cache_size"] == 16
+    with pytest.raises(CheckpointError, match=r"different embedder: cache_size \(index: 16, "
+                                              r"embedder: 24\)"):
+        I.load_index(str(path), expect=dict(new_meta, cache_size=24))
+
+
 def test_missing_and_corrupt_index(data, tmp_path):
     with pytest.raises(CheckpointError, match="no index"):
         I.load_index(str(tmp_path / "none"))

@@ -254,7 +254,7 @@ def test_read_run_config_refuses_foreign_files(tmp_path):
 
 def test_embedders_face_crop_reaches_index_and_queries(tmp_path, capsys):
     """An embedder exported with data.face_crop gets that crop for the gallery and for search
-    queries, whatever the run config says (as input_size and resize_mode)."""
+    queries, whatever the run config says (as cache_size and resize_mode)."""
     root = tmp_path / "imgs"
     write_image_folder(root, CLASSES, size=(16, 16))
     work = make_run(tmp_path, str(root))

@@ -58,6 +58,41 @@ def test_an_old_checkpoint_config_is_compared_on_todays_schema(tmp_path):
         ckpt_lib.check_compatible(meta, current, 3, "ckpt")
 
 
+def _renamed_config_json(folder: pathlib.Path) -> dict:
+    """A config.json from before train.logit_scale and index.embed_batch_size were renamed."""
+    saved = json.loads(to_json(config_schema.base()))
+    del saved["train"]["logit_scale"], saved["index"]["embed_batch_size"]
+    saved["train"]["margin_scale"], saved["index"]["batch_size"] = 16.0, 64  # not the defaults
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / rundir.CONFIG_JSON).write_text(json.dumps(saved))
+    return saved
+
+
+def test_an_old_config_json_with_renamed_settings_loads_under_the_new_names(tmp_path):
+    _renamed_config_json(tmp_path / "run")
+    config = rundir.read_run_config(str(tmp_path / "run"))  # index.batch_size counts as given
+    assert config.train.logit_scale == 16.0 and config.index.embed_batch_size == 64
+    assert "margin_scale" not in config.train and "batch_size" not in config.index
+
+
+def test_an_old_checkpoint_config_with_renamed_settings_resumes(tmp_path):
+    saved = _renamed_config_json(tmp_path / "run")
+    current = rundir.read_run_config(str(tmp_path / "run")).to_dict()
+    meta = dict(model=current["model"]["name"], num_classes=3, config=saved)
+    ckpt_lib.check_compatible(meta, current, 3, "ckpt")  # the same run: accepted
+    current["train"]["logit_scale"] = 30.0  # the checkpoint trained at 16: another run
+    with pytest.raises(CheckpointError, match="train.logit_scale: checkpoint 16.0, now 30.0"):
+        ckpt_lib.check_compatible(meta, current, 3, "ckpt")
+
+
+def test_a_config_json_without_the_embedding_batch_is_refused(tmp_path):
+    saved = _renamed_config_json(tmp_path / "run")
+    del saved["index"]["batch_size"]
+    (tmp_path / "run" / rundir.CONFIG_JSON).write_text(json.dumps(saved))
+    with pytest.raises(CheckpointError, match="lacks index.embed_batch_size"):
+        rundir.read_run_config(str(tmp_path / "run"))
+
+
 def test_required_settings_are_checked_as_written(tmp_path):
     saved = _old_config_json(tmp_path / "run")
     del saved["train"]  # the schema would fill it in: the file must still be refused

@@ -132,7 +132,7 @@ def test_export_matches_the_model(finished_run):
     _, workdir, _ = finished_run
     out = export_workdir(workdir)
     embedder = load_embedder(out)
-    assert embedder.meta["input_size"] == 24 and embedder.meta["model"] == "scratch_cnn"
+    assert embedder.meta["cache_size"] == 24 and embedder.meta["model"] == "scratch_cnn"
     model, _ = ckpt_lib.restore_model(workdir)
     images = np.random.default_rng(0).integers(0, 256, (3, 24, 24, 3), dtype=np.uint8)
     want = np.asarray(model.embed(preprocess_eval(images, 24, "unit")))

@@ -65,7 +65,7 @@ def test_train_step_learns_a_learnable_problem(trained):
 def test_bf16_compute_keeps_float32_params_and_trains_arcface():
     state, _, _, history, _ = run_steps(
         ["train.compute_dtype=bfloat16", "model.head=cosine", "train.loss=arcface",
-         "train.margin_scale=16.0", "train.margin=0.2", "train.learning_rate=0.003",
+         "train.logit_scale=16.0", "train.margin=0.2", "train.learning_rate=0.003",
          "train.schedule=constant", "model.embed_dim=16"])
     assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
     assert {x.dtype for x in jax.tree.leaves(state.opt_state)

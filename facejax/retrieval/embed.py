@@ -4,7 +4,8 @@ Artifact layout (`workdir/embedder/`):
 - `embedder.bin`: `jax.export` serialization of `f(param_leaves, images_u8[b,S,S,3]) -> f32[b,D]`
   with a symbolic batch `b`, lowered for cpu, cuda and tpu when possible.
 - `params.bin`: the parameter leaves as raw bytes (tree-flatten order, 64-byte aligned).
-- `embedder.json`: preprocessing and identity: input_size, resize_mode, normalization, model,
+- `embedder.json`: preprocessing and identity: cache_size (`input_size` in artifacts exported
+  before the rename; read as cache_size), resize_mode, normalization, model,
   embed_dim, l2_normalized, metric, params_hash, the leaf table, facejax version, creation time,
   `files` (size and sha256 of embedder.bin; params.bin is covered by params_hash, a sha256 of
   its leaves) and `manifest_sha256` (of embedder.json itself). Every load checks them before
@@ -33,7 +34,7 @@ import facejax
 from facejax.atomic import atomic_dir, atomic_path, write_file_atomic
 from facejax.errors import CheckpointError, DataError
 from facejax.retrieval import integrity
-from facejax.rundir import read_json
+from facejax.rundir import migrate_embedder_meta, read_json
 from facejax.sharding import data_sharded, make_data_mesh, replicated
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ _BIN, _JSON, _PARAMS = "embedder.bin", "embedder.json", "params.bin"
 _ALIGN = 64
 # Lowered for all of these when possible, so an artifact exported on a GPU box runs on a laptop.
 _PLATFORMS = ("cpu", "cuda", "tpu")
-_REQUIRED_META = ("model", "input_size", "resize_mode", "normalization")
+_REQUIRED_META = ("model", "cache_size", "resize_mode", "normalization")
 _FIX = "export it again (scripts/export.py --workdir WORKDIR)"
 
 
@@ -62,14 +63,16 @@ def export_embedder(fn: Callable[[Any, jax.Array], jax.Array], params: Any,
     """Exports `fn(params, images_u8[B,S,S,3]) -> f32[B,D]` to `out_dir` and returns its meta.
 
     `fn` must include resizing and normalisation, so the artifact takes the uint8 cache images.
-    `meta` needs model, input_size (S), resize_mode and normalization; l2_normalized is
+    `meta` needs model, cache_size (S; input_size, its old name, is read as it), resize_mode
+    and normalization; l2_normalized is
     measured on two random images when not given. Other keys are kept as they are.
     `out_dir` is replaced atomically.
     """
+    meta = migrate_embedder_meta(meta)
     missing = [k for k in _REQUIRED_META if k not in meta]
     if missing:
         raise ValueError(f"export_embedder meta lacks {missing}")
-    size = int(meta["input_size"])
+    size = int(meta["cache_size"])
     leaves, treedef = jax.tree_util.tree_flatten(params)
     host_leaves = [np.asarray(jax.device_get(x)) for x in leaves]
     for i, leaf in enumerate(host_leaves):
@@ -99,7 +102,7 @@ def export_embedder(fn: Callable[[Any, jax.Array], jax.Array], params: Any,
         offset += a.nbytes
     full.update(
         format_version=FORMAT_VERSION,
-        input_size=size,
+        cache_size=size,
         embed_dim=int(out.shape[1]),
         output_dtype=np.dtype(out.dtype).name,
         metric=full.get("metric", "dot"),
@@ -138,7 +141,7 @@ class Embedder:
 
     def __init__(self, exported: jax.export.Exported, leaves: list[np.ndarray], meta: dict):
         self.meta = meta
-        self.input_size = int(meta["input_size"])
+        self.cache_size = int(meta["cache_size"])
         self.embed_dim = int(meta["embed_dim"])
         # This process's devices: in a multi-process job each process embeds its own items.
         devices = jax.local_devices()
@@ -154,7 +157,7 @@ class Embedder:
             self._fn = jax.jit(exported.call)
 
     def _check(self, images) -> None:
-        s = self.input_size
+        s = self.cache_size
         if len(images.shape) != 4 or tuple(images.shape[1:]) != (s, s, 3):
             raise DataError(f"the embedder takes uint8 images [B,{s},{s},3]; got shape "
                             f"{tuple(images.shape)}")
@@ -258,7 +261,7 @@ def load_embedder(path: str, verify: bool = True) -> Embedder:
         raise CheckpointError(f"embedder {path} was exported for {list(exported.platforms)} and "
                               f"cannot run on {platform}; export it again on this machine")
     if not hashed:
-        _check_module(exported, leaves, int(meta["input_size"]), path)
+        _check_module(exported, leaves, int(meta["cache_size"]), path)
     return Embedder(exported, leaves, meta)
 
 
@@ -289,6 +292,7 @@ def read_embedder_meta(path: str) -> dict:
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{meta_path} has format_version {version!r}; this facejax "
                               f"reads {FORMAT_VERSION}")
+    meta = migrate_embedder_meta(meta)  # after the seal, which covers the file as written
     needed = _REQUIRED_META + ("embed_dim", "params_hash", "param_leaves", "l2_normalized")
     missing = [k for k in needed if k not in meta]
     if missing:

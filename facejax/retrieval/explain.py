@@ -251,7 +251,7 @@ class Explainer:
         """Occlusion only, from an exported embedder (`retrieval.embed.Embedder`)."""
         exported_call, leaves = embedder._fn, embedder._leaves
         return cls(lambda images_u8: exported_call(leaves, images_u8), None,
-                   input_size=embedder.input_size, name=str(embedder.meta.get("model", "")),
+                   input_size=embedder.cache_size, name=str(embedder.meta.get("model", "")),
                    why_not_similarity=why or "explained from the exported embedder, which has "
                                              "no feature map")
 
@@ -279,8 +279,8 @@ def load_explainer(workdir: str, embedder=None, *, need_model: bool = False) -> 
             raise
         return Explainer.from_embedder(embedder, f"the run's checkpoint cannot be used ({e})")
     explainer = Explainer.from_model(
-        model, image_size=int(meta["input_size"]),
-        model_input_size=int(meta.get("model_input_size", meta["input_size"])),
+        model, image_size=int(meta["cache_size"]),
+        model_input_size=int(meta.get("model_input_size", meta["cache_size"])),
         normalization=meta["normalization"], name=config.model.name)
     probe = np.random.default_rng(1).integers(0, 256, (2, explainer.input_size,
                                                        explainer.input_size, 3), np.uint8)

@@ -27,7 +27,7 @@ def _decoder(config, meta: dict):
     from facejax.data.decode import BadImage, decode_image
     from facejax.retrieval.workdir import run_face_crop
 
-    size, mode = int(meta["input_size"]), meta["resize_mode"]
+    size, mode = int(meta["cache_size"]), meta["resize_mode"]
     max_pixels, crop = int(config.data.max_pixels), run_face_crop(config, meta)
 
     def decode(path: str, what: str) -> np.ndarray:

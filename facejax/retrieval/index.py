@@ -34,7 +34,7 @@ from facejax import compat
 from facejax.atomic import atomic_dir
 from facejax.errors import CheckpointError, ConfigError, DataError
 from facejax.retrieval import integrity
-from facejax.rundir import read_json
+from facejax.rundir import migrate_embedder_meta, read_json
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ FORMAT_VERSION = 1
 BACKENDS = ("auto", "exact", "scann", "milvus")
 # The embedder fields an index depends on; a mismatch on load is refused.
 EMBEDDER_FIELDS = ("model", "params_hash", "embed_dim", "normalization", "l2_normalized",
-                   "metric", "input_size", "resize_mode")
+                   "metric", "cache_size", "resize_mode")
 # Below this many items ScaNN scores by brute force: AH and a tree need data to train on.
 _SCANN_MIN_TREE = 1000
 # Rebuild ScaNN when the item count has drifted this far from the count it was trained on.
@@ -255,6 +255,7 @@ class SearchIndex:
         self.paths = list(paths)
         self.labels = np.asarray(labels, np.int32)
         self.ids = np.asarray(ids, np.int64)
+        embedder = migrate_embedder_meta(embedder)  # an older index's manifest, or meta
         self.embedder = {k: embedder.get(k) for k in EMBEDDER_FIELDS}
         self.backend = backend
         self.scann_params = scann_params
@@ -669,7 +670,8 @@ def read_manifest(path: str) -> dict:
 
 def check_embedder(manifest: Mapping[str, Any], expect: Mapping[str, Any], path: str) -> None:
     """Raises CheckpointError naming each embedder field where the index and `expect` differ."""
-    have = manifest.get("embedder") or {}
+    have = migrate_embedder_meta(manifest.get("embedder") or {})
+    expect = migrate_embedder_meta(expect)
     diffs = []
     for key in EMBEDDER_FIELDS:
         if key in expect and have.get(key) != expect.get(key):
@@ -819,13 +821,6 @@ def _check_contents(manifest: Mapping[str, Any], emb: np.ndarray, labels: np.nda
         raise CheckpointError(f"{what}: embeddings.npy holds NaN or inf; {_FIX}")
 
 
-# Contract names (docs/CONTRACTS.md).
-build_index = SearchIndex.build
-
-
-def save_index(index: SearchIndex, path: str) -> None:
-    index.save(path)
-
-
+# Contract name (docs/CONTRACTS.md): build with SearchIndex.build, save with SearchIndex.save.
 def load_index(path: str, expect: Mapping[str, Any] | None = None) -> SearchIndex:
     return SearchIndex.load(path, expect)

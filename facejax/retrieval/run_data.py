@@ -10,7 +10,7 @@ from facejax.retrieval.embed import Embedder
 
 
 def run_face_crop(config, meta: dict) -> tuple[float, ...]:
-    """The crop the embedder was exported with (as input_size and resize_mode); embedders
+    """The crop the embedder was exported with (as cache_size and resize_mode); embedders
     exported before face_crop existed use the run config's data.face_crop."""
     from facejax.data.decode import check_face_crop
 
@@ -28,7 +28,7 @@ def prepare_run_data(config, embedder: Embedder):
     from facejax.data.prepare import prepare_data
 
     data_cfg = ml_collections.ConfigDict(config.data.to_dict())
-    size, mode = int(embedder.meta["input_size"]), embedder.meta["resize_mode"]
+    size, mode = int(embedder.meta["cache_size"]), embedder.meta["resize_mode"]
     if (data_cfg.image_size, data_cfg.resize_mode) != (size, mode):
         print(f"note: using the embedder's input format {size}px/{mode} instead of the config's "
               f"{data_cfg.image_size}px/{data_cfg.resize_mode}", flush=True)

@@ -43,7 +43,7 @@ def evaluate_workdir(workdir: str, config, *, progress: bool = True) -> dict:
     q_emb = None
     out_dir = os.path.join(workdir, REPORT_DIR)
     if data.protocol == "competition":
-        q_emb = embedder.embed_array(data.images, batch_size=config.index.batch_size,
+        q_emb = embedder.embed_array(data.images, batch_size=config.index.embed_batch_size,
                                      progress=progress, indices=data.query.indices)
         q_paths = [data.paths[i] for i in data.query.indices]
         k = min(ks[-1], index.size)
@@ -52,7 +52,7 @@ def evaluate_workdir(workdir: str, config, *, progress: bool = True) -> dict:
             competition.competition_topk(q_paths, q_emb, index, k),
             os.path.join(out_dir, COMPETITION_JSON))
     result = evaluate(embedder, data, ks=ks, index=index,
-                      batch_size=config.index.batch_size,
+                      batch_size=config.index.embed_batch_size,
                       num_examples=num_examples, seed=config.seed,
                       progress=progress, query_emb=q_emb, exact_max_pairs=exact_max_pairs,
                       threshold=threshold, threshold_source=threshold_source or "",

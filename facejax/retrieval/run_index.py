@@ -68,7 +68,7 @@ def _build_workdir_index(workdir: str, config, *, backend: str | None, target_re
     if not 1 <= shard_size <= 1 << 24:
         raise ConfigError(f"shard_size {shard_size} must be in 1..{1 << 24}")
     emb = multihost.embed_gallery(embedder, data.images, gallery.indices, paths, work,
-                                  shard_size=shard_size, batch_size=config.index.batch_size,
+                                  shard_size=shard_size, batch_size=config.index.embed_batch_size,
                                   progress=progress)
     if emb is None:  # another process of the job builds the index from the shards
         multihost.barrier("index_saved")

@@ -57,7 +57,7 @@ def search_workdir(workdir: str, query: str, k: int = 10, *, grid_png: str | Non
     embedder = load_embedder(os.path.join(workdir, EMBEDDER_DIR))
     index = load_index(os.path.join(workdir, INDEX_DIR), expect=embedder.meta)
     check_k(k, index.size)
-    size, mode = int(embedder.meta["input_size"]), embedder.meta["resize_mode"]
+    size, mode = int(embedder.meta["cache_size"]), embedder.meta["resize_mode"]
     face_crop = run_face_crop(config, embedder.meta)
     files = list_query_images(query)
     images, kept, skipped = [], [], []

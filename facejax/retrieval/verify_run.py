@@ -42,7 +42,7 @@ def embed_images(embedder, root: str, paths: list[str], *, face_crop, max_pixels
 
     from facejax.data.decode import BadImage, decode_image
 
-    size, mode = int(embedder.meta["input_size"]), embedder.meta["resize_mode"]
+    size, mode = int(embedder.meta["cache_size"]), embedder.meta["resize_mode"]
     out, kept, skipped = [], [], []
     with tqdm(total=len(paths), desc="decode+embed", unit="img", disable=not progress,
               leave=False) as bar:
@@ -93,7 +93,7 @@ def verify_workdir(workdir: str, pairs_path: str | None = None, root: str | None
     face_crop = run_face_crop(config, embedder.meta)
     emb, kept, skipped = embed_images(embedder, root, pairs.images(), face_crop=face_crop,
                                       max_pixels=int(config.data.max_pixels),
-                                      batch_size=int(config.index.batch_size),
+                                      batch_size=int(config.index.embed_batch_size),
                                       progress=progress)
     index_of = {p: i for i, p in enumerate(kept)}
     usable = np.asarray([a in index_of and b in index_of
@@ -109,7 +109,7 @@ def verify_workdir(workdir: str, pairs_path: str | None = None, root: str | None
     result.update(
         name=name, pairs_file=os.path.abspath(pairs_path), root=os.path.abspath(root),
         model=embedder.meta.get("model", config.model.name),
-        input_size=int(embedder.meta["input_size"]), resize_mode=embedder.meta["resize_mode"],
+        input_size=int(embedder.meta["cache_size"]), resize_mode=embedder.meta["resize_mode"],
         face_crop=list(face_crop), num_images=len(kept),
         skipped=[dict(path=p, reason=r) for p, r in skipped],
         workdir=os.path.abspath(workdir))

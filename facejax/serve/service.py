@@ -49,7 +49,7 @@ class SearchService:
         meta = self.embedder.meta
         self.gallery = Gallery.open(workdir, os.path.join(workdir, INDEX_DIR), expect=meta,
                                     compact_every=settings.compact_every)
-        self.size, self.mode = int(meta["input_size"]), meta["resize_mode"]
+        self.size, self.mode = int(meta["cache_size"]), meta["resize_mode"]
         self.face_crop = run_face_crop(self.config, meta)
         self.max_pixels = min(settings.max_pixels, int(self.config.data.max_pixels))
         # Pair verification (/v1/verify) uses the pair threshold; a search's "match" flag the

@@ -38,6 +38,11 @@ from facejax.rundir import CHECKPOINT_DIR
 from facejax.train import orbax_noise
 
 MONITORS = {"val_accuracy": "max", "val_top1": "max", "val_map_r": "max", "val_loss": "min"}
+# The depths of the per-epoch validation's retrieval Top-k (val_top1, val_top5: metrics.jsonl,
+# the epoch line, the accuracy plot; val_top1 is a monitor). Fixed rather than eval.ks: eval.*
+# may change when a run resumes (RESUMABLE_FIELDS), and a run's curves and its monitor must
+# keep their names from its first epoch to its last. eval.ks sets the report's depths.
+VAL_KS = (1, 5)
 
 # Config fields that may change between a run and its resume: they do not change what the
 # checkpoint means (where data lives, how long to run, logging, evaluation-only settings).

@@ -58,7 +58,7 @@ def _export(workdir: str, which: str, compute_dtype: str) -> str:
     fn, params = make_embed_fn(model, size, normalization)
     meta = dict(
         model=config.model.name,
-        input_size=int(config.data.image_size),  # the artifact's input: cache-format images
+        cache_size=int(config.data.image_size),  # the artifact's input: cache-format images
         model_input_size=size,
         resize_mode=config.data.resize_mode,
         face_crop=list(config.data.face_crop),

@@ -48,9 +48,6 @@ from facejax.train.mesh import is_primary, replicate
 from facejax.train.plots import plot_history
 from facejax.train.step import jit_eval_step, jit_train_step
 
-TOPK = (1, 5)
-
-
 @dataclasses.dataclass
 class Progress:
     """Loop position and early-stopping state; saved in every checkpoint's meta."""
@@ -285,7 +282,8 @@ def _save(loop: _Epochs, state, step: int, metrics: dict | None) -> None:
 def _score_and_save(loop: _Epochs, state, step: int, record: dict) -> dict:
     """Adds the validation metrics to `record`, marks it best or not, logs and saves it."""
     run, t = loop.run, loop.run.config.train
-    record.update(evaluate(loop.eval_fn, state, run.data, loop.gallery, t.batch_size, run.mesh))
+    record.update(validate_epoch(loop.eval_fn, state, run.data, loop.gallery, t.batch_size,
+                                 run.mesh))
     record["best"] = _update_best(loop.progress, record, t.monitor, step)
     loop.history.append(record)
     if run.primary:
@@ -527,8 +525,9 @@ def _embed_split(eval_fn, state, images, indices, labels, batch_size, mesh):
     return loss, correct, count, emb
 
 
-def evaluate(eval_fn, state, data: PreparedData, gallery, batch_size: int, mesh) -> dict:
-    """Validation loss/accuracy and retrieval Top-1/5 (val queries vs the training gallery)."""
+def validate_epoch(eval_fn, state, data: PreparedData, gallery, batch_size: int, mesh) -> dict:
+    """The per-epoch validation: loss/accuracy and retrieval Top-k at ckpt_lib.VAL_KS (val
+    queries vs the training gallery)."""
     if len(data.val) == 0:
         return {}
     v_loss, v_correct, v_count, q_emb = _embed_split(
@@ -541,16 +540,16 @@ def evaluate(eval_fn, state, data: PreparedData, gallery, batch_size: int, mesh)
 
 
 def retrieval_scores(q_emb, q_labels, g_emb, g_labels) -> dict:
-    """val_top1/val_top5 (hit rates) and val_map_r (mAP@R, R = the query's relevant count in
-    the gallery; queries with none are left out) of exact search."""
+    """val_top{k} for k in ckpt_lib.VAL_KS (hit rates) and val_map_r (mAP@R, R = the query's
+    relevant count in the gallery; queries with none are left out) of exact search."""
     q_labels, g_labels = np.asarray(q_labels), np.asarray(g_labels)
     num_rel = count_relevant(q_labels, g_labels)
     # Deep enough for mAP@R.
-    k = min(max(max(TOPK), int(num_rel.max(initial=0))), len(g_emb))
+    k = min(max(max(ckpt_lib.VAL_KS), int(num_rel.max(initial=0))), len(g_emb))
     rows, _ = ExactSearcher(g_emb).search(q_emb, k)
     rel = relevance(g_labels[rows], q_labels)
     out = {}
-    for kk in TOPK:
+    for kk in ckpt_lib.VAL_KS:
         if kk <= k:
             out[f"val_top{kk}"] = float(hit_at_k(rel, kk).mean())
     ap = average_precision_at_r(rel, num_rel)
@@ -609,8 +608,9 @@ def _log_epoch(record, metrics_path, writer, history, workdir, title) -> None:
                                         if isinstance(v, float)})
     plot_history(history, os.path.join(workdir, PLOTS_DIR), title)
     shown = ", ".join(f"{k} {record[k]:.4f}" for k in
-                      ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_top1",
-                       "val_top5", "val_map_r") if record.get(k) is not None)
+                      ("train_loss", "train_accuracy", "val_loss", "val_accuracy",
+                       *(f"val_top{k}" for k in ckpt_lib.VAL_KS), "val_map_r")
+                      if record.get(k) is not None)
     print(f"epoch {record['epoch']}: {shown}" + (" (best)" if record["best"] else ""),
           flush=True)
 

@@ -40,13 +40,13 @@ class LossConfig:
                 f"train.loss={t.loss!r} needs cosine logits: set --config.model.head=cosine")
         if not 0.0 <= t.label_smoothing < 1.0:
             raise ConfigError(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
-        if cosine and t.margin_scale <= 0:
-            raise ConfigError(f"train.margin_scale must be > 0, got {t.margin_scale}")
+        if cosine and t.logit_scale <= 0:
+            raise ConfigError(f"train.logit_scale must be > 0, got {t.logit_scale}")
         if t.loss == "arcface" and not 0.0 <= t.margin < math.pi / 2:
             raise ConfigError(f"train.margin (ArcFace, radians) must be in [0, pi/2), "
                               f"got {t.margin}")
         return cls(kind=t.loss, label_smoothing=float(t.label_smoothing),
-                   scale=float(t.margin_scale), margin=float(t.margin), cosine_head=cosine)
+                   scale=float(t.logit_scale), margin=float(t.margin), cosine_head=cosine)
 
 
 def margin_logits(cos: jax.Array, labels: jax.Array, cfg: LossConfig) -> jax.Array:

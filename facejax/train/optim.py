@@ -33,8 +33,11 @@ from facejax.errors import ConfigError
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "step", "exponential", "cosine", "one_cycle")
 FINETUNE = ("all", "frozen_backbone", "last_n")
-BACKBONE = "backbone"  # the EmbeddingModel attribute holding the backbone (facejax.models.heads)
-FROZEN, TRAINABLE, SLOW = "frozen", "trainable", "backbone"
+# The EmbeddingModel attribute holding the backbone (facejax.models.heads), and the label of the
+# backbone's own learning-rate group (train.backbone_lr_mult); labels key the optimizer state
+# saved in checkpoints, so they keep their strings.
+BACKBONE = "backbone"
+FROZEN, TRAINABLE = "frozen", "trainable"
 
 # fastai fit_one_cycle defaults: start at lr/25, peak after 25% of the steps, end at lr/1e5,
 # with momentum (Adam's beta1) cycling 0.95 -> 0.85 -> 0.95.
@@ -144,7 +147,7 @@ def create_optimizer(t, labels, steps_per_epoch: int, total_steps: int,
     mult = float(t.backbone_lr_mult)
     transforms = {
         TRAINABLE: _group_tx(t, lr, momentum),
-        SLOW: _group_tx(t, lambda c: mult * lr(c), momentum),
+        BACKBONE: _group_tx(t, lambda c: mult * lr(c), momentum),
         FROZEN: optax.set_to_zero(),
     }
     return optax.multi_transform(transforms, labels), lr
@@ -168,7 +171,7 @@ def param_labels(params, t, *, layer_order: list[tuple[str, ...]],
             raise ConfigError(f"train.trainable_last_n must be in [0, {len(backbone_layers)}] "
                               f"(the backbone's parameterised layers), got {n}")
         open_layers = set(backbone_layers[len(backbone_layers) - n:])
-    slow = SLOW if t.backbone_lr_mult != 1.0 else TRAINABLE
+    slow = BACKBONE if t.backbone_lr_mult != 1.0 else TRAINABLE
     if t.backbone_lr_mult == 0.0:
         slow = FROZEN
     labels = {}

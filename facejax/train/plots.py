@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 from facejax.atomic import atomic_path
+from facejax.train.checkpoint import VAL_KS
 
 CURVES = {
     "loss.png": ("Loss", "classifier loss (cross-entropy of the training head)",
@@ -27,8 +28,7 @@ CURVES = {
                      "classifier accuracy (softmax head) vs retrieval Top-k (nearest neighbour)",
                      (("train_accuracy", "train classifier accuracy"),
                       ("val_accuracy", "validation classifier accuracy"),
-                      ("val_top1", "validation retrieval Top-1"),
-                      ("val_top5", "validation retrieval Top-5"))),
+                      *((f"val_top{k}", f"validation retrieval Top-{k}") for k in VAL_KS))),
 }
 
 
