@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from facejax.atomic import atomic_path
 from facejax.errors import CheckpointError, ConfigError, FacejaxError
 
 SIMILARITY, OCCLUSION = "similarity", "occlusion"
@@ -388,9 +389,8 @@ def pair_figure(pairs: Sequence[Mapping[str, Any]], out_png: str, *, title: str 
                           "(similarity: relative to the mean cell)",
                  fontsize=9, y=1 - 0.1 / height, va="top")
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-    tmp = out_png + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, out_png)
+    with atomic_path(out_png, ".png") as tmp:
+        fig.savefig(tmp, dpi=110)
 
 
 def explained_examples_figure(examples: Sequence[Mapping[str, Any]],

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from facejax.rundir import METRICS_JSONL
+
 MONITOR_NAMES = {"val_top1": "validation retrieval Top-1",
                  "val_accuracy": "validation classifier accuracy",
                  "val_loss": "validation loss"}
@@ -50,7 +52,7 @@ def layers_line(train_cfg, epochs_run: int) -> str:
 def read_history(workdir: str) -> list[dict]:
     """metrics.jsonl's records ([] when missing or unreadable)."""
     try:
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        with open(os.path.join(workdir, METRICS_JSONL)) as f:
             return [r for r in (json.loads(line) for line in f if line.strip())
                     if isinstance(r, dict)]
     except (OSError, ValueError):
