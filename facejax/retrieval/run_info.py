@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from facejax.rundir import METRICS_JSONL
+from facejax.rundir import METRICS_JSONL, REPORT_DIR
 
 MONITOR_NAMES = {"val_top1": "validation retrieval Top-1",
                  "val_accuracy": "validation classifier accuracy",
@@ -97,7 +97,7 @@ def describe_run(workdir: str, config, data) -> dict:
 def read_verification(workdir: str) -> dict | None:
     """The run's report/verification.json (None when missing or unreadable)."""
     try:
-        with open(os.path.join(workdir, "report", "verification.json")) as f:
+        with open(os.path.join(workdir, REPORT_DIR, "verification.json")) as f:
             result = json.load(f)
         return result if isinstance(result, dict) and "accuracy" in result else None
     except (OSError, ValueError):
