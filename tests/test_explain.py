@@ -91,6 +91,7 @@ def _blob_images(size=32, seed=0):
     return out
 
 
+@pytest.mark.slow
 def test_similarity_maps_sum_to_the_cosine_through_a_projection_head_with_bias():
     model = _model(TinyNet(nnx.Rngs(1)), embed_dim=6)
     explainer = _explainer(model, 32)

@@ -45,6 +45,7 @@ def test_fitting_batch_size_is_the_largest_power_of_two_that_fits():
         fitting_batch_size(128, 3, num_devices=4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("epochs", [0, 1])
 def test_default_batch_fits_a_200_image_folder(tmp_path, capsys, epochs):
     """configs/scratch_cnn.py (batch 128) on 200 images: ~120 training images. The run lowers
@@ -118,6 +119,7 @@ def test_missing_dlib_weights_name_the_faces_extra(offline, monkeypatch):
     assert "keras" not in text.lower() and "torch" not in text.lower()
 
 
+@pytest.mark.slow
 def test_from_scratch_a_fine_tuning_config_trains_every_layer(tmp_path, capsys):
     """model.pretrained='' with finetune=last_n (the Keras transfer configs) would train the
     last layers on a frozen random backbone: the run trains every layer and says so."""
@@ -221,6 +223,7 @@ def _scratch(pool: str | None, size: int = 64):
     return state_lib.build_model(cfg, 5)
 
 
+@pytest.mark.slow
 def test_scratch_cnn_index_stores_pooled_features_by_default():
     """configs/scratch_cnn.py: the classifier still reads Table 1's Flatten (same layers and
     parameter shapes), but the embedding is 4 x 128-d (a 2x2 grid of averages), not the

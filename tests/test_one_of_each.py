@@ -141,6 +141,7 @@ def _old_forward(model, x, *, train, backbone_train):
     return model.head(z).astype(jnp.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train, backbone_train", [(True, True), (True, False),
                                                     (False, False)])
 def test_forward_is_the_models_call(train, backbone_train):

@@ -23,7 +23,8 @@ from facejax.data.augment import normalize
 from facejax.errors import ConfigError, WeightsError
 from facejax.models import create_model
 
-pytestmark = [pytest.mark.parity, pytest.mark.filterwarnings("ignore::DeprecationWarning:keras"),
+pytestmark = [pytest.mark.parity, pytest.mark.slow,
+              pytest.mark.filterwarnings("ignore::DeprecationWarning:keras"),
               pytest.mark.filterwarnings("ignore::UserWarning:keras")]
 TOL = 1e-4
 

@@ -16,6 +16,7 @@ NEW = ("mobilenet_v2", "mobilenet_v2_035", "mobilenet_v3_small", "mobilenet_v3_l
        "densenet121", "densenet169", "inception_v3")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("side,k,stride,same", [(16, 3, 1, True), (16, 3, 2, True),
                                                 (15, 5, 2, True), (16, 3, 2, False),
                                                 (15, 5, 2, False), (9, 5, 1, False)])
@@ -28,6 +29,7 @@ def test_depthwise_shifted_equals_grouped(side, k, stride, same):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_mobilenet_depthwise_impls_agree_end_to_end():
     # Built abstractly and filled with the same random numbers (random init is slow on CPU).
     x = jax.random.normal(jax.random.key(2), (1, 35, 35, 3))
@@ -57,6 +59,7 @@ def test_bad_architecture_arguments_are_config_errors(name, kw, match):
         nnx.eval_shape(lambda: create_model(name, num_classes=2, rngs=nnx.Rngs(0), **kw))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NEW)
 def test_every_preset_builds(name):
     for source, preset in get_spec(name).presets.items():

@@ -17,7 +17,7 @@ from facejax.convert.merge import load_weights
 from facejax.errors import WeightsError
 from facejax.models import create_model
 
-pytestmark = pytest.mark.parity
+pytestmark = [pytest.mark.parity, pytest.mark.slow]
 TOL = 1e-4
 
 
