@@ -18,10 +18,10 @@ except ImportError as e:  # CI installs [parity]; a missing extra must fail, not
     raise ImportError(f"parity tests need the [parity] extra (pip install -e '.[parity]'): {e}")
 
 from facejax.convert import keras_h5, keras_zoo
-from facejax.convert.merge import load_weights
 from facejax.data.augment import normalize
 from facejax.errors import ConfigError, WeightsError
 from facejax.models import create_model
+from test_convert_keras import forward, ours  # the same load and forward as the zoo's first models
 
 pytestmark = [pytest.mark.parity, pytest.mark.slow,
               pytest.mark.filterwarnings("ignore::DeprecationWarning:keras"),
@@ -86,17 +86,6 @@ def count(model) -> int:
     """Param + BatchStat elements (Keras counts moving statistics as parameters)."""
     return sum(int(np.prod(v.shape)) for _, v in
                nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))))
-
-
-def ours(name: str, tree, source: str) -> nnx.Module:
-    model = nnx.eval_shape(
-        lambda: create_model(name, num_classes=1000, rngs=nnx.Rngs(0), source=source))
-    return load_weights(model, tree)
-
-
-@nnx.jit
-def forward(model, x):
-    return model(x), model.features(x)
 
 
 def check(app: str, name: str, size: int, features, *, seed: int, tmp_path, legacy=False,
