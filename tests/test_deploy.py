@@ -118,13 +118,13 @@ def test_train_script_reports_a_bad_slurm_environment_in_one_line(tmp_path):
 # --------------------------------------------------------------------------- rendering
 
 def _overrides(shared) -> list[str]:
-    # data.exact_counts_below=0: the hash-threshold split these tests were written and checked
-    # with. With the exact per-class counts (issue 18) the training set changes and the 2-process
-    # run drifts from the 1-process one beyond the tolerance (losses equal at steps 1 and 3,
-    # 1.3290 vs 1.3285 at step 5; some params 1-10% of their tensor's max apart): not yet
-    # explained, see BUILD_NOTES.md "Cluster jobs".
+    # SGD at lr 0.01: at 0.05 this tiny run is unstable on the default (exact per-class) split
+    # (its loss rises 1.78 -> 2.72 at step 2), and 1e-6 of reduction-order rounding between 1
+    # and 2 devices flips a ReLU gate in the first conv at step 2, which later steps amplify to
+    # 13% of a tensor's max. 2 processes equal 1 process with 2 devices bit for bit, so that is
+    # not a multi-process difference (BUILD_NOTES.md "Cluster jobs").
     return [f"data.root={shared['idx']}", f"data.cache_dir={shared['cache']}", "train.epochs=1",
-            "train.optimizer=sgd", "train.learning_rate=0.05", "data.exact_counts_below=0"]
+            "train.optimizer=sgd", "train.learning_rate=0.01"]
 
 
 def _spec_args(tmp_path, shared, port):
