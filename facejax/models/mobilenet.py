@@ -185,6 +185,11 @@ class MobileNet(nnx.Module):
         self.pre_logits = (nnx.Linear(head, last, dtype=dtype, rngs=rngs)
                            if last and top else None)
         self.num_features = last if self.pre_logits is not None else head
+        # Read by retrieval.explain: similarity maps need an embedding affine in the pooled map.
+        self.why_not_similarity = (
+            "MobileNetV3's pre-logits layer (a Linear and hard-swish after the pool) is not "
+            "affine, so its features do not split over the feature map; with top=False (the "
+            "Keras no-top layout) they do" if self.pre_logits is not None else "")
 
     def feature_map(self, x: jax.Array, train: bool = False) -> jax.Array:
         """[B,H,W,3] -> [B,H/32,W/32,C] (the activated head conv)."""
