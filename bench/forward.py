@@ -2,12 +2,16 @@
 
     KERAS_BACKEND=jax .venv/bin/python bench/forward.py            # batch 32, 224 px, 5 runs
     .venv/bin/python bench/forward.py --models resnet18 --runs 3 --json out.json
+    .venv/bin/python bench/forward.py --models efficientnet_lite0 resnet50v2 \
+        --frameworks facejax "facejax dw=grouped"    # depthwise as shifted adds vs grouped conv
 
 Every framework gets a warm-up call (compilation, allocator); then `--runs` rounds each time
 one call per framework, interleaved so that load from other processes on a shared machine hits
 all columns alike; the median per framework is reported. facejax: `jax.jit` of a pure function
 over the `nnx.split` state (as the trainer/exporter use it); torchvision: eval + inference_mode,
 NCHW and channels_last; Keras 3 (JAX backend): `predict_on_batch` (its jitted predict step).
+The opt-in column `facejax dw=grouped` runs models with depthwise convs (MobileNet,
+EfficientNet-Lite) with XLA's grouped conv instead of the CPU default (shifted multiply-adds).
 Weights are random (throughput does not depend on their values).
 """
 
@@ -31,7 +35,8 @@ from flax import nnx
 from facejax.convert.merge import assign_weights, flatten, model_weights, unflatten
 from facejax.models import create_model
 
-# facejax name -> (torchvision constructor or None, keras.applications name or None)
+# facejax name -> (torchvision constructor or None, keras.applications name or None, or
+# (name, keyword arguments))
 PEERS = {
     "resnet18": ("resnet18", None),
     "resnet50": ("resnet50", "ResNet50"),
@@ -39,6 +44,7 @@ PEERS = {
     "vgg16": ("vgg16", "VGG16"),
     "efficientnet_lite0": (None, None),  # neither ships Lite (keras/torchvision B0 has SE)
     "mobilenet_v2": ("mobilenet_v2", "MobileNetV2"),
+    "mobilenet_v2_035": (None, ("MobileNetV2", {"alpha": 0.35})),  # torchvision has no 0.35
     "mobilenet_v3_small": ("mobilenet_v3_small", "MobileNetV3Small"),
     "mobilenet_v3_large": ("mobilenet_v3_large", "MobileNetV3Large"),
     "densenet121": ("densenet121", "DenseNet121"),
@@ -46,6 +52,8 @@ PEERS = {
     "inception_v3": ("inception_v3", "InceptionV3"),
 }
 COLUMNS = ("facejax", "torch NCHW", "torch channels_last", "keras-jax")
+GROUPED = "facejax dw=grouped"  # opt-in: depthwise convs as XLA's grouped conv
+DEPTHWISE = ("mobilenet", "efficientnet_lite")  # the families with a `depthwise` argument
 
 
 def timed_interleaved(fns: dict, runs: int) -> dict[str, float]:
@@ -74,8 +82,9 @@ def random_weights(model: nnx.Module, seed: int = 0) -> None:
     assign_weights(model, unflatten(tree))
 
 
-def facejax_fn(name: str, x: np.ndarray):
-    model = nnx.eval_shape(lambda: create_model(name, num_classes=1000, rngs=nnx.Rngs(0)))
+def facejax_fn(name: str, x: np.ndarray, **arch_kw):
+    model = nnx.eval_shape(lambda: create_model(name, num_classes=1000, rngs=nnx.Rngs(0),
+                                                **arch_kw))
     random_weights(model)
     graphdef, state = nnx.split(model)
     fwd = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
@@ -99,11 +108,12 @@ def torch_fn(tv_name: str, x: np.ndarray, channels_last: bool):
     return run
 
 
-def keras_fn(keras_name: str, x: np.ndarray):
+def keras_fn(keras_name, x: np.ndarray):
     import keras
 
+    keras_name, kw = keras_name if isinstance(keras_name, tuple) else (keras_name, {})
     model = getattr(keras.applications, keras_name)(weights=None,
-                                                     input_shape=x.shape[1:])
+                                                     input_shape=x.shape[1:], **kw)
     return lambda: model.predict_on_batch(x)
 
 
@@ -112,6 +122,8 @@ def make_fn(column: str, name: str, x: np.ndarray):
     tv, ka = PEERS[name]
     if column == "facejax":
         return facejax_fn(name, x)
+    if column == GROUPED:
+        return facejax_fn(name, x, depthwise="grouped") if name.startswith(DEPTHWISE) else None
     if column.startswith("torch"):
         return torch_fn(tv, x, column.endswith("channels_last")) if tv else None
     return keras_fn(ka, x) if ka else None
@@ -130,7 +142,8 @@ def machine() -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=list(PEERS), choices=list(PEERS))
-    p.add_argument("--frameworks", nargs="+", default=list(COLUMNS), choices=list(COLUMNS))
+    p.add_argument("--frameworks", nargs="+", default=list(COLUMNS),
+                   choices=list(COLUMNS) + [GROUPED])
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--runs", type=int, default=5)
@@ -156,7 +169,7 @@ def main(argv=None) -> None:
           f"{args.batch}, {args.size}x{args.size}, float32, CPU: {machine()}. "
           f"{datetime.date.today()}; jax {jax.__version__}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads).\n")
-    cols = [c for c in COLUMNS if c in args.frameworks]
+    cols = [c for c in COLUMNS + (GROUPED,) if c in args.frameworks]
     ratio_cols = [c for c in cols if c != "facejax"]
     print("| model | " + " | ".join(cols) + " | " +
           " | ".join(f"facejax / {c}" for c in ratio_cols) + " |")

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from facejax.models.depthwise import DepthwiseConv, check_impl
 from facejax.models.registry import ModelSpec, Preset
 
 # The EfficientNet-B0 stage table that every Lite variant scales (tensorflow/tpu
@@ -73,7 +74,8 @@ def block_plan(width: float, depth: float) -> list[BlockPlan]:
 class MBConv(nnx.Module):
     """Inverted residual: 1x1 expand -> depthwise kxk -> 1x1 project (+ residual, drop-connect)."""
 
-    def __init__(self, p: BlockPlan, *, drop_rate: float, dtype: Any, rngs: nnx.Rngs):
+    def __init__(self, p: BlockPlan, *, drop_rate: float, dtype: Any, rngs: nnx.Rngs,
+                 depthwise: str = "auto"):
         mid = p.in_ch * p.expand
         bn = {"momentum": BN_MOMENTUM, "epsilon": BN_EPS, "dtype": dtype, "rngs": rngs}
         if p.expand != 1:
@@ -82,11 +84,12 @@ class MBConv(nnx.Module):
             self.expand_bn = nnx.BatchNorm(mid, **bn)
         else:
             self.expand_conv = self.expand_bn = None
-        # padding='SAME' in lax is TF's SAME: total pad max((ceil(n/s)-1)*s + k - n, 0), the odd
-        # pixel at the end (bottom/right). That is lukemelas' Conv2dStaticSamePadding for every
-        # input size, so the converted weights see the same pixels as in TF/PyTorch.
-        self.dw_conv = nnx.Conv(mid, mid, (p.kernel, p.kernel), strides=p.stride, padding="SAME",
-                                feature_group_count=mid, use_bias=False, dtype=dtype, rngs=rngs)
+        # TF's SAME: total pad max((ceil(n/s)-1)*s + k - n, 0), the odd pixel at the end
+        # (bottom/right). That is lukemelas' Conv2dStaticSamePadding for every input size, so
+        # the converted weights see the same pixels as in TF/PyTorch. Shifted multiply-adds on
+        # CPU (`depthwise='auto'`), the grouped conv elsewhere; nnx.Conv's `kernel` either way.
+        self.dw_conv = DepthwiseConv(mid, p.kernel, p.stride, True, depthwise, dtype=dtype,
+                                     rngs=rngs)
         self.dw_bn = nnx.BatchNorm(mid, **bn)
         self.project_conv = nnx.Conv(mid, p.out_ch, (1, 1), use_bias=False, dtype=dtype,
                                      rngs=rngs)
@@ -118,11 +121,13 @@ class EfficientNetLite(nnx.Module):
     `expand_conv/expand_bn/dw_conv/dw_bn/project_conv/project_bn` = `_expand_conv/_bn0/
     _depthwise_conv/_bn1/_project_conv/_bn2`; `head_conv/head_bn` = `_conv_head/_bn1`.
     The classifier (`_fc`) is the shared head's. Drop-connect grows linearly with block index
-    up to `drop_connect_rate`, as in the reference.
+    up to `drop_connect_rate`, as in the reference. `depthwise`: as MobileNet's ('auto',
+    'grouped', 'shifted'; `models.depthwise`).
     """
 
     def __init__(self, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, width: float = 1.0,
-                 depth: float = 1.0, drop_connect_rate: float = 0.2):
+                 depth: float = 1.0, drop_connect_rate: float = 0.2, depthwise: str = "auto"):
+        check_impl(depthwise, "EfficientNet-Lite")
         bn = {"momentum": BN_MOMENTUM, "epsilon": BN_EPS, "dtype": dtype, "rngs": rngs}
         self.stem_conv = nnx.Conv(3, STEM_FEATURES, (3, 3), strides=2, padding="SAME",
                                   use_bias=False, dtype=dtype, rngs=rngs)
@@ -132,7 +137,7 @@ class EfficientNetLite(nnx.Module):
         n = len(self.plan)
         for i, p in enumerate(self.plan):
             setattr(self, p.name, MBConv(p, drop_rate=drop_connect_rate * i / n, dtype=dtype,
-                                         rngs=rngs))
+                                         rngs=rngs, depthwise=depthwise))
         self.head_conv = nnx.Conv(self.plan[-1].out_ch, HEAD_FEATURES, (1, 1), use_bias=False,
                                   dtype=dtype, rngs=rngs)
         self.head_bn = nnx.BatchNorm(HEAD_FEATURES, **bn)

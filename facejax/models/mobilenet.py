@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from facejax.errors import ConfigError
+from facejax.models.depthwise import DepthwiseConv, check_impl
 from facejax.models.registry import ModelSpec, Preset
 from facejax.models.resnet import CONV_INIT, torchvision_preset
 
@@ -100,61 +101,6 @@ def _conv(cin, cout, k=1, stride=1, *, same=True, bias=False, dtype, rngs):
                     use_bias=bias, kernel_init=CONV_INIT, dtype=dtype, rngs=rngs)
 
 
-DEPTHWISE_IMPLS = ("auto", "grouped", "shifted")
-
-
-def _same_pads(n: int, k: int, stride: int) -> tuple[int, int]:
-    """TF 'SAME' (lo, hi) padding of one spatial axis: the odd pixel goes to the end."""
-    total = max((-(-n // stride) - 1) * stride + k - n, 0)
-    return total // 2, total - total // 2
-
-
-def depthwise_shifted(x: jax.Array, w: jax.Array, stride: int, pads) -> jax.Array:
-    """Depthwise conv, NHWC, kernel (k, k, 1, C), as k*k strided slices times per-channel
-    weights: elementwise work that XLA fuses into one loop. On XLA:CPU this is 10-30x faster
-    than `feature_group_count=C` (bench/depthwise.py) and gives the same numbers."""
-    k = w.shape[0]
-    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-    oh = (xp.shape[1] - k) // stride + 1
-    ow = (xp.shape[2] - k) // stride + 1
-    acc = None
-    for i in range(k):
-        for j in range(k):
-            tap = jax.lax.slice(xp, (0, i, j, 0),
-                                (xp.shape[0], i + (oh - 1) * stride + 1,
-                                 j + (ow - 1) * stride + 1, xp.shape[3]),
-                                (1, stride, stride, 1))
-            acc = tap * w[i, j, 0] if acc is None else acc + tap * w[i, j, 0]
-    return acc
-
-
-class DepthwiseConv(nnx.Module):
-    """kxk depthwise conv with nnx.Conv's parameter (`kernel`, (k, k, 1, C)), so converters and
-    checkpoints see the same tree. `impl`: 'grouped' (lax conv with feature_group_count),
-    'shifted' (`depthwise_shifted`) or 'auto' (shifted on CPU, grouped on accelerators)."""
-
-    def __init__(self, ch: int, k: int, stride: int, same: bool, impl: str, *, dtype,
-                 rngs: nnx.Rngs):
-        self.kernel = nnx.Param(CONV_INIT(rngs.params(), (k, k, 1, ch), jnp.float32))
-        self.k, self.stride, self.same, self.impl, self.dtype = k, stride, same, impl, dtype
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x, w = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
-        if self.same:
-            pads = (_same_pads(x.shape[1], self.k, self.stride),
-                    _same_pads(x.shape[2], self.k, self.stride))
-        else:
-            pads = ((self.k // 2, self.k // 2),) * 2
-        impl = self.impl
-        if impl == "auto":
-            impl = "shifted" if jax.default_backend() == "cpu" else "grouped"
-        if impl == "shifted":
-            return depthwise_shifted(x, w, self.stride, pads)
-        return jax.lax.conv_general_dilated(x, w, (self.stride, self.stride), pads,
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                            feature_group_count=x.shape[-1])
-
-
 class SqueezeExcite(nnx.Module):
     """Global average -> 1x1 reduce (ReLU) -> 1x1 expand -> hard-sigmoid gate."""
 
@@ -178,7 +124,7 @@ class InvertedResidual(nnx.Module):
             self.expand_conv = _conv(p.cin, p.mid, dtype=dtype, rngs=rngs)
             self.expand_bn = nnx.BatchNorm(p.mid, **bn, dtype=dtype, rngs=rngs)
         self.dw_conv = DepthwiseConv(p.mid, p.kernel, p.stride, same, depthwise, dtype=dtype,
-                                     rngs=rngs)
+                                     rngs=rngs, kernel_init=CONV_INIT)
         self.dw_bn = nnx.BatchNorm(p.mid, **bn, dtype=dtype, rngs=rngs)
         self.se = SqueezeExcite(p.mid, dtype=dtype, rngs=rngs) if p.se else None
         self.project_conv = _conv(p.mid, p.cout, dtype=dtype, rngs=rngs)
@@ -213,9 +159,7 @@ class MobileNet(nnx.Module):
         if layout not in LAYOUTS:
             raise ConfigError(f"MobileNet layout must be one of {sorted(LAYOUTS)}, "
                               f"got {layout!r}")
-        if depthwise not in DEPTHWISE_IMPLS:
-            raise ConfigError(f"MobileNet depthwise must be one of {DEPTHWISE_IMPLS}, "
-                              f"got {depthwise!r}")
+        check_impl(depthwise, "MobileNet")
         if not 0 < float(alpha) <= 4:
             raise ConfigError(f"MobileNet alpha must be in (0, 4], got {alpha}")
         lay = LAYOUTS[layout]
@@ -241,6 +185,11 @@ class MobileNet(nnx.Module):
         self.pre_logits = (nnx.Linear(head, last, dtype=dtype, rngs=rngs)
                            if last and top else None)
         self.num_features = last if self.pre_logits is not None else head
+        # Read by retrieval.explain: similarity maps need an embedding affine in the pooled map.
+        self.why_not_similarity = (
+            "MobileNetV3's pre-logits layer (a Linear and hard-swish after the pool) is not "
+            "affine, so its features do not split over the feature map; with top=False (the "
+            "Keras no-top layout) they do" if self.pre_logits is not None else "")
 
     def feature_map(self, x: jax.Array, train: bool = False) -> jax.Array:
         """[B,H,W,3] -> [B,H/32,W/32,C] (the activated head conv)."""

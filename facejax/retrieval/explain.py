@@ -3,9 +3,11 @@
 **Similarity maps** (Stylianou et al., "Visualizing Deep Similarity Networks", WACV 2019) for
 models whose embedding is an affine map of a global average pool: z = A·mean_i f(i) + b, where
 f(i) is the last conv map at location i (ResNet, ResNetV2, VGG without its fc layers,
-EfficientNet, dlib's ResNet, whose fc follows the pool, and any of them with an `embed_dim`
-projection head). An affine map commutes with the mean, so z = mean_i h(i) with the *local
-embedding* h(i) = A·f(i) + b, and the cosine of a pair splits exactly:
+EfficientNet, MobileNetV2, MobileNetV3 with top=False, DenseNet and InceptionV3, whose final
+BN + ReLU are in the map, dlib's ResNet, whose fc follows the pool, and any of them with an
+`embed_dim` projection head; not MobileNetV3 with its pre-logits Linear + hard-swish). An
+affine map commutes with the mean, so z = mean_i h(i) with the *local embedding*
+h(i) = A·f(i) + b, and the cosine of a pair splits exactly:
 
     cos(q, r) = <z_q, z_r> / (|z_q||z_r|) = sum_i <h_q(i), z_r> / (N_q |z_q||z_r|)
                                           = sum_j <z_q, h_r(j)> / (N_r |z_q||z_r|)
@@ -125,6 +127,33 @@ def _spread(drops: np.ndarray, corners: np.ndarray, patch: int, size: int) -> np
 
 # ----------------------------------------------------------------------------- the explainer
 
+def _why_no_pooled_map(backbone, size: int) -> str:
+    """Why `backbone` cannot give local embeddings ('' when it may; the numbers are checked
+    later): no `feature_map`; its own `why_not_similarity` (e.g. MobileNetV3's non-affine
+    pre-logits layer); or a feature map (through `project`) whose width is not the pooled
+    features', i.e. some other layer follows the pool. Shapes only (`jax.eval_shape`)."""
+    if not hasattr(backbone, "feature_map"):
+        return "its backbone has no feature map before a global average pool"
+    if getattr(backbone, "why_not_similarity", ""):
+        return backbone.why_not_similarity
+    from flax import nnx
+
+    graphdef, state = nnx.split(backbone)
+    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+
+    def local(state, x):
+        m = nnx.merge(graphdef, state)
+        f = m.feature_map(x, train=False)
+        return f if getattr(m, "project", None) is None else m.project(f)
+
+    width = jax.eval_shape(local, state, x).shape[-1]
+    pooled = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x, train=False), state, x)
+    if width != pooled.shape[-1]:
+        return (f"its feature map has {width} channels but its pooled features "
+                f"{pooled.shape[-1]}: a layer other than an affine `project` follows the pool")
+    return ""
+
+
 class Explainer:
     """Explains pairs of cache-format uint8 images [S,S,3] for one model.
 
@@ -208,7 +237,8 @@ class Explainer:
                    name: str = "") -> Explainer:
         """From an `EmbeddingModel` (float32). Similarity maps when the backbone has a
         `feature_map` whose spatial mean (through its `project`, if any, and the embedding
-        head) is the embedding, checked on a random image; otherwise occlusion only."""
+        head) is the embedding, checked on a random image; otherwise occlusion only, with the
+        reason (`_why_no_pooled_map`, or the failed check)."""
         from flax import nnx
 
         from facejax.data.augment import preprocess_eval
@@ -230,10 +260,10 @@ class Explainer:
                 f = project(f)
             return m.embedding(f).astype(jnp.float32)
 
-        has_map = hasattr(model.backbone, "feature_map")
+        why = _why_no_pooled_map(model.backbone, model_input_size)
+        has_map = not why
         explainer = cls(embed_fn, local_fn if has_map else None, input_size=image_size,
-                        name=name, why_not_similarity="" if has_map else
-                        "its backbone has no feature map before a global average pool")
+                        name=name, why_not_similarity=why)
         if has_map:  # the exactness the maps rely on, checked on a random image
             probe = np.random.default_rng(0).integers(0, 256, (2, image_size, image_size, 3),
                                                       dtype=np.uint8)
