@@ -36,6 +36,10 @@ CLASSES = 100
 
 
 def _config(model: str, size: int, batch: int, dtype: str = "float32"):
+    if model == "scratch_cnn":  # the paper's Table 1 CNN, its own config (dropout 0.5, [0, 1])
+        return load_config(os.path.join(ROOT, "configs", "scratch_cnn.py"), [
+            f"model.input_size={size}", f"data.image_size={size}", f"train.batch_size={batch}",
+            "train.schedule=constant", f"train.compute_dtype={dtype}"])
     return load_config(os.path.join(ROOT, "configs", "resnet18.py"), [
         f"model.name={model}", "model.pretrained=", "model.weights_source=torchvision",
         f"model.input_size={size}", f"data.image_size={size}", f"train.batch_size={batch}",
@@ -60,7 +64,7 @@ def jax_stepper(model: str, size: int, batch: int, dtype: str = "float32"):
                                                         total_steps=100)
     fn = jit_train_step(mesh, bundle=bundle, tx=tx, loss_cfg=LossConfig.from_config(config),
                         augment_cfg=config.augment, freeze_bn=False)
-    holder = {"state": replicate(state, mesh)}
+    holder = {"state": replicate(state, mesh), "params": _count(state.params)}
     key = replicate(jax.random.key_data(jax.random.key(0)), mesh)
     rng = np.random.default_rng(0)
     batch_np = dict(image=rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
@@ -71,7 +75,27 @@ def jax_stepper(model: str, size: int, batch: int, dtype: str = "float32"):
         holder["state"], metrics = fn(holder["state"], device_batch, key)
         metrics["loss"].block_until_ready()
 
+    step.params = holder["params"]
     return step
+
+
+def _count(tree) -> int:
+    import jax
+    return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+def torch_scratch_cnn(size: int, classes: int, filters=(32, 64, 128)):
+    """Table 1 in torch: the same layers as facejax.models.cnn.ScratchCNN + the shared head."""
+    import torch.nn as nn
+
+    layers, cin, side = [], 3, size
+    for f in filters:
+        layers += [nn.Conv2d(cin, f, 3, padding=1), nn.ReLU(),
+                   nn.BatchNorm2d(f, eps=1e-3, momentum=0.1),
+                   nn.Conv2d(f, f, 3), nn.ReLU(), nn.MaxPool2d(2)]
+        cin, side = f, (side - 2) // 2
+    return nn.Sequential(*layers, nn.Flatten(), nn.Dropout(0.5),
+                         nn.Linear(side * side * cin, classes))
 
 
 def torch_stepper(model: str, size: int, batch: int):
@@ -80,14 +104,18 @@ def torch_stepper(model: str, size: int, batch: int):
     import torch.nn.functional as F
     import torchvision
 
-    net = getattr(torchvision.models, model)(weights=None, num_classes=CLASSES)
+    if model == "scratch_cnn":
+        net = torch_scratch_cnn(size, CLASSES)
+        mean, std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)  # 'unit': [0, 1] inputs
+    else:
+        net = getattr(torchvision.models, model)(weights=None, num_classes=CLASSES)
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     net.train()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
     images = torch.from_numpy(rng.integers(0, 256, (batch, 3, size, size), dtype=np.uint8))
     labels = torch.from_numpy(rng.integers(0, CLASSES, batch))
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
     def augment(x):
         # Rotation +-10 deg, zoom +-10 %, shift +-5 %, horizontal flip: one warp per image.
@@ -111,6 +139,7 @@ def torch_stepper(model: str, size: int, batch: int):
         loss.backward()
         opt.step()
 
+    step.params = sum(p.numel() for p in net.parameters())
     return step
 
 
@@ -121,7 +150,25 @@ def _time(step, n: int) -> float:
     return time.perf_counter() - t0
 
 
-def compare(models, sizes, batch: int, rounds: int, steps: int) -> list[dict]:
+def _reduce_window_pool_stepper(size: int, batch: int):
+    """The scratch CNN's step as before facejax.models.pooling: flax's max_pool (its gradient is
+    XLA's select_and_scatter). Traced and compiled here, under the patch."""
+    from flax import nnx
+
+    from facejax.models import cnn
+
+    fast = cnn.max_pool_2x2
+    cnn.max_pool_2x2 = lambda x: nnx.max_pool(x, (2, 2), (2, 2), "VALID")
+    try:
+        step = jax_stepper("scratch_cnn", size, batch)
+        step()
+    finally:
+        cnn.max_pool_2x2 = fast
+    return step
+
+
+def compare(models, sizes, batch: int, rounds: int, steps: int,
+            before_pool: bool = False) -> list[dict]:
     import jax
     import torch
 
@@ -130,6 +177,11 @@ def compare(models, sizes, batch: int, rounds: int, steps: int) -> list[dict]:
         for size in sizes:
             peers = {"facejax": jax_stepper(model, size, batch), "torch": torch_stepper(
                 model, size, batch)}
+            if model == "scratch_cnn":  # the same network: the same number of parameters
+                assert peers["facejax"].params == peers["torch"].params, (
+                    peers["facejax"].params, peers["torch"].params)
+                if before_pool:
+                    peers["facejax_reduce_window_pool"] = _reduce_window_pool_stepper(size, batch)
             for step in peers.values():  # compile / warm up
                 step()
             rates = {name: [] for name in peers}
@@ -141,11 +193,16 @@ def compare(models, sizes, batch: int, rounds: int, steps: int) -> list[dict]:
                        torch=statistics.median(rates["torch"]),
                        load=os.getloadavg()[0])
             row["ratio"] = row["facejax"] / row["torch"]
+            if len(peers) > 2:
+                row["before"] = statistics.median(rates["facejax_reduce_window_pool"])
+                print(f"  {model} {size}px before (flax max_pool): {row['before']:.1f} img/s "
+                      f"({row['before'] / row['torch']:.2f}x torch)", flush=True)
             rows.append(row)
             print(f"  {model} {size}px: facejax {row['facejax']:.1f} img/s, torch "
                   f"{row['torch']:.1f} img/s ({row['ratio']:.2f}x), load {row['load']:.1f}",
                   flush=True)
-    print(f"\njax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
+    print(f"\njax {jax.__version__} ({jax.device_count()} x {jax.devices()[0].platform}), "
+          f"torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), {len(os.sched_getaffinity(0))} cores")
     print("\n| model | px | batch | facejax img/s | torch img/s | ratio |")
     print("|---|---|---|---|---|---|")
@@ -220,6 +277,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
     parser.add_argument("--steps", type=int, default=2, help="steps per round (CPU mode)")
+    parser.add_argument("--before-pool", action="store_true",
+                        help="also time the scratch CNN with flax's max_pool (before)")
     parser.add_argument("--gpu", action="store_true", help="ResNet50 bf16 + pipeline headroom")
     parser.add_argument("--gpu-batches", type=int, nargs="+", default=[512, 256, 128])
     parser.add_argument("--gpu-steps", type=int, default=20)
@@ -234,7 +293,8 @@ def main(argv: list[str]) -> int:
                      args.pipeline_seconds)
         path = os.path.join(OUT, "train_throughput_gpu.json")
     else:
-        result = compare(args.models, args.sizes, args.batch, args.rounds, args.steps)
+        result = compare(args.models, args.sizes, args.batch, args.rounds, args.steps,
+                         args.before_pool)
         path = os.path.join(OUT, "train_throughput_cpu.json")
     with open(path, "w") as f:
         json.dump(dict(date=stamp, result=result), f, indent=1)
