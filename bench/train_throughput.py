@@ -3,6 +3,14 @@
   .venv/bin/python bench/train_throughput.py            # CPU: ResNet18/50 x 112/224, batch 32
   .venv/bin/python bench/train_throughput.py --models resnet18 --sizes 112 --rounds 2
   .venv/bin/python bench/train_throughput.py --gpu              # what bench/gpu.sh runs
+  .venv/bin/python bench/train_throughput.py --models scratch_cnn --sizes 64 112 --before-pool
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 .venv/bin/python \
+      bench/train_throughput.py --models scratch_cnn resnet18 --sizes 112 --meshes 1
+
+`scratch_cnn` is the paper's Table 1 CNN (configs/scratch_cnn.py: dropout 0.5, [0, 1] inputs)
+against the same layers written in torch (`torch_scratch_cnn`; equal parameter counts are
+asserted). `--meshes 1` also times facejax with the batch on 1 of the process's host devices
+(the one-device step) beside the all-devices one, in the same interleaved rounds.
 
 CPU mode times facejax's jitted train step (the real one: on-device random affine + flip +
 normalisation, float32, Adam) and torchvision's model + torch.optim.Adam with an equivalent
@@ -46,8 +54,10 @@ def _config(model: str, size: int, batch: int, dtype: str = "float32"):
         "train.schedule=constant", "train.finetune=all", f"train.compute_dtype={dtype}"])
 
 
-def jax_stepper(model: str, size: int, batch: int, dtype: str = "float32"):
-    """A function running one facejax train step on a fixed uint8 batch (blocks until done)."""
+def jax_stepper(model: str, size: int, batch: int, dtype: str = "float32",
+                devices: int | None = None):
+    """A function running one facejax train step on a fixed uint8 batch (blocks until done),
+    its batch split over the first `devices` devices (default: all)."""
     import jax
 
     from facejax.data.pipeline import to_global
@@ -58,7 +68,7 @@ def jax_stepper(model: str, size: int, batch: int, dtype: str = "float32"):
     from facejax.train.step import jit_train_step
 
     config = _config(model, size, batch, dtype)
-    mesh = make_data_mesh()
+    mesh = make_data_mesh(None if devices is None else jax.devices()[:devices])
     net = state_lib.build_model(config, CLASSES, dtype=state_lib.compute_dtype(dtype))
     state, bundle, tx, _ = state_lib.create_train_state(config, net, steps_per_epoch=100,
                                                         total_steps=100)
@@ -168,7 +178,7 @@ def _reduce_window_pool_stepper(size: int, batch: int):
 
 
 def compare(models, sizes, batch: int, rounds: int, steps: int,
-            before_pool: bool = False) -> list[dict]:
+            before_pool: bool = False, meshes: list[int] | None = None) -> list[dict]:
     import jax
     import torch
 
@@ -177,6 +187,8 @@ def compare(models, sizes, batch: int, rounds: int, steps: int,
         for size in sizes:
             peers = {"facejax": jax_stepper(model, size, batch), "torch": torch_stepper(
                 model, size, batch)}
+            for n in meshes or []:  # the same process, the batch split over n of its devices
+                peers[f"facejax_mesh{n}"] = jax_stepper(model, size, batch, devices=n)
             if model == "scratch_cnn":  # the same network: the same number of parameters
                 assert peers["facejax"].params == peers["torch"].params, (
                     peers["facejax"].params, peers["torch"].params)
@@ -193,7 +205,12 @@ def compare(models, sizes, batch: int, rounds: int, steps: int,
                        torch=statistics.median(rates["torch"]),
                        load=os.getloadavg()[0])
             row["ratio"] = row["facejax"] / row["torch"]
-            if len(peers) > 2:
+            for n in meshes or []:
+                row[f"mesh{n}"] = statistics.median(rates[f"facejax_mesh{n}"])
+                print(f"  {model} {size}px, batch over {n} of {jax.device_count()} devices: "
+                      f"{row[f'mesh{n}']:.1f} img/s ({row[f'mesh{n}'] / row['torch']:.2f}x torch)",
+                      flush=True)
+            if "facejax_reduce_window_pool" in peers:
                 row["before"] = statistics.median(rates["facejax_reduce_window_pool"])
                 print(f"  {model} {size}px before (flax max_pool): {row['before']:.1f} img/s "
                       f"({row['before'] / row['torch']:.2f}x torch)", flush=True)
@@ -279,6 +296,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--steps", type=int, default=2, help="steps per round (CPU mode)")
     parser.add_argument("--before-pool", action="store_true",
                         help="also time the scratch CNN with flax's max_pool (before)")
+    parser.add_argument("--meshes", type=int, nargs="*", default=[],
+                        help="also time facejax with the batch over the first N devices (run "
+                             "with --xla_force_host_platform_device_count in XLA_FLAGS)")
     parser.add_argument("--gpu", action="store_true", help="ResNet50 bf16 + pipeline headroom")
     parser.add_argument("--gpu-batches", type=int, nargs="+", default=[512, 256, 128])
     parser.add_argument("--gpu-steps", type=int, default=20)
@@ -294,7 +314,7 @@ def main(argv: list[str]) -> int:
         path = os.path.join(OUT, "train_throughput_gpu.json")
     else:
         result = compare(args.models, args.sizes, args.batch, args.rounds, args.steps,
-                         args.before_pool)
+                         args.before_pool, args.meshes)
         path = os.path.join(OUT, "train_throughput_cpu.json")
     with open(path, "w") as f:
         json.dump(dict(date=stamp, result=result), f, indent=1)
