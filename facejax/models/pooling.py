@@ -1,8 +1,10 @@
 """2x2 / stride-2 'VALID' max pooling with a cheap backward pass on XLA:CPU.
 
 `nnx.max_pool` lowers to `reduce_window`, whose gradient is XLA's `select_and_scatter`: on
-XLA:CPU that is a scalar loop over every window. At 112 px it was the scratch CNN's second
-largest cost after the convolutions (bench/profile_scratch_cnn.py). `max_pool_2x2` computes the
+XLA:CPU that is a slow loop over every window: alone, forward + backward of the scratch CNN's
+first pool (32x110x110x32) took 194 ms against 25 ms here (bench/train_profile.py). In the
+whole train step it measured 1.14x (64 px) and 1.16x (112 px) the images/s with 2 host devices,
+no change on one (BENCHMARKS.md, 2026-12-05). `max_pool_2x2` computes the
 same values from the four strided views of the input, and routes the gradient like
 `select_and_scatter` does: all of it to the first maximum of each window in row-major order
 ((0,0), (0,1), (1,0), (1,1)), so results, ties included, are unchanged (tests/test_pooling.py).
