@@ -3,6 +3,14 @@
   .venv/bin/python bench/train_throughput.py            # CPU: ResNet18/50 x 112/224, batch 32
   .venv/bin/python bench/train_throughput.py --models resnet18 --sizes 112 --rounds 2
   .venv/bin/python bench/train_throughput.py --gpu              # what bench/gpu.sh runs
+  .venv/bin/python bench/train_throughput.py --models scratch_cnn --sizes 64 112 --before-pool
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 .venv/bin/python \
+      bench/train_throughput.py --models scratch_cnn resnet18 --sizes 112 --meshes 1
+
+`scratch_cnn` is the paper's Table 1 CNN (configs/scratch_cnn.py: dropout 0.5, [0, 1] inputs)
+against the same layers written in torch (`torch_scratch_cnn`; equal parameter counts are
+asserted). `--meshes 1` also times facejax with the batch on 1 of the process's host devices
+(the one-device step) beside the all-devices one, in the same interleaved rounds.
 
 CPU mode times facejax's jitted train step (the real one: on-device random affine + flip +
 normalisation, float32, Adam) and torchvision's model + torch.optim.Adam with an equivalent
@@ -36,14 +44,20 @@ CLASSES = 100
 
 
 def _config(model: str, size: int, batch: int, dtype: str = "float32"):
+    if model == "scratch_cnn":  # the paper's Table 1 CNN, its own config (dropout 0.5, [0, 1])
+        return load_config(os.path.join(ROOT, "configs", "scratch_cnn.py"), [
+            f"model.input_size={size}", f"data.image_size={size}", f"train.batch_size={batch}",
+            "train.schedule=constant", f"train.compute_dtype={dtype}"])
     return load_config(os.path.join(ROOT, "configs", "resnet18.py"), [
         f"model.name={model}", "model.pretrained=", "model.weights_source=torchvision",
         f"model.input_size={size}", f"data.image_size={size}", f"train.batch_size={batch}",
         "train.schedule=constant", "train.finetune=all", f"train.compute_dtype={dtype}"])
 
 
-def jax_stepper(model: str, size: int, batch: int, dtype: str = "float32"):
-    """A function running one facejax train step on a fixed uint8 batch (blocks until done)."""
+def jax_stepper(model: str, size: int, batch: int, dtype: str = "float32",
+                devices: int | None = None):
+    """A function running one facejax train step on a fixed uint8 batch (blocks until done),
+    its batch split over the first `devices` devices (default: all)."""
     import jax
 
     from facejax.data.pipeline import to_global
@@ -54,13 +68,13 @@ def jax_stepper(model: str, size: int, batch: int, dtype: str = "float32"):
     from facejax.train.step import jit_train_step
 
     config = _config(model, size, batch, dtype)
-    mesh = make_data_mesh()
+    mesh = make_data_mesh(None if devices is None else jax.devices()[:devices])
     net = state_lib.build_model(config, CLASSES, dtype=state_lib.compute_dtype(dtype))
     state, bundle, tx, _ = state_lib.create_train_state(config, net, steps_per_epoch=100,
                                                         total_steps=100)
     fn = jit_train_step(mesh, bundle=bundle, tx=tx, loss_cfg=LossConfig.from_config(config),
                         augment_cfg=config.augment, freeze_bn=False)
-    holder = {"state": replicate(state, mesh)}
+    holder = {"state": replicate(state, mesh), "params": _count(state.params)}
     key = replicate(jax.random.key_data(jax.random.key(0)), mesh)
     rng = np.random.default_rng(0)
     batch_np = dict(image=rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
@@ -71,7 +85,27 @@ def jax_stepper(model: str, size: int, batch: int, dtype: str = "float32"):
         holder["state"], metrics = fn(holder["state"], device_batch, key)
         metrics["loss"].block_until_ready()
 
+    step.params = holder["params"]
     return step
+
+
+def _count(tree) -> int:
+    import jax
+    return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+def torch_scratch_cnn(size: int, classes: int, filters=(32, 64, 128)):
+    """Table 1 in torch: the same layers as facejax.models.cnn.ScratchCNN + the shared head."""
+    import torch.nn as nn
+
+    layers, cin, side = [], 3, size
+    for f in filters:
+        layers += [nn.Conv2d(cin, f, 3, padding=1), nn.ReLU(),
+                   nn.BatchNorm2d(f, eps=1e-3, momentum=0.1),
+                   nn.Conv2d(f, f, 3), nn.ReLU(), nn.MaxPool2d(2)]
+        cin, side = f, (side - 2) // 2
+    return nn.Sequential(*layers, nn.Flatten(), nn.Dropout(0.5),
+                         nn.Linear(side * side * cin, classes))
 
 
 def torch_stepper(model: str, size: int, batch: int):
@@ -80,14 +114,18 @@ def torch_stepper(model: str, size: int, batch: int):
     import torch.nn.functional as F
     import torchvision
 
-    net = getattr(torchvision.models, model)(weights=None, num_classes=CLASSES)
+    if model == "scratch_cnn":
+        net = torch_scratch_cnn(size, CLASSES)
+        mean, std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)  # 'unit': [0, 1] inputs
+    else:
+        net = getattr(torchvision.models, model)(weights=None, num_classes=CLASSES)
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     net.train()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
     images = torch.from_numpy(rng.integers(0, 256, (batch, 3, size, size), dtype=np.uint8))
     labels = torch.from_numpy(rng.integers(0, CLASSES, batch))
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
     def augment(x):
         # Rotation +-10 deg, zoom +-10 %, shift +-5 %, horizontal flip: one warp per image.
@@ -111,6 +149,7 @@ def torch_stepper(model: str, size: int, batch: int):
         loss.backward()
         opt.step()
 
+    step.params = sum(p.numel() for p in net.parameters())
     return step
 
 
@@ -121,7 +160,25 @@ def _time(step, n: int) -> float:
     return time.perf_counter() - t0
 
 
-def compare(models, sizes, batch: int, rounds: int, steps: int) -> list[dict]:
+def _reduce_window_pool_stepper(size: int, batch: int):
+    """The scratch CNN's step as before facejax.models.pooling: flax's max_pool (its gradient is
+    XLA's select_and_scatter). Traced and compiled here, under the patch."""
+    from flax import nnx
+
+    from facejax.models import cnn
+
+    fast = cnn.max_pool_2x2
+    cnn.max_pool_2x2 = lambda x: nnx.max_pool(x, (2, 2), (2, 2), "VALID")
+    try:
+        step = jax_stepper("scratch_cnn", size, batch)
+        step()
+    finally:
+        cnn.max_pool_2x2 = fast
+    return step
+
+
+def compare(models, sizes, batch: int, rounds: int, steps: int,
+            before_pool: bool = False, meshes: list[int] | None = None) -> list[dict]:
     import jax
     import torch
 
@@ -130,6 +187,13 @@ def compare(models, sizes, batch: int, rounds: int, steps: int) -> list[dict]:
         for size in sizes:
             peers = {"facejax": jax_stepper(model, size, batch), "torch": torch_stepper(
                 model, size, batch)}
+            for n in meshes or []:  # the same process, the batch split over n of its devices
+                peers[f"facejax_mesh{n}"] = jax_stepper(model, size, batch, devices=n)
+            if model == "scratch_cnn":  # the same network: the same number of parameters
+                assert peers["facejax"].params == peers["torch"].params, (
+                    peers["facejax"].params, peers["torch"].params)
+                if before_pool:
+                    peers["facejax_reduce_window_pool"] = _reduce_window_pool_stepper(size, batch)
             for step in peers.values():  # compile / warm up
                 step()
             rates = {name: [] for name in peers}
@@ -141,11 +205,21 @@ def compare(models, sizes, batch: int, rounds: int, steps: int) -> list[dict]:
                        torch=statistics.median(rates["torch"]),
                        load=os.getloadavg()[0])
             row["ratio"] = row["facejax"] / row["torch"]
+            for n in meshes or []:
+                row[f"mesh{n}"] = statistics.median(rates[f"facejax_mesh{n}"])
+                print(f"  {model} {size}px, batch over {n} of {jax.device_count()} devices: "
+                      f"{row[f'mesh{n}']:.1f} img/s ({row[f'mesh{n}'] / row['torch']:.2f}x torch)",
+                      flush=True)
+            if "facejax_reduce_window_pool" in peers:
+                row["before"] = statistics.median(rates["facejax_reduce_window_pool"])
+                print(f"  {model} {size}px before (flax max_pool): {row['before']:.1f} img/s "
+                      f"({row['before'] / row['torch']:.2f}x torch)", flush=True)
             rows.append(row)
             print(f"  {model} {size}px: facejax {row['facejax']:.1f} img/s, torch "
                   f"{row['torch']:.1f} img/s ({row['ratio']:.2f}x), load {row['load']:.1f}",
                   flush=True)
-    print(f"\njax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
+    print(f"\njax {jax.__version__} ({jax.device_count()} x {jax.devices()[0].platform}), "
+          f"torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), {len(os.sched_getaffinity(0))} cores")
     print("\n| model | px | batch | facejax img/s | torch img/s | ratio |")
     print("|---|---|---|---|---|---|")
@@ -220,6 +294,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
     parser.add_argument("--steps", type=int, default=2, help="steps per round (CPU mode)")
+    parser.add_argument("--before-pool", action="store_true",
+                        help="also time the scratch CNN with flax's max_pool (before)")
+    parser.add_argument("--meshes", type=int, nargs="*", default=[],
+                        help="also time facejax with the batch over the first N devices (run "
+                             "with --xla_force_host_platform_device_count in XLA_FLAGS)")
     parser.add_argument("--gpu", action="store_true", help="ResNet50 bf16 + pipeline headroom")
     parser.add_argument("--gpu-batches", type=int, nargs="+", default=[512, 256, 128])
     parser.add_argument("--gpu-steps", type=int, default=20)
@@ -234,7 +313,8 @@ def main(argv: list[str]) -> int:
                      args.pipeline_seconds)
         path = os.path.join(OUT, "train_throughput_gpu.json")
     else:
-        result = compare(args.models, args.sizes, args.batch, args.rounds, args.steps)
+        result = compare(args.models, args.sizes, args.batch, args.rounds, args.steps,
+                         args.before_pool, args.meshes)
         path = os.path.join(OUT, "train_throughput_cpu.json")
     with open(path, "w") as f:
         json.dump(dict(date=stamp, result=result), f, indent=1)

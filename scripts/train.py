@@ -26,7 +26,11 @@ def main(argv: list[str]) -> int:
     cfg = config.load_config(args.config, overrides)
 
     from facejax.train.mesh import initialize_distributed  # before any jax backend starts
-    initialize_distributed()
+    if not initialize_distributed():
+        # On CPU, one host device per core with the batch split over them (JAX_NUM_CPU_DEVICES
+        # or XLA_FLAGS' device count, when set, win; JAX_NUM_CPU_DEVICES=1 turns it off).
+        from facejax.train.host_devices import use_host_devices
+        use_host_devices(cfg.train.batch_size)
     from facejax.train.loop import train_and_evaluate
     train_and_evaluate(cfg, args.workdir)
     return 0

@@ -173,7 +173,9 @@ def test_sigkill_partway_then_same_command_finishes_bit_identical(finished_run, 
     workdir = str(tmp_path / "killed")
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--config", TINY,
            "--workdir", workdir] + [f"--config.{o}" for o in overrides(idx_dir)]
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    # One device, as the in-process reference: scripts/train.py would split a CPU batch over
+    # one host device per core, which changes float summation order (not the maths).
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_NUM_CPU_DEVICES="1")
     ckpt_dir = os.path.join(workdir, "checkpoints")
     log_path = tmp_path / "killed.log"
     with open(log_path, "w") as log:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from facejax.errors import ConfigError
+from facejax.models.pooling import max_pool_2x2
 from facejax.models.registry import ModelSpec, Preset
 
 # Retrieval read-outs: the last block's map averaged over a 2x2 grid of regions (avg2x2) or
@@ -85,7 +86,8 @@ class ScratchCNN(nnx.Module):
             x = jax.nn.relu(getattr(self, f"block{i}_conv1")(x))
             x = getattr(self, f"block{i}_bn")(x, use_running_average=not train)
             x = jax.nn.relu(getattr(self, f"block{i}_conv2")(x))
-            x = nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+            # nnx.max_pool's values and gradients, without XLA:CPU's slow select_and_scatter.
+            x = max_pool_2x2(x)
         return x.reshape(x.shape[0], -1)
 
     def retrieval_features(self, flat: jax.Array) -> jax.Array:

@@ -19,7 +19,8 @@ def fitting_batch_size(batch_size: int, num_train: int, num_devices: int = 1) ->
         return batch_size
     if num_train < num_devices:
         raise DataError(f"only {num_train} training images, fewer than the {num_devices} "
-                        "devices that each need one per batch; add images or use fewer devices")
+                        "devices that each need one per batch; add images or use fewer devices "
+                        "(on a CPU: JAX_NUM_CPU_DEVICES=1)")
     fit = 1 << (num_train.bit_length() - 1)  # largest power of two <= num_train
     if fit % num_devices:
         fit = num_train // num_devices * num_devices
