@@ -238,3 +238,18 @@ def make_run(tmp_path, root, source="folder", centre=(0.5, 0.5, 0.5)):
     embed.export_embedder(colour_embedder, {"centre": np.array(centre, np.float32)}, meta,
                           str(work / "embedder"))
     return str(work)
+
+
+def pytest_collection_finish(session):
+    """The fast tier keeps a test of every facejax package (tests/_fast_tier.py)."""
+    from pathlib import Path
+
+    from tests._fast_tier import check
+
+    check(session, Path(__file__).resolve().parent.parent / "facejax")
+
+
+def pytest_terminal_summary(terminalreporter):
+    from tests._fast_tier import summary
+
+    summary(terminalreporter)
