@@ -108,6 +108,7 @@ def test_similarity_maps_sum_to_the_cosine_through_a_projection_head_with_bias()
     assert float(np.std(e.query_map)) > 1e-3 * abs(cosine) / e.query_map.size
 
 
+@pytest.mark.slow
 def test_a_model_that_is_not_a_pooled_map_gets_occlusion_only():
     explainer = _explainer(_model(TinyNet(nnx.Rngs(1), pool="max"), embed_dim=6), 32)
     assert explainer.methods == (ex.OCCLUSION,)
