@@ -160,6 +160,7 @@ def test_occlusion_works_from_an_embedding_function_alone():
     assert np.isfinite(e.query_map).all() and np.isfinite(e.result_map).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ex.METHODS)
 def test_maps_change_when_the_weights_are_randomised(method):
     """Adebayo et al. (2018): a map that survives randomising the weights explains the image,

@@ -132,6 +132,7 @@ def test_a_collection_facejax_did_not_make_is_not_dropped(tmp_path):
     assert client.has_collection("theirs")
 
 
+@pytest.mark.slow
 def test_a_missing_lite_database_or_collection_is_one_line(tmp_path):
     idx, _, _ = build(tmp_path)
     idx.save(str(tmp_path / "index"))
