@@ -90,8 +90,9 @@ def tests_per_package(items, package_dir: Path) -> Counter:
 
 
 def _whole_suite(config) -> bool:
-    """No file or test named on the command line, no -k, no --deselect."""
-    if config.option.keyword or config.getoption("deselect", None):
+    """No file or test named on the command line, no -k, --deselect, --lf or --sw."""
+    if config.option.keyword or any(config.getoption(name, None) for name in (
+            "deselect", "lf", "stepwise", "stepwise_skip")):
         return False
     if config.args_source == pytest.Config.ArgsSource.TESTPATHS:
         return True
