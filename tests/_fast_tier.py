@@ -79,13 +79,16 @@ def tests_per_package(items, package_dir: Path) -> Counter:
     known = packages(package_dir)
     counts = Counter(dict.fromkeys(known, 0))
     files: dict[Path, _File] = {}
+    covered: dict[tuple, set] = {}
     for item in items:
         path = Path(item.path)
-        if path not in files:
-            files[path] = _File(path)
-        name = getattr(item, "originalname", None) or item.name
-        covered = {owner(m, known) for m in files[path].imports_of(name)}
-        counts.update(covered - {None})
+        key = (path, getattr(item, "originalname", None) or item.name)
+        if key not in covered:  # once per test function, not per parameter
+            if path not in files:
+                files[path] = _File(path)
+            imports = files[path].imports_of(key[1])
+            covered[key] = {owner(m, known) for m in imports} - {None}
+        counts.update(covered[key])
     return counts
 
 
