@@ -275,6 +275,7 @@ def test_report_draws_the_explained_figure_only_when_asked(run):
         wd.evaluate_workdir(work, cfg, progress=False)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_no_longer_matches_the_export_is_refused(run, monkeypatch):
     """Training that went on after the export: the maps would explain another model."""
     import facejax.train.checkpoint as ckpt

@@ -110,6 +110,7 @@ def test_an_index_of_another_embedder_is_refused(tmp_path):
         SearchIndex.load(str(tmp_path / "index"), expect=dict(META, params_hash="b" * 64))
 
 
+@pytest.mark.slow
 def test_a_collection_rebuilt_by_another_embedder_or_build_is_refused(tmp_path):
     idx, _, _ = build(tmp_path)
     idx.save(str(tmp_path / "a"))
