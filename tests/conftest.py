@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import atexit
+import importlib
+import importlib.util
 import os
 import shutil
 import tempfile
+import types
 from typing import ClassVar
 
 # Before anything imports jax/keras: run on the CPU and keep every cache out of the home folder.
@@ -23,6 +26,23 @@ os.environ["MPLBACKEND"] = "Agg"
 import numpy as np
 import pytest
 from PIL import Image
+
+
+class LazyModule(types.ModuleType):
+    """Module `name`, imported at its first attribute access; whether it is installed is checked
+    at once (a missing extra must fail, not skip). A test file's module-level import runs at
+    collection even when -m deselects every test that uses it: torchvision's pulls in
+    torch._dynamo, a quarter of the fast tier's collection time."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        if importlib.util.find_spec(name) is None:
+            raise ImportError(f"No module named {name!r}")
+
+    def __getattr__(self, attr):
+        if attr.startswith("_"):  # pytest's collection probes every module global for markers
+            raise AttributeError(attr)
+        return getattr(importlib.import_module(self.__name__), attr)
 
 
 def class_colour(k: int) -> tuple[int, int, int]:
@@ -238,3 +258,18 @@ def make_run(tmp_path, root, source="folder", centre=(0.5, 0.5, 0.5)):
     embed.export_embedder(colour_embedder, {"centre": np.array(centre, np.float32)}, meta,
                           str(work / "embedder"))
     return str(work)
+
+
+def pytest_collection_finish(session):
+    """The fast tier keeps a test of every facejax package (tests/_fast_tier.py)."""
+    from pathlib import Path
+
+    from tests._fast_tier import check
+
+    check(session, Path(__file__).resolve().parent.parent / "facejax")
+
+
+def pytest_terminal_summary(terminalreporter):
+    from tests._fast_tier import summary
+
+    summary(terminalreporter)

@@ -219,6 +219,7 @@ def test_a_failed_restore_quiets_only_orbax_reads_and_a_good_one_nothing(saved_r
         sys.unraisablehook = hook
 
 
+@pytest.mark.slow
 def test_importing_and_using_checkpoints_installs_no_global_log_filter(tmp_path):
     """orbax's expected notes are filtered around the calls that log them, not by a filter
     installed for the whole process when facejax.train.checkpoint is imported."""

@@ -3,12 +3,13 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import LazyModule
 from flax import nnx
 
 try:
     import safetensors.torch
     import torch
-    import torchvision
+    torchvision = LazyModule("torchvision")  # imported by the first test that uses it
 except ImportError as e:  # CI installs [parity]; a missing extra must fail, not skip
     raise ImportError(f"parity tests need the [parity] extra (pip install -e '.[parity]'): {e}")
 
@@ -141,6 +142,7 @@ def test_param_counts_match_torchvision(name, expected):
     assert count == expected
 
 
+@pytest.mark.slow  # builds a torchvision resnet18
 def test_converter_rejects_foreign_state_dict():
     with pytest.raises(WeightsError, match="not a torchvision ResNet or VGG"):
         tv_convert.convert_state_dict({"encoder.weight": np.zeros((2, 2), np.float32)})

@@ -102,6 +102,7 @@ def test_inconsistent_cluster_variables_are_one_line_config_errors(env, match):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_train_script_reports_a_bad_slurm_environment_in_one_line(tmp_path):
     """Before the fix, FACEJAX_DISTRIBUTED=slurm was ignored and the run trained alone."""
     proc = subprocess.run(

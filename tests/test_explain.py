@@ -108,6 +108,7 @@ def test_similarity_maps_sum_to_the_cosine_through_a_projection_head_with_bias()
     assert float(np.std(e.query_map)) > 1e-3 * abs(cosine) / e.query_map.size
 
 
+@pytest.mark.slow
 def test_a_model_that_is_not_a_pooled_map_gets_occlusion_only():
     explainer = _explainer(_model(TinyNet(nnx.Rngs(1), pool="max"), embed_dim=6), 32)
     assert explainer.methods == (ex.OCCLUSION,)
@@ -159,6 +160,7 @@ def test_occlusion_works_from_an_embedding_function_alone():
     assert np.isfinite(e.query_map).all() and np.isfinite(e.result_map).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ex.METHODS)
 def test_maps_change_when_the_weights_are_randomised(method):
     """Adebayo et al. (2018): a map that survives randomising the weights explains the image,
@@ -273,6 +275,7 @@ def test_report_draws_the_explained_figure_only_when_asked(run):
         wd.evaluate_workdir(work, cfg, progress=False)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_no_longer_matches_the_export_is_refused(run, monkeypatch):
     """Training that went on after the export: the maps would explain another model."""
     import facejax.train.checkpoint as ckpt

@@ -282,6 +282,7 @@ def test_old_scratch_runs_resume_with_their_flatten():
     ckpt_lib.check_compatible(meta, now, 5, "ckpt")
 
 
+@pytest.mark.slow
 def test_build_index_says_what_each_item_is(tmp_path, capsys):
     """Export records the embedding in words; build_index.py prints it with the index size."""
     from facejax.retrieval.embed import read_embedder_meta

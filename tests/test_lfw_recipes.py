@@ -5,6 +5,7 @@ initialisation is a recipe of its own."""
 import os
 
 import pytest
+from flax import nnx
 
 from facejax.config import load_config, to_json
 from facejax.convert.weights import load_from_config
@@ -37,7 +38,9 @@ def test_an_installed_weights_file_changes_nothing(no_weights):
 
 def test_a_missing_weights_file_is_an_error_naming_the_fix(no_weights):
     cfg = load_config(f"{LFW}:resnet18,seed,closed_set", ["model.input_size=32"])
-    model = state_lib.build_model(cfg, 3)
+    # The model's structure only: the file is looked for before any weight is touched, and
+    # running resnet18's random initialisers costs seconds of compiling.
+    model = nnx.eval_shape(lambda: state_lib.build_model(cfg, 3))
     with pytest.raises(WeightsError, match="FACEJAX_OFFLINE is set; download .* and put"):
         load_from_config(model, cfg.model)
 

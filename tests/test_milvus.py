@@ -110,6 +110,7 @@ def test_an_index_of_another_embedder_is_refused(tmp_path):
         SearchIndex.load(str(tmp_path / "index"), expect=dict(META, params_hash="b" * 64))
 
 
+@pytest.mark.slow
 def test_a_collection_rebuilt_by_another_embedder_or_build_is_refused(tmp_path):
     idx, _, _ = build(tmp_path)
     idx.save(str(tmp_path / "a"))
@@ -132,6 +133,7 @@ def test_a_collection_facejax_did_not_make_is_not_dropped(tmp_path):
     assert client.has_collection("theirs")
 
 
+@pytest.mark.slow
 def test_a_missing_lite_database_or_collection_is_one_line(tmp_path):
     idx, _, _ = build(tmp_path)
     idx.save(str(tmp_path / "index"))

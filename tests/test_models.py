@@ -80,14 +80,20 @@ TORCHVISION_COUNTS = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50"
 # building them abstractly costs ~10 s, so they are left out.)
 KERAS_COUNTS = {"resnet50": 25_636_712, "resnet50v2": 25_613_800, "resnet101v2": 44_675_560,
                 "resnet152v2": 60_380_648, "vgg16": 138_357_544, "vgg19": 143_667_240}
+# Tracing a 101- or 152-layer build takes seconds: those counts run in the full suite only.
+DEEP = ("resnet101", "resnet152", "resnet101v2", "resnet152v2")
 
 
-@pytest.mark.parametrize("name", sorted(TORCHVISION_COUNTS))
+def _counted(counts):
+    return [pytest.param(n, marks=pytest.mark.slow) if n in DEEP else n for n in sorted(counts)]
+
+
+@pytest.mark.parametrize("name", _counted(TORCHVISION_COUNTS))
 def test_param_counts_torchvision_convention(name):
     assert count(built(name, "torchvision")) == TORCHVISION_COUNTS[name]
 
 
-@pytest.mark.parametrize("name", sorted(KERAS_COUNTS))
+@pytest.mark.parametrize("name", _counted(KERAS_COUNTS))
 def test_param_counts_keras_convention(name):
     assert count(built(name, "keras"), WEIGHT_FILTER) == KERAS_COUNTS[name]
 

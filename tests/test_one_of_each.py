@@ -157,6 +157,7 @@ def test_forward_is_the_models_call(train, backbone_train):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_frozen_batchnorm_keeps_its_statistics():
     x = jnp.asarray(np.random.default_rng(0).random((4, 24, 24, 3)), jnp.float32)
     model = _model()

@@ -171,6 +171,7 @@ def test_sharded_batches_on_eight_fake_devices():
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_restore_into_an_iterator_with_workers_then_close(tmp_path):
     """set_state swaps the running pipeline (worker processes included) for one opened at the
     saved step, through grain's public calls; close() then stops it, and a closed iterator

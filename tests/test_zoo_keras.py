@@ -10,10 +10,11 @@ import h5py
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import LazyModule
 from flax import nnx
 
 try:
-    import keras
+    keras = LazyModule("keras")  # imported by the first test that uses it
 except ImportError as e:  # CI installs [parity]; a missing extra must fail, not skip
     raise ImportError(f"parity tests need the [parity] extra (pip install -e '.[parity]'): {e}")
 

@@ -4,11 +4,12 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import LazyModule
 from flax import nnx
 
 try:
     import torch
-    import torchvision
+    torchvision = LazyModule("torchvision")  # imported by the first test that uses it
 except ImportError as e:  # CI installs [parity]; a missing extra must fail, not skip
     raise ImportError(f"parity tests need the [parity] extra (pip install -e '.[parity]'): {e}")
 
