@@ -7,8 +7,8 @@ build_index, search, eval_*) before jax initialises its backends.
   did not set, so `XLA_FLAGS=--xla_force_host_platform_device_count=1` (or jax's
   JAX_NUM_CPU_DEVICES) keeps one device.
 - The flags only touch XLA:CPU; on a GPU or TPU the embedding runs as before.
-- Applied after the backends exist, XLA would ignore the flags: then nothing is changed and a
-  note says so.
+- Applied after the backends exist, XLA would ignore the flags: then nothing is changed (an
+  INFO log line says so; stdout stays clean for --json output).
 """
 
 from __future__ import annotations
@@ -89,8 +89,9 @@ def apply(environ: MutableMapping[str, str] | None = None,
     if not added:
         return []
     if _backends_initialized():
-        print(f"note: the CPU preset was not applied (jax had already started); set "
-              f"XLA_FLAGS='{' '.join(added)}' yourself to use it", flush=True)
+        # A script's main() called in a process that already ran jax (tests, notebooks).
+        log.info("the CPU preset was not applied (jax had already started); set "
+                 "XLA_FLAGS='%s' yourself to use it", " ".join(added))
         return []
     environ["XLA_FLAGS"] = merged
     log.info("CPU preset: XLA_FLAGS += %s", " ".join(added))
