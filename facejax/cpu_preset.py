@@ -29,12 +29,15 @@ _DEVICES = "xla_force_host_platform_device_count"
 
 
 def preset_flags(cpus: int | None = None) -> tuple[str, ...]:
-    """What won in bench/cpu_options.py on the 2-core Xeon (BENCHMARKS.md, "CPU inference
-    options"): two host devices, the batch split over them (XLA:CPU runs most of a CNN's
-    convolutions on one thread each, so one device keeps about one core busy). float32 only:
-    bf16 stays an opt-in (scripts/export.py --compute_dtype bfloat16)."""
+    """What won in bench/cpu_options.py and bench/embed_throughput.py on the 2-core Xeon
+    (BENCHMARKS.md, "CPU inference options"): two host devices, the batch split over them, each
+    device's ops on its own thread. XLA:CPU runs a CNN's convolutions one at a time (93% of
+    ResNet18's time, bench/cpu_profile.py), so one device keeps only ~1.3-1.5 of 2 cores busy.
+    float32 only: bf16 stays an opt-in (scripts/export.py --compute_dtype bfloat16)."""
     cpus = (os.cpu_count() or 1) if cpus is None else cpus
-    return (f"--{_DEVICES}=2",) if cpus >= 2 else ()
+    if cpus < 2:
+        return ()
+    return (f"--{_DEVICES}=2", "--xla_cpu_multi_thread_eigen=false")
 
 
 def flag_name(token: str) -> str:

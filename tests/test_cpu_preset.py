@@ -38,6 +38,8 @@ def test_merge_appends_only_the_flags_the_user_did_not_set():
     user = f"--xla_dump_to=/tmp/x -{DEVICES.lstrip('-')}=5"
     assert cpu_preset.merge_flags(user, preset) == f"{user} --xla_cpu_enable_fast_math=false"
     assert cpu_preset.merge_flags(" ".join(preset), preset) == " ".join(preset)  # idempotent
+    assert cpu_preset.preset_flags(cpus=1) == ()  # one core: nothing to split over
+    assert f"{DEVICES}=2" in cpu_preset.preset_flags(cpus=2)
 
 
 @pytest.mark.parametrize("value", ["maybe", "2", "of"])
@@ -53,6 +55,8 @@ def test_off_and_user_flags_leave_xla_flags_alone():
     env = {"XLA_FLAGS": f"{DEVICES}=1"}
     assert cpu_preset.apply(env, preset=(f"{DEVICES}=2",)) == []
     assert env["XLA_FLAGS"] == f"{DEVICES}=1"
+    env = {"JAX_NUM_CPU_DEVICES": "4"}  # jax's own device-count setting is the user's too
+    assert cpu_preset.apply(env, preset=(f"{DEVICES}=2",)) == [] and "XLA_FLAGS" not in env
 
 
 def test_after_jax_started_nothing_changes_and_a_note_says_so():
