@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from facejax import cli, config
+from facejax import cli, config, cpu_preset
 from facejax.retrieval import report
 from facejax.retrieval import workdir as wd
 from facejax.retrieval.embed import read_embedder_meta
@@ -28,6 +28,7 @@ def describe_items(workdir: str, dim: int) -> str:
 
 
 def main(argv: list[str]) -> int:
+    cpu_preset.apply()  # XLA:CPU settings, before jax starts (FACEJAX_CPU_PRESET=0: off)
     overrides, rest = config.split_override_args(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="training run folder")

@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import os
 
-from facejax import cli, config
+from facejax import cli, config, cpu_preset
 from facejax.retrieval import rejection, report
 from facejax.retrieval import workdir as wd
 from facejax.retrieval.evaluate import result_summary
 
 
 def main(argv: list[str]) -> int:
+    cpu_preset.apply()  # XLA:CPU settings, before jax starts (FACEJAX_CPU_PRESET=0: off)
     overrides, rest = config.split_override_args(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="training run folder with an index")

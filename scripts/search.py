@@ -17,7 +17,7 @@ import argparse
 import json
 import os
 
-from facejax import cli, config
+from facejax import cli, config, cpu_preset
 from facejax.errors import ConfigError
 from facejax.retrieval import workdir as wd
 from facejax.retrieval.verify_run import match_threshold
@@ -56,6 +56,7 @@ def parse_threshold(value: str, workdir: str) -> float | None:
 
 
 def main(argv: list[str]) -> int:
+    cpu_preset.apply()  # XLA:CPU settings, before jax starts (FACEJAX_CPU_PRESET=0: off)
     overrides, rest = config.split_override_args(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="training run folder with an index")

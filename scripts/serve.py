@@ -21,7 +21,7 @@ import os
 import socket
 import sys
 
-from facejax import cli
+from facejax import cli, cpu_preset
 from facejax.errors import ConfigError
 from facejax.runlock import hold_workdir_lock
 from facejax.serve.settings import ServeSettings
@@ -61,6 +61,7 @@ def parse(argv):
 
 
 def main(argv: list[str]) -> int:
+    cpu_preset.apply()  # XLA:CPU settings, before jax starts (FACEJAX_CPU_PRESET=0: off)
     args = parse(argv)
     from facejax.serve import auth
 

@@ -151,9 +151,13 @@ class Embedder:
             mesh = make_data_mesh(devices)
             rep, shard = replicated(mesh), data_sharded(mesh)
             self._leaves = jax.device_put(leaves, rep)
+            # Placed before the call: in a multi-process job jit refuses numpy inputs with a
+            # sharding, even over this process's own devices.
+            self._put = lambda batch: jax.device_put(batch, shard)
             self._fn = jax.jit(exported.call, in_shardings=(rep, shard), out_shardings=shard)
         else:
             self._leaves = jax.device_put(leaves)
+            self._put = lambda batch: batch
             self._fn = jax.jit(exported.call)
 
     def _check(self, images) -> None:
@@ -169,7 +173,7 @@ class Embedder:
         self._check(images_u8)
         n = images_u8.shape[0]
         padded = _pad_to(images_u8, -(-max(n, 1) // self.num_devices) * self.num_devices)
-        return np.asarray(self._fn(self._leaves, padded), dtype=np.float32)[:n]
+        return np.asarray(self._fn(self._leaves, self._put(padded)), dtype=np.float32)[:n]
 
     def embed_array(self, images, batch_size: int = 256, progress: bool = True,
                     indices: np.ndarray | None = None, threads: int | None = None
@@ -199,7 +203,7 @@ class Embedder:
             stop = min(start + batch_size, n)
             sel = slice(start, stop) if indices is None else np.asarray(indices[start:stop])
             batch = np.asarray(images[sel])
-            res = self._fn(self._leaves, _pad_to(batch, batch_size))
+            res = self._fn(self._leaves, self._put(_pad_to(batch, batch_size)))
             out[start:stop] = np.asarray(res, dtype=np.float32)[: stop - start]
             return stop - start
 
