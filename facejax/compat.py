@@ -11,6 +11,12 @@ need them. So the index keeps two public wrappers around one native searcher: on
 for updates, one without, which answers positions as arrays. `load_searcher` unpickles
 `scann_docids.pkl` if a folder holds one: facejax never writes it, and refuses a folder with
 one.
+
+jax (0.10): there is no public "have the backends started?" call. XLA reads its CPU flags
+(`XLA_FLAGS`, `jax_num_cpu_devices`) once, when the first backend starts, so the CPU presets
+(`facejax.cpu_preset`, `facejax.train.host_devices`) must know whether that has happened:
+`jax_backends_started` asks `jax._src.xla_bridge.backends_are_initialized`, the check that
+jax's own `jax_num_cpu_devices` validator uses.
 """
 
 from __future__ import annotations
@@ -31,3 +37,17 @@ def scann_positions_view(searcher):
     from scann.scann_ops.py.scann_ops_pybind import ScannSearcher
 
     return ScannSearcher(searcher.searcher)
+
+
+def jax_backends_started() -> bool:
+    """Whether jax has started its backends (after which XLA ignores new CPU flags). False
+    when jax is not imported yet; True (change nothing) if this jax lacks the call."""
+    import sys
+
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):  # another jax: assume the worst
+        return True

@@ -17,6 +17,7 @@ import logging
 import os
 from collections.abc import MutableMapping
 
+from facejax import compat
 from facejax.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -64,18 +65,6 @@ def enabled(environ: MutableMapping[str, str] | None = None) -> bool:
                       f"preset off, or 1 (or leave it unset) to use it")
 
 
-def _backends_initialized() -> bool:
-    import sys
-
-    if "jax" not in sys.modules:
-        return False
-    try:
-        from jax._src import xla_bridge
-        return bool(xla_bridge.backends_are_initialized())
-    except (ImportError, AttributeError):  # another jax: assume the worst, change nothing
-        return True
-
-
 def apply(environ: MutableMapping[str, str] | None = None,
           preset: tuple[str, ...] | None = None) -> list[str]:
     """Adds the preset's flags (default `preset_flags()`) to `environ['XLA_FLAGS']`; returns
@@ -91,7 +80,7 @@ def apply(environ: MutableMapping[str, str] | None = None,
     added = merged[len(user.strip()):].split()
     if not added:
         return []
-    if _backends_initialized():
+    if compat.jax_backends_started():
         # A script's main() called in a process that already ran jax (tests, notebooks).
         log.info("the CPU preset was not applied (jax had already started); set "
                  "XLA_FLAGS='%s' yourself to use it", " ".join(added))

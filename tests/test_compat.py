@@ -4,6 +4,8 @@ these tests fail loudly when an upgrade changes what it relies on."""
 import inspect
 import os
 import re
+import subprocess
+import sys
 from importlib.metadata import version
 
 import numpy as np
@@ -22,6 +24,7 @@ BANNED = {
     "._ctx": "grain's iterator internals",
     "_maybe_await_cleanup_tmp_directory": "orbax's private CheckpointManager method",
     "0x82F63B78": "a hand-written CRC-32C: tensorboardX writes the event files",
+    "jax._src": "jax's private modules: compat.jax_backends_started is the one use",
 }
 
 
@@ -93,3 +96,15 @@ def test_public_apis_used_are_of_the_tested_versions(package, prefix):
     assert version(package).startswith(prefix), (
         f"{package} {version(package)}: facejax was checked against {prefix}x; run "
         "tests/test_pipeline.py, test_checkpoint.py and test_events.py against it")
+
+
+def test_jax_backends_started_tells_before_from_after():
+    """In a fresh interpreter: False before jax runs anything, True after; the CPU presets
+    rely on it to leave a started jax alone."""
+    code = ("import jax; from facejax import compat; a = compat.jax_backends_started(); "
+            "jax.numpy.zeros(1).block_until_ready(); print(a, compat.jax_backends_started())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu",
+                                               PYTHONPATH=os.path.dirname(PACKAGE)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "True"]

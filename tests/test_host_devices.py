@@ -58,6 +58,8 @@ def test_applies_before_the_backend_and_respects_xla_flags():
     # The user's own flag wins, even a count that is not the one we would pick.
     assert _probe(32, XLA_FLAGS="--xla_force_host_platform_device_count=3")[:2] == [0, 3]
     assert _probe(32, JAX_NUM_CPU_DEVICES="1")[:2] == [0, 1]
+    # The CPU preset's switch turns the training half off too.
+    assert _probe(32, FACEJAX_CPU_PRESET="0")[:2] == [0, 1]
 
 
 def test_one_image_on_two_host_devices_says_how_to_use_one():

@@ -6,9 +6,11 @@ busy on this machine's 2 cores; N host devices (`jax_num_cpu_devices`, the confi
 train loop already splits over the 'data' mesh (BENCHMARKS.md "CPU training: host devices").
 
 `cpu_training_devices` picks the count; `use_host_devices` applies it before the first jax
-backend starts. Nothing happens when the user chose already (XLA_FLAGS' device-count flag or
-JAX_NUM_CPU_DEVICES, which `JAX_NUM_CPU_DEVICES=1` also uses to turn this off), when the job
-is multi-process, or when the backend has started. Results match the one-device step up to
+backend starts. It is the training half of the CPU preset (`facejax.cpu_preset` is the
+inference half), so `FACEJAX_CPU_PRESET=0` turns it off too. Nothing happens when the user
+chose already (XLA_FLAGS' device-count flag or JAX_NUM_CPU_DEVICES, which
+`JAX_NUM_CPU_DEVICES=1` also uses to turn this off), when the job is multi-process, or when
+the backend has started. Results match the one-device step up to
 float summation order (tests/test_multidevice.py: 8 devices vs 1).
 """
 
@@ -52,9 +54,11 @@ def use_host_devices(batch_size: int, environ=None) -> int:
     """Sets `jax_num_cpu_devices` for a training run unless the user chose; returns the count
     set (0 when left alone). Call before anything touches a jax backend."""
     import jax
-    from jax._src import xla_bridge
 
-    if user_chose(environ) or xla_bridge.backends_are_initialized():
+    from facejax import compat, cpu_preset
+
+    if (not cpu_preset.enabled(environ) or user_chose(environ)
+            or compat.jax_backends_started()):
         return 0
     n = cpu_training_devices(batch_size)
     if n > 1:
