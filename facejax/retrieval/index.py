@@ -292,7 +292,9 @@ class SearchIndex:
         backend 'auto' is exact up to `exact_max_items` items, ScaNN above. A ScaNN index
         tunes leaves_to_search and reorder to reach `target_recall` (None:
         DEFAULT_TARGET_RECALL) recall@k against exact search, on `tune_queries` or on gallery
-        items left out in turn; `index.tuning["met"]` says whether it got there. 0 keeps
+        items left out in turn; `index.tuning["met"]` says whether it got there. Unless
+        `scann_params` sets `dims_per_block`, it is built and tuned once per AH shape in
+        AH_SHAPES and the faster kept (`tune_ah_shape`: twice the build time). 0 keeps
         ScaNN's untuned shape (for benchmarks of that shape; nothing is measured then).
         backend 'milvus' puts the gallery in the collection `milvus` names (uri, collection,
         index_type; milvus_index.py) and measures its recall@k against exact search.
