@@ -56,10 +56,16 @@ VARIANTS = {
     "leaves4x_int8": ({}, {}, dict(leaves_mult=4, reorder_dtype="int8")),
     "leaves4x_bf16": ({}, {}, dict(leaves_mult=4, reorder_dtype="bfloat16")),
     "leaves4x_soar": (dict(soar_lambda=1.0, overretrieve_factor=2.0), {}, dict(leaves_mult=4)),
+    "dims2_soar": (dict(soar_lambda=1.0, overretrieve_factor=2.0), {}, dict(dims_per_block=2)),
+    "dims2_int8": ({}, {}, dict(dims_per_block=2, reorder_dtype="int8")),
+    "dims4": ({}, {}, dict(dims_per_block=4)),
+    "spherical": (dict(spherical=True), {}, {}),
+    "dims2_spherical": (dict(spherical=True), {}, dict(dims_per_block=2)),
+    "leaves0.5x_dims2": ({}, {}, dict(leaves_mult=0.5, dims_per_block=2)),
     "leaves4x_train": (dict(training_sample_size=250_000), {}, dict(leaves_mult=4)),
 }
 LEAVES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 30, 40)
-REORDERS = (20, 30, 40, 60, 100, 150, 200, 300)
+REORDERS = (20, 30, 40, 60, 100, 150, 200, 300)  # stops where recall stops rising
 
 
 def build(x: np.ndarray, tree: dict, ah: dict, other: dict | None = None,
@@ -95,6 +101,8 @@ def sweep(searcher, q, truth, num_leaves: int, batch_size: int = 256) -> list[di
                     queries, final_num_neighbors=K, pre_reorder_num_neighbors=R,
                     leaves_to_search=L, batch_size=batch_size)[0]
             recall = ann_recall_at_k(np.asarray(run(q), np.int64), truth, K)
+            if points and points[-1]["leaves"] == leaves and recall <= points[-1]["recall"]:
+                break  # the reorder has stopped paying at these leaves: more only costs
             (_, first) = timed(lambda: run(q), repeat=1)
             timing = long_enough(q, first)
             _, t = timed(lambda: run(timing))
