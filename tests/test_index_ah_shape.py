@@ -117,3 +117,24 @@ def test_the_shape_choice_follows_the_measured_speed(monkeypatch):
         truth = idx.search(x[:50], 10, exact=True)[0]
         assert ann_recall_at_k(rows, truth, 10) >= 0.8
         assert f"num_dims_per_block: {want}" in idx._scann.config()
+
+
+def test_default_leaves_are_spherical_and_find_more_neighbours_per_leaf():
+    """Spherical k-means leaves are the default: on a face-like gallery one leaf holds more
+    of a query's true top-10 than generic (L2) k-means leaves, checked against exact search."""
+    x, y = face_like(6000, faces=300)
+    q, _ = face_like(300, faces=300, seed=3)
+    assert I.default_scann_params(len(x))["spherical"] is True
+
+    def one_leaf_recall(params):
+        idx = I.SearchIndex.build(x, paths_for(len(x)), y, META, backend="scann",
+                                  target_recall=0, scann_params=params)
+        truth = idx.search(q, 10, exact=True)[0]
+        return idx, ann_recall_at_k(idx.search(q, 10, leaves_to_search=1, reorder=100)[0],
+                                    truth, 10)
+
+    default, sph = one_leaf_recall({})
+    assert "partitioning_type: SPHERICAL" in default._scann.config()
+    assert default.scann_params["spherical"] is True
+    _, generic = one_leaf_recall(dict(spherical=False))
+    assert sph > generic, (sph, generic)
