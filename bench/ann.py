@@ -30,7 +30,8 @@ import numpy as np
 
 from facejax import cli
 from facejax.errors import DataError
-from facejax.retrieval.index import ExactSearcher, SearchIndex, exact_topk_numpy
+from facejax.retrieval.index import (AH_SHAPES, ExactSearcher, SearchIndex, exact_topk_numpy,
+                                     faster_ah_shape)
 from facejax.retrieval.metrics import ann_recall_at_k
 
 K = 10
@@ -191,8 +192,11 @@ def bench_exact(x, q, truth, numpy_too: bool = True, chunk_sizes: str = "8192") 
     return out
 
 
-def bench_scann(x, q, truth, quick: bool, check: tuple | None = None) -> list[Result]:
-    """`check`: (queries, truth) on which the auto rows' recall is measured (default q, truth)."""
+def bench_scann(x, q, truth, quick: bool, check: tuple | None = None,
+                ah_shapes: bool = True) -> list[Result]:
+    """`check`: (queries, truth) on which the auto rows' recall is measured (default q, truth).
+    `ah_shapes`: the auto rows choose between the AH shapes as a tuned build does (False: the
+    default shape only, as facejax did before it tried shapes)."""
     import scann  # noqa: F401  (load the library before measuring the build's memory)
 
     meta = dict(META, embed_dim=x.shape[1])
@@ -216,30 +220,88 @@ def bench_scann(x, q, truth, quick: bool, check: tuple | None = None) -> list[Re
           truth, q,
           lambda one, s: index.search(one[None], K, leaves_to_search=s[0], reorder=s[1]))
 
-    auto = Result("facejax auto (ScaNN, target_recall)", build, size, memory)
+    # The tuned build tries each AH shape (SearchIndex.tune_ah_shape): here the other shape is
+    # built once and both are tuned per target, with the same choice (faster_ah_shape).
+    shapes = {p["dims_per_block"]: index}
+    if ah_shapes:
+        for dims in AH_SHAPES:
+            if dims not in shapes:
+                other, b2, _ = built(lambda d=dims: SearchIndex.build(
+                    x, paths, None, meta, backend="scann", target_recall=0,
+                    scann_params=dict(dims_per_block=d)))
+                shapes[dims] = other
+                build += b2  # the auto build pays for every shape
+    name = "facejax auto (ScaNN, target_recall" + (", AH shape tuned)" if ah_shapes else ")")
+    auto = Result(name, build, size, memory)
+    first_dims = p["dims_per_block"]
+    before = Result(f"facejax auto, AH {first_dims} only (before)", build, size, memory)
     for target in TARGETS:
         t0 = time.perf_counter()
-        tuning = index.tune(target, k=K)
+        tunings = {d: i.tune(target, k=K) for d, i in shapes.items()}
         tune_s = time.perf_counter() - t0
-        _, first = timed(lambda: index.search(q, K), repeat=1)
-        timing = long_enough(q, first)
-        _, t = timed(lambda: index.search(timing, K))
-        check_q, check_truth = check or (q, truth)
-        recall = ann_recall_at_k(index.search(check_q, K)[0], check_truth, K)
-        auto.add(f"target={target} -> L={tuning['leaves_to_search']} R={tuning['reorder']}"
-                 f" (tune {tune_s:.0f}s on {tuning['num_queries']})", recall, len(timing) / t)
-        auto.points[-1]["target"] = target
-        if target == 0.95:
-            one = q[:200]
-            _, t1 = timed(lambda o=one: [index.search(v[None], K) for v in o], repeat=1)
-            auto.single_qps = len(one) / t1
+        kept = faster_ah_shape(tunings)
+        for dims, row in ((kept, auto), (first_dims, before)):
+            if row is before and (kept == first_dims or not ah_shapes):
+                continue
+            index, tuning = shapes[dims], tunings[dims]
+            _, first = timed(lambda: index.search(q, K), repeat=1)
+            timing = long_enough(q, first)
+            _, t = timed(lambda: index.search(timing, K))
+            check_q, check_truth = check or (q, truth)
+            recall = ann_recall_at_k(index.search(check_q, K)[0], check_truth, K)
+            qps = ", ".join(f"AH {d}: {tt['qps']:,.0f}" for d, tt in tunings.items())
+            row.add(f"target={target} -> AH {dims} L={tuning['leaves_to_search']} "
+                    f"R={tuning['reorder']} (tune {tune_s:.0f}s on {tuning['num_queries']}; "
+                    f"tuner QPS {qps})", recall, len(timing) / t)
+            row.points[-1]["target"] = target
+            if target == 0.95:
+                one = q[:200]
+                _, t1 = timed(lambda o=one: [index.search(v[None], K) for v in o], repeat=1)
+                row.single_qps = len(one) / t1
+    if ah_shapes:  # the default shape where it was kept too, for the before/after table
+        before.points += [dict(pt) for pt in auto.points
+                          if f"AH {first_dims} " in pt["setting"]]
     # A target row counts only when its own target was reached on the real queries.
-    auto.points = [pt for pt in auto.points if pt["recall"] >= pt["target"] - 1e-9] or \
-        auto.points
-    return [auto, hand]
+    for row in (auto, before):
+        row.points = [pt for pt in row.points if pt["recall"] >= pt["target"] - 1e-9] or \
+            row.points
+    return [auto, before, hand] if ah_shapes else [auto, hand]
 
 
-def bench_faiss(x, q, truth, quick: bool, hnsw: bool = True) -> list[Result]:
+def bench_ivf_pq(x, q, truth, quick: bool, nlist: int, m: int, grid: bool) -> Result:
+    """faiss IVF + PQ fast-scan (m 4-bit codes) + float refine, nprobe x k_factor swept."""
+    import faiss
+
+    n, d = x.shape
+
+    def build_ivf():
+        index = faiss.index_factory(d, f"IVF{nlist},PQ{m}x4fsr,RFlat",
+                                    faiss.METRIC_INNER_PRODUCT)
+        index.train(x[: min(n, 100_000)])
+        index.add(x)
+        return index
+
+    ivf, build, memory = built(build_ivf)
+    r = Result(f"faiss IVF{nlist}+PQ{m}x4fsr+refine", build,
+               len(faiss.serialize_index(ivf)), memory)
+    nprobes = (8, 16, 32, 64) if quick else (2, 4, 8, 16, 32, 64, 128)
+    kfactors = (4, 16) if quick else (1, 2, 4, 8, 16)
+    if grid:
+        nprobes, kfactors = (1,) + nprobes, kfactors + (32,)
+    ivf_pq = faiss.downcast_index(ivf.base_index)
+
+    def ivf_search(queries, s):
+        ivf_pq.nprobe = s[0]
+        ivf.k_factor = s[1]
+        return ivf.search(queries, K)[1]
+
+    sweep(r, [(f"nprobe={a} k_factor={b}", (a, b)) for a in nprobes for b in kfactors
+              if a <= nlist], ivf_search, truth, q, lambda one, s: ivf_search(one[None], s))
+    return r
+
+
+def bench_faiss(x, q, truth, quick: bool, hnsw: bool = True, grid: bool = False
+                ) -> list[Result]:
     import faiss
 
     faiss.omp_set_num_threads(os.cpu_count() or 1)
@@ -260,28 +322,12 @@ def bench_faiss(x, q, truth, quick: bool, hnsw: bool = True) -> list[Result]:
     nlist = int(4 * np.sqrt(n)) if n >= 500_000 else int(np.sqrt(n) * 2)
     nlist = 1 << round(np.log2(nlist))
 
-    def build_ivf():
-        index = faiss.index_factory(d, f"IVF{nlist},PQ{d // 2}x4fsr,RFlat",
-                                    faiss.METRIC_INNER_PRODUCT)
-        index.train(x[: min(n, 100_000)])
-        index.add(x)
-        return index
-
-    ivf, build, memory = built(build_ivf)
-    r = Result(f"faiss IVF{nlist}+PQ{d // 2}x4fsr+refine", build,
-               len(faiss.serialize_index(ivf)), memory)
-    nprobes = (8, 16, 32, 64) if quick else (2, 4, 8, 16, 32, 64, 128)
-    kfactors = (4, 16) if quick else (1, 2, 4, 8, 16)
-    ivf_pq = faiss.downcast_index(ivf.base_index)
-
-    def ivf_search(queries, s):
-        ivf_pq.nprobe = s[0]
-        ivf.k_factor = s[1]
-        return ivf.search(queries, K)[1]
-
-    sweep(r, [(f"nprobe={a} k_factor={b}", (a, b)) for a in nprobes for b in kfactors],
-          ivf_search, truth, q, lambda one, s: ivf_search(one[None], s))
-    out.append(r)
+    shapes = [(nlist, d // 2)]
+    if grid:  # fewer, bigger lists; a PQ code per dimension (as ScaNN's AH 1 dim/block)
+        shapes = [(nlist // 4, d // 2), (nlist, d // 2), (nlist, d)]
+    for nl, m in shapes:
+        out.append(bench_ivf_pq(x, q, truth, quick, nl, m, grid))
+        gc.collect()
 
     def build_hnsw():
         index = faiss.IndexHNSWFlat(d, 16, faiss.METRIC_INNER_PRODUCT)
@@ -289,7 +335,6 @@ def bench_faiss(x, q, truth, quick: bool, hnsw: bool = True) -> list[Result]:
         index.add(x)
         return index
 
-    ivf = ivf_pq = None  # free the IVF index before measuring the next build
     if not hnsw:
         return out
     hnsw, build, memory = built(build_hnsw)
@@ -405,9 +450,10 @@ def run_case(n: int, d: int, args) -> tuple[str, list[Result]]:
     if "exact" in backends or "jax" in backends:
         results += bench_exact(x, q, truth, "exact" in backends, args.exact_chunks)
     if "scann" in backends:
-        results += bench_scann(x, q, truth, args.quick, check)
+        results += bench_scann(x, q, truth, args.quick, check, not args.one_ah_shape)
     if "faiss" in backends or "faiss_ivf" in backends:
-        results += bench_faiss(x, q, truth, args.quick, hnsw="faiss" in backends)
+        results += bench_faiss(x, q, truth, args.quick, hnsw="faiss" in backends,
+                               grid=args.faiss_grid)
     if "hnswlib" in backends:
         results += bench_hnswlib(x, q, truth, args.quick)
     return title, results
@@ -426,6 +472,11 @@ def main(argv: list[str]) -> int:
                         "faiss_ivf (Flat + IVF only), hnswlib")
     parser.add_argument("--exact_chunks", default="8192",
                         help="JAX exact search: gallery rows per device step, e.g. 8192,65536")
+    parser.add_argument("--faiss_grid", action="store_true",
+                        help="faiss IVF: also nlist/4 and PQ d x4fsr, nprobe 1, k_factor 32")
+    parser.add_argument("--one_ah_shape", action="store_true",
+                        help="auto rows: the default AH shape only (facejax before it tried "
+                        "shapes); by default both shapes are built and the faster kept")
     parser.add_argument("--tag", default="")
     args = parser.parse_args(argv)
     if args.cases:

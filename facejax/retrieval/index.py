@@ -172,6 +172,10 @@ def default_scann_params(n: int, k: int = 10) -> dict:
         # 1.35x (recall 0.95) to 1.6x (0.99) the QPS of 2 per block (BUILD_NOTES.md).
         dims_per_block=1,
         aq_threshold=0.2,
+        # Spherical k-means leaves (unit centres, the dot product's own geometry): on dlib's LFW
+        # embeddings + noise at 300k, searching 1 leaf found 0.954 of the true top-10 instead
+        # of 0.851, 2 leaves 0.987 instead of 0.942 (BENCHMARKS.md, bench/ann_recall_curve.py).
+        spherical=True,
     )
 
 
@@ -208,6 +212,9 @@ def _docids(ids) -> list[str]:
 
 
 SCANN_INITS = ("random", "kmeans++")
+# AH shapes (dimensions per AH block) a tuned build tries unless scann_params sets one: the
+# faster at the target recall is kept (SearchIndex.tune_ah_shape).
+AH_SHAPES = (1, 2)
 # Build options a rebuild (after many adds or removes) carries over from the first build.
 _KEPT_BUILD_OPTIONS = ("spherical", "reorder_dtype", "init")
 
@@ -289,7 +296,9 @@ class SearchIndex:
         backend 'auto' is exact up to `exact_max_items` items, ScaNN above. A ScaNN index
         tunes leaves_to_search and reorder to reach `target_recall` (None:
         DEFAULT_TARGET_RECALL) recall@k against exact search, on `tune_queries` or on gallery
-        items left out in turn; `index.tuning["met"]` says whether it got there. 0 keeps
+        items left out in turn; `index.tuning["met"]` says whether it got there. Unless
+        `scann_params` sets `dims_per_block`, it is built and tuned once per AH shape in
+        AH_SHAPES and the faster kept (`tune_ah_shape`: twice the build time). 0 keeps
         ScaNN's untuned shape (for benchmarks of that shape; nothing is measured then).
         backend 'milvus' puts the gallery in the collection `milvus` names (uri, collection,
         index_type; milvus_index.py) and measures its recall@k against exact search.
@@ -314,7 +323,11 @@ class SearchIndex:
         if backend == "scann":
             params = default_scann_params(n, k)
             params.update(scann_params or {})
-            check_scann_init(params.get("init", "random"))
+            if check_scann_init(params.get("init", "random")) == "kmeans++" and \
+                    "spherical" not in (scann_params or {}):
+                # k-means++ is chosen for identical rebuilds; spherical leaves seeded by it
+                # differed from build to build (tests/test_index.py), generic ones did not.
+                params["spherical"] = False
         index = cls(embeddings, paths, labels, np.arange(n, dtype=np.int64), embedder_meta,
                     backend, scann_params=params, info=info)
         if backend == "milvus":
@@ -323,6 +336,8 @@ class SearchIndex:
             milvus_index.build_for(index, milvus or {}, k=k, seed=seed)
         elif backend == "scann" and target_recall > 0 and n >= 2:
             index.tune(target_recall, k=k, queries=tune_queries, seed=seed)
+            if "dims_per_block" not in (scann_params or {}) and n >= _SCANN_MIN_TREE:
+                index.tune_ah_shape(target_recall, k=k, queries=tune_queries, seed=seed)
         elif target_recall > 0:
             # Exact search has recall 1 by construction: there is nothing to tune.
             log.info("target_recall=%s does not apply: the index uses exact search", target_recall)
@@ -421,6 +436,50 @@ class SearchIndex:
                                  reorder=result["reorder"])
         self.tuning = result
         return result
+
+    def tune_ah_shape(self, target_recall: float, *, k: int = 10,
+                      queries: np.ndarray | None = None, seed: int = 0,
+                      shapes: Sequence[int] = AH_SHAPES) -> dict:
+        """Builds the index once per AH shape (dimensions per AH block) in `shapes`, tunes each
+        to `target_recall` on the same queries and keeps the fastest that meets it.
+
+        Which shape is faster depends on the data: on clustered synthetic galleries 1 dimension
+        per block needed a reorder of 20-40 and was 1.35-1.6x the QPS of 2; on real face
+        embeddings (dlib, LFW + noise) the recall is bounded by the leaves searched, the reorder
+        stops paying at ~50 for both shapes, and 2 per block (half the codes to scan) was faster
+        (BENCHMARKS.md). Each shape is a full build. `tuning["ah_shapes"]` lists what each gave.
+        """
+        if self.backend != "scann" or self.size < _SCANN_MIN_TREE:
+            raise ConfigError("AH shape tuning applies to scann indexes of at least "
+                              f"{_SCANN_MIN_TREE} items")
+        if self.tuning is None or self.tuning.get("target_recall") != target_recall:
+            self.tune(target_recall, k=k, queries=queries, seed=seed)
+        tried = {self.scann_params["dims_per_block"]: self._shape_state()}
+        for dims in shapes:
+            if dims in tried:
+                continue
+            state = self._shape_state()
+            self.scann_params = dict(state["params"], dims_per_block=dims)
+            self._scann = _build_scann(self.embeddings, self.ids, self.scann_params)
+            self._sync_scann_rows()
+            self.tune(target_recall, k=k, queries=queries, seed=seed)
+            tried[dims] = self._shape_state()
+            self._set_shape_state(state)  # back to the first build until all are measured
+        best = tried[faster_ah_shape({d: st["tuning"] for d, st in tried.items()})]
+        self._set_shape_state(best)
+        self.tuning = dict(best["tuning"], ah_shapes=[
+            dict(dims_per_block=d, **{key: st["tuning"][key] for key in
+                                      ("met", "recall", "qps", "leaves_to_search", "reorder")})
+            for d, st in sorted(tried.items())])
+        return self.tuning
+
+    def _shape_state(self) -> dict:
+        return dict(params=dict(self.scann_params), tuning=self.tuning, searcher=self._scann)
+
+    def _set_shape_state(self, state: dict) -> None:
+        self.scann_params, self.tuning, self._scann = dict(state["params"]), state["tuning"], \
+            state["searcher"]
+        self._sync_scann_rows()
 
     # -- updates
 
@@ -694,6 +753,13 @@ def default_tune_queries(target_recall: float) -> int:
     halves the standard error; their exact ground truth costs ~8 s at 1M x 128 on 2 CPU cores.
     """
     return 4000 if target_recall >= 0.98 else 1000
+
+
+def faster_ah_shape(tunings: Mapping[int, Mapping[str, Any]]) -> int:
+    """The AH shape to keep, of {dims_per_block: its tuning}: the fastest that met the target,
+    else (none did) the most accurate."""
+    return max(tunings, key=lambda d: (bool(tunings[d]["met"]), tunings[d]["qps"]
+                                       if tunings[d]["met"] else tunings[d]["recall"]))
 
 
 def tune_search_params(search_fn, truth: np.ndarray, k: int, target: float, num_leaves: int,
