@@ -138,3 +138,20 @@ def test_default_leaves_are_spherical_and_find_more_neighbours_per_leaf():
     assert default.scann_params["spherical"] is True
     _, generic = one_leaf_recall(dict(spherical=False))
     assert sph > generic, (sph, generic)
+
+
+@pytest.mark.parametrize("dims, want", [(0, {}), (1, {"dims_per_block": 1}),
+                                        (2, {"dims_per_block": 2})])
+def test_the_config_setting_picks_a_shape_or_the_trial(dims, want):
+    from facejax.retrieval.index import check_scann_dims_per_block
+
+    assert check_scann_dims_per_block(dims) == want
+
+
+@pytest.mark.parametrize("dims", [3, -1, "2", True, 1.5])
+def test_a_bad_dims_per_block_setting_is_a_config_error(dims):
+    from facejax.errors import ConfigError
+    from facejax.retrieval.index import check_scann_dims_per_block
+
+    with pytest.raises(ConfigError, match="index.scann_dims_per_block must be 0"):
+        check_scann_dims_per_block(dims)

@@ -230,6 +230,14 @@ def _random_init(params: Mapping[str, Any]) -> bool:
     return check_scann_init(params.get("init", "random")) == "random"
 
 
+def check_scann_dims_per_block(dims) -> dict:
+    """index.scann_dims_per_block -> the scann_params it sets ({} for 0: try AH_SHAPES)."""
+    if isinstance(dims, bool) or dims not in (0, *AH_SHAPES):
+        raise ConfigError(f"index.scann_dims_per_block must be 0 (try {AH_SHAPES} and keep the "
+                          f"faster) or one of {AH_SHAPES}, got {dims!r}")
+    return {"dims_per_block": int(dims)} if dims else {}
+
+
 def check_scann_init(init) -> str:
     if init not in SCANN_INITS:
         raise ConfigError(f"index.scann_init (ScaNN's leaf seeding) must be one of "

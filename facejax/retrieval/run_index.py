@@ -11,7 +11,8 @@ from facejax.retrieval import multihost
 from facejax.retrieval.embed import load_embedder
 from facejax.retrieval.evaluate import check_ks
 from facejax.retrieval.index import (BACKENDS, DEFAULT_TARGET_RECALL, SearchIndex,
-                                     check_scann_init, check_target_recall, load_index)
+                                     check_scann_dims_per_block, check_scann_init,
+                                     check_target_recall, load_index)
 from facejax.retrieval.run_data import prepare_run_data
 from facejax.rundir import EMBEDDER_DIR, INDEX_DIR
 from facejax.rundir import INDEX_WORK_DIR as WORK_DIR
@@ -55,6 +56,7 @@ def _build_workdir_index(workdir: str, config, *, backend: str | None, target_re
     check_target_recall(target)
     untuned, target = not target, target or DEFAULT_TARGET_RECALL
     init = check_scann_init(config.index.scann_init)
+    ah = check_scann_dims_per_block(config.index.scann_dims_per_block)
     ks = check_ks(config.eval.ks)
     milvus = _milvus_options(workdir, config) if backend == "milvus" else None
     embedder = load_embedder(os.path.join(workdir, EMBEDDER_DIR))
@@ -79,7 +81,7 @@ def _build_workdir_index(workdir: str, config, *, backend: str | None, target_re
     index = SearchIndex.build(emb, paths, gallery.labels, embedder.meta, backend=backend,
                               exact_max_items=config.index.exact_max_items,
                               target_recall=target, k=ks[-1], info=info,
-                              scann_params=dict(init=init), seed=config.seed, milvus=milvus)
+                              scann_params=dict(init=init, **ah), seed=config.seed, milvus=milvus)
     if untuned and index.backend == "scann":
         print(f"note: index.target_recall=0 (no tuning) is read as {target}: ScaNN indexes are "
               f"always tuned", flush=True)
