@@ -49,6 +49,7 @@ def _probe(batch, **env):
     return [int(v) for v in out.stdout.split()]
 
 
+@pytest.mark.slow
 def test_applies_before_the_backend_and_respects_xla_flags():
     set_to, devices, cores = _probe(32)
     assert devices == cpu_training_devices(32, cores) and set_to in (0, devices)

@@ -88,6 +88,7 @@ def test_a_set_shape_is_built_alone_and_a_small_index_cannot_compare_shapes():
         small.tune_ah_shape(0.9)
 
 
+@pytest.mark.slow
 def test_the_shape_choice_follows_the_measured_speed(monkeypatch):
     """With the tuner's timings replaced, the shape reported faster is the one kept, and a
     shape that misses the target loses to one that meets it, however fast."""
@@ -133,10 +134,13 @@ def test_default_leaves_are_spherical_and_find_more_neighbours_per_leaf():
         return idx, ann_recall_at_k(idx.search(q, 10, leaves_to_search=1, reorder=100)[0],
                                     truth, 10)
 
-    default, sph = one_leaf_recall({})
+    default, _ = one_leaf_recall({})
     assert "partitioning_type: SPHERICAL" in default._scann.config()
     assert default.scann_params["spherical"] is True
-    _, generic = one_leaf_recall(dict(spherical=False))
+    # ScaNN's leaf seeding is random: the median of 3 builds each (here ~0.83 vs ~0.71; one
+    # build of a full-suite run once fell below).
+    sph = np.median([one_leaf_recall({})[1] for _ in range(3)])
+    generic = np.median([one_leaf_recall(dict(spherical=False))[1] for _ in range(3)])
     assert sph > generic, (sph, generic)
 
 

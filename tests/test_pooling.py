@@ -40,6 +40,7 @@ def test_gradient_of_distinct_values_under_jit():
     np.testing.assert_array_equal(np.asarray(got), np.asarray(_grads(_reference, x, g)))
 
 
+@pytest.mark.slow
 def test_scratch_cnn_train_gradients_unchanged(monkeypatch):
     """The scratch CNN with max_pool_2x2 trains exactly as with flax's max_pool: same loss, same
     gradients, same BatchNorm statistics (ReLU zeros make ties in every block)."""
