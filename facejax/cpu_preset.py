@@ -28,6 +28,13 @@ _OFF = ("0", "off", "false", "no")
 _DEVICES = "xla_force_host_platform_device_count"
 
 
+def user_chose_devices(environ: MutableMapping[str, str] | None = None) -> bool:
+    """Whether the environment already sets the host device count (XLA_FLAGS' device-count
+    flag or jax's JAX_NUM_CPU_DEVICES): then neither half of the preset (inference here,
+    training in `facejax.train.host_devices`) sets one."""
+    environ = os.environ if environ is None else environ
+    return _DEVICES in environ.get("XLA_FLAGS", "") or "JAX_NUM_CPU_DEVICES" in environ
+
 
 def preset_flags(cpus: int | None = None) -> tuple[str, ...]:
     """What won in bench/cpu_options.py and bench/embed_throughput.py on the 2-core Xeon
@@ -74,7 +81,7 @@ def apply(environ: MutableMapping[str, str] | None = None,
     the flags it added."""
     environ = os.environ if environ is None else environ
     preset = preset_flags() if preset is None else preset
-    if environ.get("JAX_NUM_CPU_DEVICES"):  # jax's own setting of the device count: the user's
+    if user_chose_devices(environ):
         preset = tuple(f for f in preset if flag_name(f) != _DEVICES)
     if not enabled(environ) or not preset:
         return []

@@ -10,15 +10,16 @@ backend starts. It is the training half of the CPU preset (`facejax.cpu_preset` 
 inference half), so `FACEJAX_CPU_PRESET=0` turns it off too. Nothing happens when the user
 chose already (XLA_FLAGS' device-count flag or JAX_NUM_CPU_DEVICES, which
 `JAX_NUM_CPU_DEVICES=1` also uses to turn this off), when the job is multi-process, or when
-the backend has started. Results match the one-device step up to
-float summation order (tests/test_multidevice.py: 8 devices vs 1).
+the backend has started. Results match the one-device step
+up to float summation order (tests/test_multidevice.py: 8 devices vs 1).
 """
 
 from __future__ import annotations
 
 import os
 
-_FLAG = "--xla_force_host_platform_device_count"
+from facejax import compat, cpu_preset
+
 # Multi-process jobs lay out their own devices (facejax.cluster).
 _DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES")
 
@@ -44,9 +45,9 @@ def cpu_training_devices(batch_size: int, cores: int | None = None) -> int:
 
 
 def user_chose(environ=None) -> bool:
-    """Whether the environment already sets the host device count (or is multi-process)."""
+    """Whether the environment already sets the host device count or is a multi-process job."""
     environ = os.environ if environ is None else environ
-    return (_FLAG in environ.get("XLA_FLAGS", "") or "JAX_NUM_CPU_DEVICES" in environ
+    return (cpu_preset.user_chose_devices(environ)
             or any(environ.get(k) for k in _DISTRIBUTED_ENV))
 
 
@@ -55,10 +56,7 @@ def use_host_devices(batch_size: int, environ=None) -> int:
     set (0 when left alone). Call before anything touches a jax backend."""
     import jax
 
-    from facejax import compat, cpu_preset
-
-    if (not cpu_preset.enabled(environ) or user_chose(environ)
-            or compat.jax_backends_started()):
+    if not cpu_preset.enabled(environ) or user_chose(environ) or compat.jax_backends_started():
         return 0
     n = cpu_training_devices(batch_size)
     if n > 1:
