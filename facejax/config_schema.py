@@ -124,7 +124,8 @@ def index() -> ml_collections.ConfigDict:
                                  # recall@k vs exact search (0, in older runs: read as 0.95)
         scann_init="random",     # ScaNN leaf seeding: random (faster build) | kmeans++ (repeatable)
         scann_dims_per_block=0,  # ScaNN AH dims per block: 0 builds and tunes 1 and 2 and keeps
-                                 # the faster at the target (twice the build time) | 1 | 2
+                                 # the faster at the target (twice the build time; not with
+                                 # scann_init=kmeans++, which keeps 1) | 1 | 2
         milvus_uri="",           # backend milvus: PATH.db (Milvus Lite, embedded; "" -> WORKDIR/
                                  # milvus.db) or http://host:19530 (a Milvus server or cluster)
         milvus_collection="",    # "" -> facejax_<hash of the run folder's path>

@@ -305,8 +305,9 @@ class SearchIndex:
         tunes leaves_to_search and reorder to reach `target_recall` (None:
         DEFAULT_TARGET_RECALL) recall@k against exact search, on `tune_queries` or on gallery
         items left out in turn; `index.tuning["met"]` says whether it got there. Unless
-        `scann_params` sets `dims_per_block`, it is built and tuned once per AH shape in
-        AH_SHAPES and the faster kept (`tune_ah_shape`: twice the build time). 0 keeps
+        `scann_params` sets `dims_per_block` or k-means++ seeding (identical rebuilds), it is
+        built and tuned once per AH shape in AH_SHAPES and the faster kept (`tune_ah_shape`:
+        twice the build time). 0 keeps
         ScaNN's untuned shape (for benchmarks of that shape; nothing is measured then).
         backend 'milvus' puts the gallery in the collection `milvus` names (uri, collection,
         index_type; milvus_index.py) and measures its recall@k against exact search.
@@ -344,7 +345,10 @@ class SearchIndex:
             milvus_index.build_for(index, milvus or {}, k=k, seed=seed)
         elif backend == "scann" and target_recall > 0 and n >= 2:
             index.tune(target_recall, k=k, queries=tune_queries, seed=seed)
-            if "dims_per_block" not in (scann_params or {}) and n >= _SCANN_MIN_TREE:
+            # The trial keeps the shape that timed faster, so k-means++ builds (chosen for
+            # identical rebuilds) skip it and keep the default shape.
+            if "dims_per_block" not in (scann_params or {}) and n >= _SCANN_MIN_TREE and \
+                    _random_init(params):
                 index.tune_ah_shape(target_recall, k=k, queries=tune_queries, seed=seed)
         elif target_recall > 0:
             # Exact search has recall 1 by construction: there is nothing to tune.
