@@ -5,6 +5,8 @@
 #   embed   embedding throughput: exported artifact vs in-process vs torchvision, f32 and bf16,
 #           batch 256 (~2 min)
 #   search  exact top-k on the device at 1M x 128 and 1M x 512, query-batch sweep (~2 min)
+#   remat   (not in the default set) the train section's batch again with train.remat=dots:
+#           conv outputs kept, BatchNorm/ReLU recomputed in the backward (~3 min)
 #   bash bench/gpu.sh embed search      (from the repo root or anywhere; needs jax with CUDA)
 # Results: bench/out/*.json|md, copied to $OUT/ when that is set.
 set -uo pipefail
@@ -29,6 +31,12 @@ if [[ " $SECTIONS " == *" train "* ]]; then
   timeout 90 "$PEER_PY" bench/torch_gpu_peer.py --batch "$batch" --out bench/out/torch_gpu_peer.json || true
   [ "${PEER_COMPILE:-0}" = 1 ] && { timeout 150 "$PEER_PY" bench/torch_gpu_peer.py --batch "$batch" --compile --out bench/out/torch_gpu_peer_compile.json || true; }
   copy_out bench/out/train_throughput_gpu.json bench/out/torch_gpu_peer*.json
+fi
+if [[ " $SECTIONS " == *" remat "* ]]; then
+  batch=$("$PY" -c 'import json; print(json.load(open("bench/out/train_throughput_gpu.json"))["result"]["train_batch"])' 2>/dev/null || echo 256)
+  timeout 200 "$PY" bench/train_throughput.py --gpu --gpu-remat dots --gpu-batches "$batch" 512 \
+    || echo "facejax GPU remat bench failed (rc=$?)"
+  copy_out bench/out/train_throughput_gpu_remat_dots.json
 fi
 if [[ " $SECTIONS " == *" embed "* ]]; then
   # torch shares the card in the same process: leave it room.

@@ -43,21 +43,28 @@ OUT = os.path.join(ROOT, "bench", "out")
 CLASSES = 100
 
 
-def _config(model: str, size: int, batch: int, dtype: str = "float32"):
+def _config(model: str, size: int, batch: int, dtype: str = "float32", remat: str = "none"):
     if model == "scratch_cnn":  # the paper's Table 1 CNN, its own config (dropout 0.5, [0, 1])
         return load_config(os.path.join(ROOT, "configs", "scratch_cnn.py"), [
             f"model.input_size={size}", f"data.image_size={size}", f"train.batch_size={batch}",
-            "train.schedule=constant", f"train.compute_dtype={dtype}"])
+            "train.schedule=constant", f"train.compute_dtype={dtype}", f"train.remat={remat}"])
     return load_config(os.path.join(ROOT, "configs", "resnet18.py"), [
         f"model.name={model}", "model.pretrained=", "model.weights_source=torchvision",
         f"model.input_size={size}", f"data.image_size={size}", f"train.batch_size={batch}",
-        "train.schedule=constant", "train.finetune=all", f"train.compute_dtype={dtype}"])
+        "train.schedule=constant", "train.finetune=all", f"train.compute_dtype={dtype}",
+        f"train.remat={remat}"])
+
+
+# --also: facejax variants timed in the same interleaved rounds -> (compute dtype, remat)
+VARIANTS = {"bf16": ("bfloat16", "none"), "remat_dots": ("float32", "dots"),
+            "bf16_remat_dots": ("bfloat16", "dots")}
 
 
 def jax_stepper(model: str, size: int, batch: int, dtype: str = "float32",
-                devices: int | None = None):
+                devices: int | None = None, remat: str = "none"):
     """A function running one facejax train step on a fixed uint8 batch (blocks until done),
-    its batch split over the first `devices` devices (default: all)."""
+    its batch split over the first `devices` devices (default: all). `step.temp_bytes` is the
+    compiled step's temporary memory (XLA's memory analysis; activations live there)."""
     import jax
 
     from facejax.data.pipeline import to_global
@@ -67,7 +74,7 @@ def jax_stepper(model: str, size: int, batch: int, dtype: str = "float32",
     from facejax.train.mesh import replicate
     from facejax.train.step import jit_train_step
 
-    config = _config(model, size, batch, dtype)
+    config = _config(model, size, batch, dtype, remat)
     mesh = make_data_mesh(None if devices is None else jax.devices()[:devices])
     net = state_lib.build_model(config, CLASSES, dtype=state_lib.compute_dtype(dtype))
     state, bundle, tx, _ = state_lib.create_train_state(config, net, steps_per_epoch=100,
@@ -86,6 +93,11 @@ def jax_stepper(model: str, size: int, batch: int, dtype: str = "float32",
         metrics["loss"].block_until_ready()
 
     step.params = holder["params"]
+    try:
+        step.temp_bytes = int(fn.lower(holder["state"], device_batch, key).compile()
+                              .memory_analysis().temp_size_in_bytes)
+    except Exception:  # noqa: BLE001  (a backend without memory analysis)
+        step.temp_bytes = None
     return step
 
 
@@ -178,7 +190,8 @@ def _reduce_window_pool_stepper(size: int, batch: int):
 
 
 def compare(models, sizes, batch: int, rounds: int, steps: int,
-            before_pool: bool = False, meshes: list[int] | None = None) -> list[dict]:
+            before_pool: bool = False, meshes: list[int] | None = None,
+            also: list[str] | None = None) -> list[dict]:
     import jax
     import torch
 
@@ -189,6 +202,9 @@ def compare(models, sizes, batch: int, rounds: int, steps: int,
                 model, size, batch)}
             for n in meshes or []:  # the same process, the batch split over n of its devices
                 peers[f"facejax_mesh{n}"] = jax_stepper(model, size, batch, devices=n)
+            for v in also or []:
+                dtype, remat = VARIANTS[v]
+                peers[f"facejax_{v}"] = jax_stepper(model, size, batch, dtype=dtype, remat=remat)
             if model == "scratch_cnn":  # the same network: the same number of parameters
                 assert peers["facejax"].params == peers["torch"].params, (
                     peers["facejax"].params, peers["torch"].params)
@@ -210,6 +226,13 @@ def compare(models, sizes, batch: int, rounds: int, steps: int,
                 print(f"  {model} {size}px, batch over {n} of {jax.device_count()} devices: "
                       f"{row[f'mesh{n}']:.1f} img/s ({row[f'mesh{n}'] / row['torch']:.2f}x torch)",
                       flush=True)
+            row["temp_mb"] = _mb(peers["facejax"].temp_bytes)
+            for v in also or []:
+                row[v] = statistics.median(rates[f"facejax_{v}"])
+                row[f"{v}_temp_mb"] = _mb(peers[f"facejax_{v}"].temp_bytes)
+                print(f"  {model} {size}px {v}: {row[v]:.1f} img/s ({row[v] / row['torch']:.2f}x "
+                      f"torch, {row[v] / row['facejax']:.2f}x facejax float32); compiled temp "
+                      f"memory {row[f'{v}_temp_mb']} MB vs {row['temp_mb']} MB", flush=True)
             if "facejax_reduce_window_pool" in peers:
                 row["before"] = statistics.median(rates["facejax_reduce_window_pool"])
                 print(f"  {model} {size}px before (flax max_pool): {row['before']:.1f} img/s "
@@ -229,8 +252,12 @@ def compare(models, sizes, batch: int, rounds: int, steps: int,
     return rows
 
 
+def _mb(n):
+    return None if n is None else round(n / 2**20, 1)
+
+
 def gpu(batches, steps: int, model: str = "resnet50", size: int = 224,
-        pipeline_seconds: float = 10.0) -> dict:
+        pipeline_seconds: float = 10.0, remat: str = "none") -> dict:
     """`model` at `size` px, bf16, at the largest batch that fits, plus input-pipeline headroom."""
     import jax
 
@@ -239,10 +266,11 @@ def gpu(batches, steps: int, model: str = "resnet50", size: int = 224,
     from facejax.data import pipeline
 
     out = dict(device=str(jax.devices()[0].device_kind), devices=jax.device_count(),
-               jax=jax.__version__, model=model, size=size, compute_dtype="bfloat16")
+               jax=jax.__version__, model=model, size=size, compute_dtype="bfloat16",
+               remat=remat)
     for batch in batches:
         try:
-            step = jax_stepper(model, size, batch, dtype="bfloat16")
+            step = jax_stepper(model, size, batch, dtype="bfloat16", remat=remat)
             t0 = time.perf_counter()
             step()
             compile_s = time.perf_counter() - t0
@@ -299,7 +327,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--meshes", type=int, nargs="*", default=[],
                         help="also time facejax with the batch over the first N devices (run "
                              "with --xla_force_host_platform_device_count in XLA_FLAGS)")
+    parser.add_argument("--also", nargs="*", default=[], choices=list(VARIANTS),
+                        help="also time these facejax variants in the same rounds (CPU mode)")
     parser.add_argument("--gpu", action="store_true", help="ResNet50 bf16 + pipeline headroom")
+    parser.add_argument("--gpu-remat", default="none", choices=["none", "dots"],
+                        help="train.remat for the GPU run")
     parser.add_argument("--gpu-batches", type=int, nargs="+", default=[512, 256, 128])
     parser.add_argument("--gpu-steps", type=int, default=20)
     parser.add_argument("--gpu-model", default="resnet50", help=argparse.SUPPRESS)  # smoke tests
@@ -310,11 +342,12 @@ def main(argv: list[str]) -> int:
     stamp = time.strftime("%Y-%m-%d")
     if args.gpu:
         result = gpu(args.gpu_batches, args.gpu_steps, args.gpu_model, args.gpu_size,
-                     args.pipeline_seconds)
-        path = os.path.join(OUT, "train_throughput_gpu.json")
+                     args.pipeline_seconds, remat=args.gpu_remat)
+        path = os.path.join(OUT, "train_throughput_gpu" + (
+            "" if args.gpu_remat == "none" else f"_remat_{args.gpu_remat}") + ".json")
     else:
         result = compare(args.models, args.sizes, args.batch, args.rounds, args.steps,
-                         args.before_pool, args.meshes)
+                         args.before_pool, args.meshes, args.also)
         path = os.path.join(OUT, "train_throughput_cpu.json")
     with open(path, "w") as f:
         json.dump(dict(date=stamp, result=result), f, indent=1)

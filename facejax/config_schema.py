@@ -109,6 +109,8 @@ def train() -> ml_collections.ConfigDict:
         early_stopping_patience=3,
         monitor="val_top1",      # val_accuracy | val_top1 | val_map_r | val_loss
         compute_dtype="auto",    # auto (bf16 on GPU/TPU, f32 on CPU) | float32 | bfloat16
+        remat="none",            # none | dots: the backward keeps only conv/matmul outputs and
+                                 # recomputes BatchNorm/ReLU/pooling (less memory, more compute)
         log_every_steps=20,
         checkpoint_every_steps=0,  # 0 -> end of each epoch only
         max_steps_per_epoch=0,   # 0 = full epoch

@@ -107,7 +107,8 @@ class _TinyEmbedNet(nnx.Module):
 @pytest.mark.slow
 def test_embeddings_are_unchanged_by_the_preset(tmp_path):
     """The exported embedder gives the same embeddings with and without the preset (float32,
-    atol 1e-5): single calls of odd batch sizes (padded over the devices) and embed_array."""
+    atol 1e-5): single calls of odd batch sizes (padded over the devices) and embed_array. A
+    single query runs on one device (Embedder.small_batch), the same as split over two."""
     from facejax.retrieval import embed
 
     model = _TinyEmbedNet(nnx.Rngs(0))
@@ -126,6 +127,10 @@ def test_embeddings_are_unchanged_by_the_preset(tmp_path):
         x = np.random.default_rng(0).integers(0, 256, (11, 24, 24, 3), dtype=np.uint8)
         a = emb.embed_array(x, batch_size=4, progress=False)
         b = np.concatenate([emb(x[:1]), emb(x[1:8]), emb(x[8:])])
+        if emb.num_devices > 1:  # the one-device path for a single query vs the split one
+            emb.small_batch = 0
+            np.testing.assert_allclose(emb(x[:1]), b[:1], atol=1e-5)
+            emb.small_batch = 1
         np.save({str(tmp_path)!r} + "/" + str(len(jax.devices())) + ".npy", np.stack([a, b]))
     """
     for env in ({}, {"FACEJAX_CPU_PRESET": "0"}):

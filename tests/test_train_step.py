@@ -1,5 +1,7 @@
 """The jitted train/eval steps on a tiny config: learning, mixed precision, margin losses, masks."""
 
+import dataclasses
+import functools
 import os
 
 import jax
@@ -13,7 +15,7 @@ from facejax.data.pipeline import to_global
 from facejax.train import state as state_lib
 from facejax.train.losses import LossConfig
 from facejax.sharding import make_data_mesh, replicated
-from facejax.train.step import jit_eval_step, jit_train_step
+from facejax.train.step import jit_eval_step, jit_train_step, train_step
 
 pytestmark = pytest.mark.slow  # every test here takes seconds: not in ./run.sh test --fast
 
@@ -93,3 +95,37 @@ def test_eval_step_ignores_padding_rows(trained):
     np.testing.assert_allclose(part["embedding"][:4], full["embedding"][:4], rtol=1e-5,
                                atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(full["embedding"], axis=1), 1.0, rtol=1e-5)
+
+
+def test_remat_dots_gives_the_same_steps_and_is_in_the_compiled_step():
+    """train.remat=dots recomputes BatchNorm/ReLU/pooling in the backward: the same losses and
+    parameters after a few steps (up to float order), and the step really holds a checkpoint
+    (XLA:CPU saves no memory with it: BENCHMARKS.md "remat")."""
+    base = ["train.learning_rate=0.003", "train.schedule=constant"]
+    ref, _, _, ref_hist, mesh = run_steps(base, steps=3)
+    got, bundle, config, hist, _ = run_steps(base + ["train.remat=dots"], steps=3)
+    assert bundle.remat == "dots"
+    np.testing.assert_allclose([float(h["loss"]) for h in hist],
+                               [float(h["loss"]) for h in ref_hist], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(ref.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+    model = state_lib.build_model(config, NUM_CLASSES, dtype=jnp.float32)
+    state, bundle, tx, _ = state_lib.create_train_state(config, model, steps_per_epoch=1,
+                                                        total_steps=1)
+
+    def jaxpr_text(bun):
+        fn = functools.partial(train_step, bundle=bun, tx=tx,
+                               loss_cfg=LossConfig.from_config(config),
+                               augment_cfg=config.augment, freeze_bn=False)
+        batch = coloured_batch(np.random.default_rng(0), n=4)
+        return str(jax.make_jaxpr(fn)(state, batch, jax.random.key_data(jax.random.key(0))))
+
+    assert "policy=DotsSaveable" in jaxpr_text(bundle)  # the remat primitive, with its policy
+    assert "remat" not in jaxpr_text(dataclasses.replace(bundle, remat="none"))
+
+
+def test_a_wrong_remat_name_is_a_clear_config_error():
+    from facejax.errors import ConfigError
+    with pytest.raises(ConfigError, match="train.remat must be one of"):
+        run_steps(["train.remat=everything"], steps=1)

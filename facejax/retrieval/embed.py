@@ -139,6 +139,11 @@ def _export(flat_fn, p_spec, x_spec) -> jax.export.Exported:
 class Embedder:
     """A loaded embedding artifact: `embedder(images_u8[B,S,S,3]) -> np.float32[B,D]`."""
 
+    # Calls of at most this many images run on one device even when the process has several
+    # (the CPU preset's host devices): split over two, a single query is padded to two images
+    # and took longer than on one device (BENCHMARKS.md "small batches").
+    small_batch = 1
+
     def __init__(self, exported: jax.export.Exported, leaves: list[np.ndarray], meta: dict):
         self.meta = meta
         self.cache_size = int(meta["cache_size"])
@@ -155,6 +160,10 @@ class Embedder:
             # sharding, even over this process's own devices.
             self._put = lambda batch: jax.device_put(batch, shard)
             self._fn = jax.jit(exported.call, in_shardings=(rep, shard), out_shardings=shard)
+            # Small calls (a single query) run whole on the first device, on its copy of the
+            # replicated parameters: split over the devices they are slower (SMALL_BATCH).
+            self._leaves_one = [leaf.addressable_data(0) for leaf in self._leaves]
+            self._fn_one = jax.jit(exported.call)
         else:
             self._leaves = jax.device_put(leaves)
             self._put = lambda batch: batch
@@ -172,6 +181,9 @@ class Embedder:
         images_u8 = np.asarray(images_u8)
         self._check(images_u8)
         n = images_u8.shape[0]
+        if self.num_devices > 1 and n <= self.small_batch:
+            out = self._fn_one(self._leaves_one, _pad_to(images_u8, max(n, 1)))
+            return np.asarray(out, dtype=np.float32)[:n]
         padded = _pad_to(images_u8, -(-max(n, 1) // self.num_devices) * self.num_devices)
         return np.asarray(self._fn(self._leaves, self._put(padded)), dtype=np.float32)[:n]
 

@@ -16,6 +16,10 @@ from facejax.models import create_model, get_preset, get_spec
 from facejax.train import optim
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+# train.remat: what the backward pass keeps from the forward. "dots" keeps only convolution and
+# matmul outputs and recomputes BatchNorm, activations and pooling from them (jax.checkpoint's
+# dots_saveable policy): less activation memory for one more pass of the cheap ops.
+REMAT_POLICIES = ("none", "dots")
 
 
 @struct.dataclass
@@ -43,6 +47,7 @@ class ModelBundle:
     compute_dtype: Any
     frozen: Any  # pytree of bools like params: True = never updated
     labels: Any  # optim.param_labels
+    remat: str = "none"  # REMAT_POLICIES
 
     def merge(self, params, batch_stats) -> nnx.Module:
         return nnx.merge(self.graphdef, params, batch_stats, self.other)
@@ -56,6 +61,13 @@ def compute_dtype(name: str, platform: str | None = None):
         platform = platform or jax.default_backend()
         return jnp.float32 if platform == "cpu" else jnp.bfloat16
     return jnp.dtype(name).type
+
+
+def remat_policy(name: str):
+    """config.train.remat -> a jax.checkpoint policy, or None for no rematerialisation."""
+    if name not in REMAT_POLICIES:
+        raise ConfigError(f"train.remat must be one of {REMAT_POLICIES}, got {name!r}")
+    return None if name == "none" else jax.checkpoint_policies.dots_saveable
 
 
 def resolve_input(config) -> tuple[int, str]:
@@ -116,6 +128,8 @@ def create_train_state(config, model: nnx.Module, *, steps_per_epoch: int, total
     """
     size, norm = resolve_input(config)
     dtype = compute_dtype(config.train.compute_dtype)
+    remat = config.train.get("remat", "none")
+    remat_policy(remat)  # a clear error for a bad name, before anything is traced
     graphdef, params, stats, other = split_model(model)
 
     def forward(p, s, x):
@@ -130,5 +144,6 @@ def create_train_state(config, model: nnx.Module, *, steps_per_epoch: int, total
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
                        opt_state=tx.init(params))
     bundle = ModelBundle(graphdef=graphdef, other=other, input_size=size, normalization=norm,
-                         compute_dtype=dtype, frozen=optim.frozen_mask(labels), labels=labels)
+                         compute_dtype=dtype, frozen=optim.frozen_mask(labels), labels=labels,
+                         remat=remat)
     return state, bundle, tx, schedule

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from facejax.data.augment import preprocess_eval, preprocess_train
 from facejax.sharding import data_sharded, replicated
 from facejax.train.losses import LossConfig, classification_loss
-from facejax.train.state import ModelBundle, TrainState
+from facejax.train.state import ModelBundle, TrainState, remat_policy
 
 
 def _reseed(model: nnx.Module, key: jax.Array) -> None:
@@ -58,6 +58,9 @@ def train_step(state: TrainState, batch: dict, key: jax.Array, *, bundle: ModelB
         stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
         return loss, (logits, stats)
 
+    policy = remat_policy(bundle.remat)
+    if policy is not None:
+        loss_fn = jax.checkpoint(loss_fn, policy=policy)
     (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     # Frozen parameters are passed through untouched (not p + 0, which would turn -0.0 into 0.0).
