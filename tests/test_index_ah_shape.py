@@ -159,3 +159,33 @@ def test_a_bad_dims_per_block_setting_is_a_config_error(dims):
 
     with pytest.raises(ConfigError, match="index.scann_dims_per_block must be 0"):
         check_scann_dims_per_block(dims)
+
+
+@pytest.mark.slow
+def test_the_trial_computes_the_exact_answers_once(monkeypatch):
+    """A tuned build with the AH-shape trial tunes twice on the same queries: the exact search
+    that gives their true neighbours runs once, and both tunes score against its answers."""
+    x, y = face_like(6000, seed=3)
+    calls, truths = [], []
+    real_search, real_tune = I.SearchIndex.search, I.tune_search_params
+
+    def spy_search(self, queries, k, **kw):
+        if kw.get("exact"):
+            calls.append(len(queries))
+        return real_search(self, queries, k, **kw)
+
+    def spy_tune(search_fn, truth, *a, **kw):
+        truths.append(truth)
+        return real_tune(search_fn, truth, *a, **kw)
+
+    monkeypatch.setattr(I.SearchIndex, "search", spy_search)
+    monkeypatch.setattr(I, "tune_search_params", spy_tune)
+    idx = I.SearchIndex.build(x, paths_for(len(x)), y, META, backend="scann",
+                              target_recall=0.95, seed=0)
+    assert len(idx.tuning["ah_shapes"]) == 2 and len(truths) == 2
+    assert len(calls) == 1, calls
+    assert truths[0] is truths[1]
+    # Without the cache a tune computes them again, and gets the same answers.
+    idx.tune(0.95, seed=0)
+    assert len(calls) == 2
+    np.testing.assert_array_equal(truths[2], truths[0])

@@ -344,12 +344,15 @@ class SearchIndex:
 
             milvus_index.build_for(index, milvus or {}, k=k, seed=seed)
         elif backend == "scann" and target_recall > 0 and n >= 2:
-            index.tune(target_recall, k=k, queries=tune_queries, seed=seed)
+            truth_cache: dict = {}  # the exact answers, shared by the AH-shape trial's tunes
+            index.tune(target_recall, k=k, queries=tune_queries, seed=seed,
+                       truth_cache=truth_cache)
             # The trial keeps the shape that timed faster, so k-means++ builds (chosen for
             # identical rebuilds) skip it and keep the default shape.
             if "dims_per_block" not in (scann_params or {}) and n >= _SCANN_MIN_TREE and \
                     _random_init(params):
-                index.tune_ah_shape(target_recall, k=k, queries=tune_queries, seed=seed)
+                index.tune_ah_shape(target_recall, k=k, queries=tune_queries, seed=seed,
+                                    truth_cache=truth_cache)
         elif target_recall > 0:
             # Exact search has recall 1 by construction: there is nothing to tune.
             log.info("target_recall=%s does not apply: the index uses exact search", target_recall)
@@ -404,13 +407,15 @@ class SearchIndex:
         return rows, scores
 
     def tune(self, target_recall: float, *, k: int = 10, queries: np.ndarray | None = None,
-             num_queries: int | None = None, seed: int = 0) -> dict:
+             num_queries: int | None = None, seed: int = 0,
+             truth_cache: dict | None = None) -> dict:
         """Picks the fastest (leaves_to_search, reorder) whose recall@k vs exact >= target.
 
         Without `queries`, a seeded sample of gallery items queries the rest of the gallery,
         each leaving itself out: real in-distribution points, and no free self-match that
         would flatter the recall. The sample is `num_queries` items, by default
-        `default_tune_queries(target_recall)`.
+        `default_tune_queries(target_recall)`. `truth_cache` (a dict) keeps the exact answers
+        for another tune of the same gallery with the same arguments (tune_ah_shape).
         """
         if self.backend != "scann":
             raise ConfigError("target_recall tuning applies to the scann backend only")
@@ -438,7 +443,11 @@ class SearchIndex:
             rows, scores = self.search(queries, k + extra, **kw)
             return rows if self_rows is None else drop_self(rows, scores, self_rows, k)[0]
 
-        truth = run(exact=True)
+        truth = None if truth_cache is None else truth_cache.get("truth")
+        if truth is None:
+            truth = run(exact=True)
+            if truth_cache is not None:
+                truth_cache["truth"] = truth
         result = tune_search_params(
             lambda leaves, reorder: run(leaves_to_search=leaves, reorder=reorder),
             truth, k, target_recall, self.scann_params["num_leaves"], self.size, len(queries))
@@ -451,7 +460,8 @@ class SearchIndex:
 
     def tune_ah_shape(self, target_recall: float, *, k: int = 10,
                       queries: np.ndarray | None = None, seed: int = 0,
-                      shapes: Sequence[int] = AH_SHAPES) -> dict:
+                      shapes: Sequence[int] = AH_SHAPES, truth_cache: dict | None = None
+                      ) -> dict:
         """Builds the index once per AH shape (dimensions per AH block) in `shapes`, tunes each
         to `target_recall` on the same queries and keeps the fastest that meets it.
 
@@ -464,8 +474,12 @@ class SearchIndex:
         if self.backend != "scann" or self.size < _SCANN_MIN_TREE:
             raise ConfigError("AH shape tuning applies to scann indexes of at least "
                               f"{_SCANN_MIN_TREE} items")
+        # Every shape is tuned on the same queries against the same exact answers, computed
+        # once (at 1M x 128 they took ~8 s of each tune). `truth_cache` may hold them already
+        # (from a `tune` with the same arguments on this gallery).
+        truth_cache = {} if truth_cache is None else truth_cache
         if self.tuning is None or self.tuning.get("target_recall") != target_recall:
-            self.tune(target_recall, k=k, queries=queries, seed=seed)
+            self.tune(target_recall, k=k, queries=queries, seed=seed, truth_cache=truth_cache)
         tried = {self.scann_params["dims_per_block"]: self._shape_state()}
         for dims in shapes:
             if dims in tried:
@@ -474,7 +488,7 @@ class SearchIndex:
             self.scann_params = dict(state["params"], dims_per_block=dims)
             self._scann = _build_scann(self.embeddings, self.ids, self.scann_params)
             self._sync_scann_rows()
-            self.tune(target_recall, k=k, queries=queries, seed=seed)
+            self.tune(target_recall, k=k, queries=queries, seed=seed, truth_cache=truth_cache)
             tried[dims] = self._shape_state()
             self._set_shape_state(state)  # back to the first build until all are measured
         best = tried[faster_ah_shape({d: st["tuning"] for d, st in tried.items()})]
