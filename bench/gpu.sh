@@ -3,7 +3,7 @@
 #   train   ResNet50 224 px bf16 training images/s at the largest batch that fits (512, 256, 128),
 #           input-pipeline headroom, and the PyTorch peer on the same card (~5 min)
 #   embed   embedding throughput: exported artifact vs in-process vs torchvision, f32 and bf16,
-#           batch 256 (~2 min)
+#           batch 256, then bf16 latency at batch 1 and 8 (~4 min)
 #   search  exact top-k on the device at 1M x 128 and 1M x 512, query-batch sweep (~2 min)
 #   remat   (not in the default set) the train section's batch again with train.remat=dots:
 #           conv outputs kept, BatchNorm/ReLU recomputed in the backward (~3 min)
@@ -45,6 +45,13 @@ if [[ " $SECTIONS " == *" embed "* ]]; then
     timeout 150 "$PY" bench/embed_throughput.py --models resnet50 efficientnet_lite0 dlib_resnet \
       --batch 256 --gallery 4096 --runs 5 --dtype $dt --json bench/out/embed_gpu_$dt.json \
       || echo "embed bench ($dt) failed (rc=$?)"
+  done
+  # Serving latency: the exported embedder in bf16 at batch 1 and 8 (ms per call = 1000 *
+  # batch / images/s), beside torch at the same batch.
+  for b in 1 8; do
+    timeout 90 "$PY" bench/embed_throughput.py --models resnet50 dlib_resnet --batch $b \
+      --gallery $((4 * b)) --runs 20 --dtype bfloat16 --json bench/out/embed_gpu_bfloat16_b$b.json \
+      || echo "embed bench (bf16, batch $b) failed (rc=$?)"
   done
   copy_out bench/out/embed_gpu_*.json
 fi
