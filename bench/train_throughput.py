@@ -55,13 +55,15 @@ def _config(model: str, size: int, batch: int, dtype: str = "float32", remat: st
         f"train.remat={remat}"])
 
 
-# --also: facejax variants timed in the same interleaved rounds -> (compute dtype, remat)
-VARIANTS = {"bf16": ("bfloat16", "none"), "remat_dots": ("float32", "dots"),
-            "bf16_remat_dots": ("bfloat16", "dots")}
+# --also: facejax variants timed in the same interleaved rounds -> (compute dtype, remat,
+# XLA's own conv weight gradient instead of models/conv.py's: the step before that module)
+VARIANTS = {"bf16": ("bfloat16", "none", False), "remat_dots": ("float32", "dots", False),
+            "bf16_remat_dots": ("bfloat16", "dots", False),
+            "xla_conv_grad": ("float32", "none", True)}
 
 
 def jax_stepper(model: str, size: int, batch: int, dtype: str = "float32",
-                devices: int | None = None, remat: str = "none"):
+                devices: int | None = None, remat: str = "none", xla_conv_grad: bool = False):
     """A function running one facejax train step on a fixed uint8 batch (blocks until done),
     its batch split over the first `devices` devices (default: all). `step.temp_bytes` is the
     compiled step's temporary memory (XLA's memory analysis; activations live there)."""
@@ -77,6 +79,12 @@ def jax_stepper(model: str, size: int, batch: int, dtype: str = "float32",
     config = _config(model, size, batch, dtype, remat)
     mesh = make_data_mesh(None if devices is None else jax.devices()[:devices])
     net = state_lib.build_model(config, CLASSES, dtype=state_lib.compute_dtype(dtype))
+    if xla_conv_grad:
+        from flax import nnx
+        from jax import lax
+        for _, node in nnx.iter_graph(net):
+            if isinstance(node, nnx.Conv):
+                node.conv_general_dilated = lax.conv_general_dilated
     state, bundle, tx, _ = state_lib.create_train_state(config, net, steps_per_epoch=100,
                                                         total_steps=100)
     fn = jit_train_step(mesh, bundle=bundle, tx=tx, loss_cfg=LossConfig.from_config(config),
@@ -203,8 +211,9 @@ def compare(models, sizes, batch: int, rounds: int, steps: int,
             for n in meshes or []:  # the same process, the batch split over n of its devices
                 peers[f"facejax_mesh{n}"] = jax_stepper(model, size, batch, devices=n)
             for v in also or []:
-                dtype, remat = VARIANTS[v]
-                peers[f"facejax_{v}"] = jax_stepper(model, size, batch, dtype=dtype, remat=remat)
+                dtype, remat, xla_grad = VARIANTS[v]
+                peers[f"facejax_{v}"] = jax_stepper(model, size, batch, dtype=dtype, remat=remat,
+                                                    xla_conv_grad=xla_grad)
             if model == "scratch_cnn":  # the same network: the same number of parameters
                 assert peers["facejax"].params == peers["torch"].params, (
                     peers["facejax"].params, peers["torch"].params)
