@@ -5,10 +5,10 @@
 Per layer shape (batch, size, C -> F, kernel, stride), milliseconds per call, median of 5
 interleaved rounds: the forward conv, its input gradient, XLA's weight gradient, and the
 weight gradient as K*K matmuls over strided slices of the padded input (what
-facejax/models/conv.py does for 1x1 stride-1 layers, where there is no slice). Alone, on
-arguments whose layout is fixed, the per-tap matmuls look 2-13x faster; inside a whole train
-step they were slower for k x k kernels (the slices are copies), which is why only the 1x1 case
-is used: judge by bench/train_throughput.py --also xla_conv_grad, not by this.
+facejax/models/conv.py does for 1x1 stride-1 layers, where there is no slice). 1x1 layers:
+the matmul is 4-6x XLA's; k x k layers: 0.75-1.4x, and slower inside a whole train step (the
+slices are copies), which is why only the 1x1 case is used. The step is what counts:
+bench/train_throughput.py --also xla_conv_grad.
 """
 
 import statistics
@@ -44,17 +44,19 @@ def bench(b, h, c, f, k, s, p, rounds=5):
 
     g = jnp.ones_like(conv(x, w))
 
-    def taps(g):
+    def taps(x, g):
         xp = jnp.pad(x, ((0, 0),) + pad + ((0, 0),))
         ho, wo = g.shape[1:3]
         return jnp.stack([jnp.stack([jnp.einsum("bhwc,bhwf->cf", lax.slice(
             xp, (0, i, j, 0), (b, i + s * (ho - 1) + 1, j + s * (wo - 1) + 1, c),
             (1, s, s, 1)), g) for j in range(k)]) for i in range(k)])
 
-    fns = {"fwd": jax.jit(lambda: conv(x, w)),
-           "dx": jax.jit(lambda: jax.linear_transpose(lambda x_: conv(x_, w), x)(g)[0]),
-           "dw_xla": jax.jit(lambda: jax.vjp(conv, x, w)[1](g)[1]),
-           "dw_taps": jax.jit(lambda: taps(g))}
+    # Arguments, not closed-over constants: XLA would fold a constant computation away.
+    jitted = {"fwd": jax.jit(lambda x, w, g: conv(x, w)),
+              "dx": jax.jit(lambda x, w, g: jax.linear_transpose(lambda x_: conv(x_, w), x)(g)[0]),
+              "dw_xla": jax.jit(lambda x, w, g: jax.vjp(conv, x, w)[1](g)[1]),
+              "dw_taps": jax.jit(lambda x, w, g: taps(x, g))}
+    fns = {name: (lambda f=f: f(x, w, g)) for name, f in jitted.items()}
     np.testing.assert_allclose(fns["dw_taps"](), fns["dw_xla"](), rtol=2e-3, atol=2e-2)
     for fn in fns.values():
         fn().block_until_ready()

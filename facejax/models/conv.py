@@ -5,15 +5,17 @@ computed as the plain matmul it is,
 
     dW[0, 0] = sum over (b, h, w) of x[b, h, w, :]^T g[b, h, w, :]
 
-made ResNet50's step 1.36x faster than XLA's own convolution-shaped gradient (BENCHMARKS.md,
-"conv weight gradients"). `conv_general_dilated` is a drop-in for `lax.conv_general_dilated`
+is 4-6x faster than XLA's own convolution-shaped gradient (`bench/conv_grad.py`), and made
+ResNet50's and DenseNet121's whole train steps 1.22-1.27x faster (BENCHMARKS.md, "Conv weight
+gradients"). `conv_general_dilated` is a drop-in for `lax.conv_general_dilated`
 that `use_fast_conv_grads` gives every `nnx.Conv` of a model; it changes only that gradient, on
 the CPU backend: the forward pass and the input gradient are XLA's own (the same values as
 before), the weight gradient equals XLA's up to float summation order
 (tests/test_conv_grad.py). Everything else takes XLA's path: k x k kernels, strides, padding,
 groups (depthwise), dilation, other layouts and backends. The same per-tap matmuls for k x k
-kernels were 2-3x faster alone but slower inside the step (each tap's strided slice of the
-input is a copy, which doubled the step's memory), so they are not used.
+kernels were 0.75-1.4x XLA's alone and slower inside the step (each tap's strided slice of the
+input is a copy: ResNet18's step 0.82-0.88x, twice the memory), and one matmul over
+`conv_general_dilated_patches` was worse (0.64x), so k x k kernels keep XLA's gradient.
 """
 
 from __future__ import annotations
