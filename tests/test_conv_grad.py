@@ -9,6 +9,8 @@ from flax import nnx
 from jax import lax
 
 from facejax.models import conv, create_model
+from facejax.train import optim
+from facejax.train import state as state_lib
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -84,6 +86,7 @@ def test_bf16_weight_gradient_keeps_the_kernel_dtype():
                                rtol=2e-2, atol=2e-1)
 
 
+@pytest.mark.slow  # a ResNet50 gradient twice (~20 s): the full suite, not --fast
 def test_every_model_conv_uses_it_and_model_gradients_match():
     """create_model gives each nnx.Conv the fast gradient; a ResNet50's parameter gradients
     (train mode, BatchNorm batch statistics) match the same model on XLA's own."""
@@ -98,10 +101,16 @@ def test_every_model_conv_uses_it_and_model_gradients_match():
     def loss(p):
         return jnp.sum(nnx.merge(graphdef, p, rest)(x, train=True) ** 2)
 
-    fast = jax.jit(jax.grad(loss))(params)
+    def layers():  # the order train.finetune=last_n counts layers in (it reads the jaxpr)
+        g, p, st, o = state_lib.split_model(model)
+        return optim.layer_order(lambda p, s, x: nnx.merge(g, p, s, o)(x, train=False), p, st,
+                                 jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+
+    fast, fast_layers = jax.jit(jax.grad(loss))(params), layers()
     for c in convs:
         c.conv_general_dilated = lax.conv_general_dilated
     graphdef, _, _ = nnx.split(model, nnx.Param, ...)
     ref = jax.jit(jax.grad(loss))(params)
+    assert fast_layers == layers() and len(fast_layers) == 107
     for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(ref)):
         np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5 * float(np.abs(b).max()))
