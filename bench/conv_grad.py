@@ -8,7 +8,8 @@ weight gradient as K*K matmuls over strided slices of the padded input (what
 facejax/models/conv.py does for 1x1 stride-1 layers, where there is no slice). 1x1 layers:
 the matmul is 4-6x XLA's; k x k layers: 0.75-1.4x, and slower inside a whole train step (the
 slices are copies), which is why only the 1x1 case is used. The step is what counts:
-bench/train_throughput.py --also xla_conv_grad.
+bench/train_throughput.py --also xla_conv. The second table: unpadded ('VALID') 3x3 layers as
+XLA runs them vs the padded convolution cropped to the same window (models/conv.py).
 """
 
 import statistics
@@ -72,9 +73,58 @@ def bench(b, h, c, f, k, s, p, rounds=5):
           flush=True)
 
 
+VALID_SHAPES = [  # (batch, size, C, F): unpadded 3x3 stride-1 layers
+    (32, 112, 32, 32),   # scratch CNN block 1 at 112 px
+    (32, 55, 64, 64),    # scratch CNN block 2 at 112 px
+    (32, 147, 32, 32),   # Inception v3 stem, Conv2d_2a_3x3
+    (32, 73, 80, 192),   # Inception v3 stem, Conv2d_4a_3x3
+]
+
+
+def bench_valid(b, h, c, f, rounds=5):
+    """An unpadded 3x3 conv as XLA runs it vs the padded one cropped (models/conv.py)."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((b, h, h, c)), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, c, f)) * 0.05, jnp.float32)
+    r = jnp.ones((b, h - 2, h - 2, f), jnp.float32)
+    dn = ("NHWC", "HWIO", "NHWC")
+
+    def valid(x, w):
+        return lax.conv_general_dilated(x, w, (1, 1), ((0, 0), (0, 0)), dimension_numbers=dn)
+
+    def cropped(x, w):
+        y = lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
+        return y[:, 1:-1, 1:-1, :]
+
+    fns = {}
+    for name, fn in (("valid", valid), ("cropped", cropped)):
+        fwd = jax.jit(fn)
+        both = jax.jit(lambda x, w, r, fn=fn: jax.grad(
+            lambda x, w: jnp.sum(fn(x, w) * r), argnums=(0, 1))(x, w))
+        fns[name] = lambda fwd=fwd: fwd(x, w)
+        fns[name + "_bwd"] = lambda both=both: both(x, w, r)
+    np.testing.assert_allclose(fns["cropped"](), fns["valid"](), rtol=1e-4, atol=1e-4)
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    t = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            t[name].append(time.perf_counter() - t0)
+    ms = {name: statistics.median(v) * 1e3 for name, v in t.items()}
+    print(f"| {b}x{h}x{h}x{c} -> {f} | {ms['valid']:.1f} | {ms['cropped']:.1f} | "
+          f"{ms['valid'] / ms['cropped']:.2f} | {ms['valid_bwd']:.1f} | {ms['cropped_bwd']:.1f} | "
+          f"{ms['valid_bwd'] / ms['cropped_bwd']:.2f} |", flush=True)
+
+
 if __name__ == "__main__":
     print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].platform}\n")
     print("| layer | fwd ms | dx ms | dW XLA ms | dW taps ms | XLA / taps |")
     print("|---|---:|---:|---:|---:|---:|")
     for shape in SHAPES:
         bench(*shape)
+    print("\n| unpadded 3x3 layer | fwd ms | padded + crop ms | ratio | fwd+bwd ms | "
+          "padded + crop ms | ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for shape in VALID_SHAPES:
+        bench_valid(*shape)

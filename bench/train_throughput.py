@@ -56,14 +56,14 @@ def _config(model: str, size: int, batch: int, dtype: str = "float32", remat: st
 
 
 # --also: facejax variants timed in the same interleaved rounds -> (compute dtype, remat,
-# XLA's own conv weight gradient instead of models/conv.py's: the step before that module)
+# XLA's own convolutions instead of models/conv.py's: the step before that module)
 VARIANTS = {"bf16": ("bfloat16", "none", False), "remat_dots": ("float32", "dots", False),
             "bf16_remat_dots": ("bfloat16", "dots", False),
-            "xla_conv_grad": ("float32", "none", True)}
+            "xla_conv": ("float32", "none", True)}
 
 
 def jax_stepper(model: str, size: int, batch: int, dtype: str = "float32",
-                devices: int | None = None, remat: str = "none", xla_conv_grad: bool = False):
+                devices: int | None = None, remat: str = "none", xla_conv: bool = False):
     """A function running one facejax train step on a fixed uint8 batch (blocks until done),
     its batch split over the first `devices` devices (default: all). `step.temp_bytes` is the
     compiled step's temporary memory (XLA's memory analysis; activations live there)."""
@@ -79,7 +79,7 @@ def jax_stepper(model: str, size: int, batch: int, dtype: str = "float32",
     config = _config(model, size, batch, dtype, remat)
     mesh = make_data_mesh(None if devices is None else jax.devices()[:devices])
     net = state_lib.build_model(config, CLASSES, dtype=state_lib.compute_dtype(dtype))
-    if xla_conv_grad:
+    if xla_conv:
         from flax import nnx
         from jax import lax
         for _, node in nnx.iter_graph(net):
@@ -213,7 +213,7 @@ def compare(models, sizes, batch: int, rounds: int, steps: int,
             for v in also or []:
                 dtype, remat, xla_grad = VARIANTS[v]
                 peers[f"facejax_{v}"] = jax_stepper(model, size, batch, dtype=dtype, remat=remat,
-                                                    xla_conv_grad=xla_grad)
+                                                    xla_conv=xla_grad)
             if model == "scratch_cnn":  # the same network: the same number of parameters
                 assert peers["facejax"].params == peers["torch"].params, (
                     peers["facejax"].params, peers["torch"].params)

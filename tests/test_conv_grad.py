@@ -46,7 +46,8 @@ def test_1x1_gradients_equal_xla_and_the_forward_is_untouched(padding):
 
 
 @pytest.mark.parametrize("k,stride,padding", [(3, 1, ((1, 1), (1, 1))), (1, 2, "VALID"),
-                                              (1, 1, ((1, 1), (1, 1))), (7, 2, "SAME")])
+                                              (1, 1, ((1, 1), (1, 1))), (7, 2, "SAME"),
+                                              (3, 2, "VALID"), (2, 1, "VALID")])
 def test_other_kernels_strides_and_paddings_take_xla_s_path(k, stride, padding):
     x, w = _xw(2, 9, 5, 6, k)
     dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
@@ -114,3 +115,22 @@ def test_every_model_conv_uses_it_and_model_gradients_match():
     assert fast_layers == layers() and len(fast_layers) == 107
     for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(ref)):
         np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5 * float(np.abs(b).max()))
+
+
+@pytest.mark.parametrize("k,padding", [(3, "VALID"), (3, ((0, 0), (0, 0))), (5, "VALID")])
+def test_unpadded_kxk_runs_padded_and_cropped_with_the_same_values_and_gradients(k, padding):
+    x, w = _xw(3, 11, 4, 6, k)
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
+    ref = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), padding,  # noqa: E731
+                                                dimension_numbers=dn)
+    new = lambda x, w: conv.conv_general_dilated(x, w, (1, 1), padding,  # noqa: E731
+                                                 dimension_numbers=dn)
+    y_ref, y_new = jax.jit(ref)(x, w), jax.jit(new)(x, w)
+    assert y_new.shape == y_ref.shape
+    np.testing.assert_allclose(y_new, y_ref, rtol=1e-5, atol=1e-5)
+    r = jnp.asarray(np.random.default_rng(1).standard_normal(y_ref.shape), jnp.float32)
+    (dx_ref, dw_ref), (dx_new, dw_new) = _grads(ref, x, w, r), _grads(new, x, w, r)
+    np.testing.assert_allclose(dx_new, dx_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw_new, dw_ref, rtol=1e-5, atol=1e-4)
+    half = k // 2
+    assert f"padding=(({half}, {half}), ({half}, {half}))" in str(jax.make_jaxpr(new)(x, w))

@@ -12,7 +12,14 @@ that `use_fast_conv_grads` gives every `nnx.Conv` of a model; it changes only th
 the CPU backend: the forward pass and the input gradient are XLA's own (the same values as
 before), the weight gradient equals XLA's up to float summation order
 (tests/test_conv_grad.py). Everything else takes XLA's path: k x k kernels, strides, padding,
-groups (depthwise), dilation, other layouts and backends. The same per-tap matmuls for k x k
+groups (depthwise), dilation, other layouts and backends.
+
+Unpadded ('VALID') stride-1 k x k convolutions (the scratch CNN's second conv of each block,
+Inception's stem) run as the padded convolution cropped to the same window: XLA:CPU's padded
+kernels were 2.4-3.0x faster forward and 1.3-1.7x forward + backward than its unpadded ones
+(`bench/conv_grad.py`), for the same sums; the scratch CNN's train step 1.24-1.39x.
+
+The same per-tap matmuls for k x k
 kernels were 0.75-1.4x XLA's alone and slower inside the step (each tap's strided slice of the
 input is a copy: ResNet18's step 0.82-0.88x, twice the memory), and one matmul over
 `conv_general_dilated_patches` was worse (0.64x), so k x k kernels keep XLA's gradient.
@@ -57,6 +64,15 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
             and dimension_numbers is not None and _no_padding(padding)
             and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
             == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DN))
+    if not fast and _valid_kxk(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                               dimension_numbers, feature_group_count, batch_group_count,
+                               preferred_element_type, kw):
+        # A padded ('SAME') convolution cropped to the unpadded one's window: the same sums,
+        # on XLA:CPU 2.4-3.0x faster forward and 1.3-1.7x forward + backward.
+        ph, pw = rhs.shape[0] // 2, rhs.shape[1] // 2
+        y = lax.conv_general_dilated(lhs, rhs, (1, 1), ((ph, ph), (pw, pw)),
+                                     dimension_numbers=_DN, precision=precision)
+        return y[:, ph:y.shape[1] - ph, pw:y.shape[2] - pw, :]
     if not fast:
         return lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
@@ -64,6 +80,31 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
             feature_group_count=feature_group_count, batch_group_count=batch_group_count,
             precision=precision, preferred_element_type=preferred_element_type, **kw)
     return _conv1x1(lhs, rhs, precision)
+
+
+def _valid_kxk(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+               dimension_numbers, feature_group_count, batch_group_count,
+               preferred_element_type, kw) -> bool:
+    """An unpadded, stride-1, odd k x k (k > 1) dense NHWC convolution on the CPU backend."""
+    if not (jax.default_backend() == "cpu" and getattr(lhs, "ndim", 0) == 4
+            and getattr(rhs, "ndim", 0) == 4 and rhs.shape[0] % 2 == 1
+            and rhs.shape[1] % 2 == 1 and max(rhs.shape[:2]) > 1
+            and _ones(window_strides) and _ones(lhs_dilation) and _ones(rhs_dilation)
+            and feature_group_count == 1 and batch_group_count == 1
+            and preferred_element_type is None and kw.get("out_sharding") is None
+            and dimension_numbers is not None):
+        return False
+    if isinstance(padding, str):
+        if padding.upper() != "VALID":
+            return False
+    else:
+        try:
+            if any(int(lo) or int(hi) for lo, hi in padding):
+                return False
+        except (TypeError, ValueError):
+            return False
+    return (lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+            == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DN))
 
 
 def _plain_conv1x1(x, w, precision):
