@@ -1,4 +1,4 @@
-"""`nnx.Conv`'s convolution with a matmul weight gradient for 1x1 convolutions on XLA:CPU.
+"""`nnx.Conv`'s convolution, rewritten where XLA:CPU's own kernels are slow.
 
 In a train step on XLA:CPU (jax 0.10.2), the weight gradient of a 1x1, stride-1 convolution
 computed as the plain matmul it is,
@@ -17,12 +17,12 @@ groups (depthwise), dilation, other layouts and backends.
 Unpadded ('VALID') stride-1 k x k convolutions (the scratch CNN's second conv of each block,
 Inception's stem) run as the padded convolution cropped to the same window: XLA:CPU's padded
 kernels were 2.4-3.0x faster forward and 1.3-1.7x forward + backward than its unpadded ones
-(`bench/conv_grad.py`), for the same sums; the scratch CNN's train step 1.24-1.39x.
+(`bench/conv_grad.py`), for the same sums; the scratch CNN's train step 1.24-1.38x.
 
-The same per-tap matmuls for k x k
-kernels were 0.75-1.4x XLA's alone and slower inside the step (each tap's strided slice of the
-input is a copy: ResNet18's step 0.82-0.88x, twice the memory), and one matmul over
-`conv_general_dilated_patches` was worse (0.64x), so k x k kernels keep XLA's gradient.
+The same per-tap matmuls for k x k kernels were 0.75-1.4x XLA's alone and slower inside the
+step (each tap's strided slice of the input is a copy: ResNet18's step 0.82-0.88x, twice the
+memory), and one matmul over `conv_general_dilated_patches` was worse (0.64x), so k x k
+kernels keep XLA's gradient.
 """
 
 from __future__ import annotations
@@ -41,70 +41,58 @@ def _ones(v) -> bool:
     return v is None or all(int(d) == 1 for d in v)
 
 
-def _no_padding(padding) -> bool:
+def _pads(padding, kernel_hw) -> tuple | None:
+    """Explicit ((lo, hi), (lo, hi)) for an explicit or 'VALID' padding (stride 1), else None."""
     if isinstance(padding, str):
-        return padding.upper() in ("VALID", "SAME")  # the same thing for a 1x1 stride-1 kernel
+        if padding.upper() == "VALID" or (padding.upper() == "SAME" and kernel_hw == (1, 1)):
+            return ((0, 0), (0, 0))
+        return None
     try:
-        return all(int(lo) == 0 and int(hi) == 0 for lo, hi in padding)
+        return tuple((int(lo), int(hi)) for lo, hi in padding)
     except (TypeError, ValueError):
-        return False
+        return None
+
+
+def _dense_nhwc_stride1_on_cpu(lhs, rhs, window_strides, lhs_dilation, rhs_dilation,
+                               dimension_numbers, feature_group_count, batch_group_count,
+                               preferred_element_type, kw) -> bool:
+    """A plain 2-D NHWC/HWIO stride-1 convolution (no dilation, groups or output dtype or
+    sharding of its own), traced for the CPU backend: what this module may rewrite."""
+    return (jax.default_backend() == "cpu" and getattr(lhs, "ndim", 0) == 4
+            and getattr(rhs, "ndim", 0) == 4 and _ones(window_strides)
+            and _ones(lhs_dilation) and _ones(rhs_dilation)
+            and feature_group_count == 1 and batch_group_count == 1
+            and preferred_element_type is None and kw.get("out_sharding") is None
+            and dimension_numbers is not None
+            and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+            == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DN))
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          batch_group_count=1, precision=None, preferred_element_type=None,
                          **kw):
-    """`lax.conv_general_dilated`, with a matmul weight gradient for a 1x1, stride-1, unpadded
-    NHWC/HWIO convolution on the CPU backend."""
-    fast = (jax.default_backend() == "cpu" and getattr(lhs, "ndim", 0) == 4
-            and getattr(rhs, "ndim", 0) == 4 and tuple(rhs.shape[:2]) == (1, 1)
-            and _ones(window_strides) and _ones(lhs_dilation) and _ones(rhs_dilation)
-            and feature_group_count == 1 and batch_group_count == 1
-            and preferred_element_type is None and kw.get("out_sharding") is None
-            and dimension_numbers is not None and _no_padding(padding)
-            and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-            == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DN))
-    if not fast and _valid_kxk(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                               dimension_numbers, feature_group_count, batch_group_count,
-                               preferred_element_type, kw):
+    """`lax.conv_general_dilated`; on the CPU backend a 1x1 stride-1 unpadded convolution gets
+    a matmul weight gradient, and an unpadded stride-1 odd k x k one runs padded and cropped."""
+    plain = _dense_nhwc_stride1_on_cpu(lhs, rhs, window_strides, lhs_dilation, rhs_dilation,
+                                       dimension_numbers, feature_group_count,
+                                       batch_group_count, preferred_element_type, kw)
+    kernel_hw = tuple(rhs.shape[:2]) if plain else None
+    pads = _pads(padding, kernel_hw) if plain else None
+    if pads == ((0, 0), (0, 0)) and kernel_hw == (1, 1):
+        return _conv1x1(lhs, rhs, precision)
+    if pads == ((0, 0), (0, 0)) and kernel_hw[0] % 2 == 1 and kernel_hw[1] % 2 == 1:
         # A padded ('SAME') convolution cropped to the unpadded one's window: the same sums,
         # on XLA:CPU 2.4-3.0x faster forward and 1.3-1.7x forward + backward.
-        ph, pw = rhs.shape[0] // 2, rhs.shape[1] // 2
+        ph, pw = kernel_hw[0] // 2, kernel_hw[1] // 2
         y = lax.conv_general_dilated(lhs, rhs, (1, 1), ((ph, ph), (pw, pw)),
                                      dimension_numbers=_DN, precision=precision)
         return y[:, ph:y.shape[1] - ph, pw:y.shape[2] - pw, :]
-    if not fast:
-        return lax.conv_general_dilated(
-            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-            feature_group_count=feature_group_count, batch_group_count=batch_group_count,
-            precision=precision, preferred_element_type=preferred_element_type, **kw)
-    return _conv1x1(lhs, rhs, precision)
-
-
-def _valid_kxk(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-               dimension_numbers, feature_group_count, batch_group_count,
-               preferred_element_type, kw) -> bool:
-    """An unpadded, stride-1, odd k x k (k > 1) dense NHWC convolution on the CPU backend."""
-    if not (jax.default_backend() == "cpu" and getattr(lhs, "ndim", 0) == 4
-            and getattr(rhs, "ndim", 0) == 4 and rhs.shape[0] % 2 == 1
-            and rhs.shape[1] % 2 == 1 and max(rhs.shape[:2]) > 1
-            and _ones(window_strides) and _ones(lhs_dilation) and _ones(rhs_dilation)
-            and feature_group_count == 1 and batch_group_count == 1
-            and preferred_element_type is None and kw.get("out_sharding") is None
-            and dimension_numbers is not None):
-        return False
-    if isinstance(padding, str):
-        if padding.upper() != "VALID":
-            return False
-    else:
-        try:
-            if any(int(lo) or int(hi) for lo, hi in padding):
-                return False
-        except (TypeError, ValueError):
-            return False
-    return (lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-            == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DN))
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+        precision=precision, preferred_element_type=preferred_element_type, **kw)
 
 
 def _plain_conv1x1(x, w, precision):
