@@ -128,9 +128,14 @@ def test_embeddings_are_unchanged_by_the_preset(tmp_path):
         a = emb.embed_array(x, batch_size=4, progress=False)
         b = np.concatenate([emb(x[:1]), emb(x[1:8]), emb(x[8:])])
         if emb.num_devices > 1:  # the one-device path for a single query vs the split one
+            one, calls = emb._fn_one, []
+            emb._fn_one = lambda *a: calls.append(len(a[1])) or one(*a)
+            single = emb(x[:1])
+            emb(x[1:3])  # two images split over the devices
+            assert calls == [1], calls
             emb.small_batch = 0
-            np.testing.assert_allclose(emb(x[:1]), b[:1], atol=1e-5)
-            emb.small_batch = 1
+            np.testing.assert_allclose(emb(x[:1]), single, atol=1e-5)
+            assert calls == [1], calls
         np.save({str(tmp_path)!r} + "/" + str(len(jax.devices())) + ".npy", np.stack([a, b]))
     """
     for env in ({}, {"FACEJAX_CPU_PRESET": "0"}):

@@ -7,17 +7,20 @@ computed as the plain matmul it is,
 
 is 4-6x faster than XLA's own convolution-shaped gradient (`bench/conv_grad.py`), and made
 ResNet50's and DenseNet121's whole train steps 1.22-1.27x faster (BENCHMARKS.md, "Conv weight
-gradients"). `conv_general_dilated` is a drop-in for `lax.conv_general_dilated`
-that `use_fast_conv_grads` gives every `nnx.Conv` of a model; it changes only that gradient, on
-the CPU backend: the forward pass and the input gradient are XLA's own (the same values as
-before), the weight gradient equals XLA's up to float summation order
-(tests/test_conv_grad.py). Everything else takes XLA's path: k x k kernels, strides, padding,
-groups (depthwise), dilation, other layouts and backends.
+gradients and unpadded convs on XLA:CPU"). `conv_general_dilated` is a drop-in for
+`lax.conv_general_dilated` that `use_cpu_conv_rewrites` gives every `nnx.Conv` of a model. For
+those layers it changes only that gradient: the forward pass and the input gradient are XLA's
+own (the same values as before), the weight gradient equals XLA's up to float summation order
+(tests/test_conv_grad.py).
 
 Unpadded ('VALID') stride-1 k x k convolutions (the scratch CNN's second conv of each block,
 Inception's stem) run as the padded convolution cropped to the same window: XLA:CPU's padded
 kernels were 2.4-3.0x faster forward and 1.3-1.7x forward + backward than its unpadded ones
-(`bench/conv_grad.py`), for the same sums; the scratch CNN's train step 1.24-1.38x.
+(`bench/conv_grad.py`), for the same sums (values within 1e-5); the scratch CNN's train step
+1.24-1.38x.
+
+Everything else takes XLA's path: padded or even k x k kernels, strides, groups (depthwise),
+dilation, other layouts, and every backend but the CPU.
 
 The same per-tap matmuls for k x k kernels were 0.75-1.4x XLA's alone and slower inside the
 step (each tap's strided slice of the input is a copy: ResNet18's step 0.82-0.88x, twice the
@@ -120,9 +123,10 @@ def _conv1x1_bwd(precision, res, g):
 _conv1x1.defvjp(_conv1x1_fwd, _conv1x1_bwd)
 
 
-def use_fast_conv_grads(model: nnx.Module) -> nnx.Module:
+def use_cpu_conv_rewrites(model: nnx.Module) -> nnx.Module:
     """Gives every `nnx.Conv` in `model` this module's `conv_general_dilated` (in place);
-    returns `model`. Parameters, their tree and the forward values are unchanged."""
+    returns `model`. Parameters and their tree are unchanged; forward values too, up to float
+    order for the unpadded k x k layers."""
     for _, node in nnx.iter_graph(model):
         if isinstance(node, nnx.Conv) and node.conv_general_dilated is lax.conv_general_dilated:
             node.conv_general_dilated = conv_general_dilated

@@ -141,7 +141,7 @@ class Embedder:
 
     # Calls of at most this many images run on one device even when the process has several
     # (the CPU preset's host devices): split over two, a single query is padded to two images
-    # and took longer than on one device (BENCHMARKS.md "small batches").
+    # and took longer than on one device (BENCHMARKS.md, "Batch sizes, a single query, ...").
     small_batch = 1
 
     def __init__(self, exported: jax.export.Exported, leaves: list[np.ndarray], meta: dict):
@@ -161,7 +161,7 @@ class Embedder:
             self._put = lambda batch: jax.device_put(batch, shard)
             self._fn = jax.jit(exported.call, in_shardings=(rep, shard), out_shardings=shard)
             # Small calls (a single query) run whole on the first device, on its copy of the
-            # replicated parameters: split over the devices they are slower (SMALL_BATCH).
+            # replicated parameters: split over the devices they are slower (`small_batch`).
             self._leaves_one = [leaf.addressable_data(0) for leaf in self._leaves]
             self._fn_one = jax.jit(exported.call)
         else:
