@@ -121,26 +121,27 @@ def test_the_shape_choice_follows_the_measured_speed(monkeypatch):
 
 
 def test_default_leaves_are_spherical_and_find_more_neighbours_per_leaf():
-    """Spherical k-means leaves are the default: on a face-like gallery one leaf holds more
+    """Spherical k-means leaves are the default: on face-like galleries one leaf holds more
     of a query's true top-10 than generic (L2) k-means leaves, checked against exact search."""
-    x, y = face_like(6000, faces=300)
-    q, _ = face_like(300, faces=300, seed=3)
-    assert I.default_scann_params(len(x))["spherical"] is True
+    assert I.default_scann_params(6000)["spherical"] is True
 
-    def one_leaf_recall(params):
+    def one_leaf_recall(seed, params):
+        x, y = face_like(6000, faces=300, seed=seed)
+        q, _ = face_like(300, faces=300, seed=seed + 100)
         idx = I.SearchIndex.build(x, paths_for(len(x)), y, META, backend="scann",
                                   target_recall=0, scann_params=params)
         truth = idx.search(q, 10, exact=True)[0]
         return idx, ann_recall_at_k(idx.search(q, 10, leaves_to_search=1, reorder=100)[0],
                                     truth, 10)
 
-    default, _ = one_leaf_recall({})
+    default, _ = one_leaf_recall(0, {})
     assert "partitioning_type: SPHERICAL" in default._scann.config()
     assert default.scann_params["spherical"] is True
-    # ScaNN's leaf seeding is random: the median of 3 builds each (here ~0.83 vs ~0.71; one
-    # build of a full-suite run once fell below).
-    sph = np.median([one_leaf_recall({})[1] for _ in range(3)])
-    generic = np.median([one_leaf_recall(dict(spherical=False))[1] for _ in range(3)])
+    # ScaNN's random leaf seeding makes one build's one-leaf recall vary by +-0.05 (0.68-0.85
+    # for generic leaves), and a median of 3 builds of one gallery once came out the wrong way
+    # round in CI. The mean over 10 galleries: here 0.83 vs 0.77 (BUILD_NOTES.md).
+    sph = np.mean([one_leaf_recall(s, {})[1] for s in range(10, 20)])
+    generic = np.mean([one_leaf_recall(s, dict(spherical=False))[1] for s in range(10, 20)])
     assert sph > generic, (sph, generic)
 
 
