@@ -63,6 +63,13 @@ VARIANTS = {
     "dims2_spherical": (dict(spherical=True), {}, dict(dims_per_block=2)),
     "leaves0.5x_dims2": ({}, {}, dict(leaves_mult=0.5, dims_per_block=2)),
     "leaves4x_train": (dict(training_sample_size=250_000), {}, dict(leaves_mult=4)),
+    # Spherical leaves + 2 dims per block (the defaults' shape at 1M LFW) with int8 centroid
+    # search (quantize_centroids) or another leaf count.
+    "dims2_sph_qc": (dict(spherical=True, quantize_centroids=True), {}, dict(dims_per_block=2)),
+    "dims2_sph_l0.5x": (dict(spherical=True), {}, dict(dims_per_block=2, leaves_mult=0.5)),
+    "dims2_sph_l2x": (dict(spherical=True), {}, dict(dims_per_block=2, leaves_mult=2)),
+    "dims2_sph_qc_l2x": (dict(spherical=True, quantize_centroids=True), {},
+                         dict(dims_per_block=2, leaves_mult=2)),
 }
 LEAVES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 30, 40)
 REORDERS = (20, 30, 40, 60, 100, 150, 200, 300)  # stops where recall stops rising
