@@ -70,6 +70,16 @@ VARIANTS = {
     "dims2_sph_l2x": (dict(spherical=True), {}, dict(dims_per_block=2, leaves_mult=2)),
     "dims2_sph_qc_l2x": (dict(spherical=True, quantize_centroids=True), {},
                          dict(dims_per_block=2, leaves_mult=2)),
+    # ... and the AH anisotropic threshold (default 0.2) or SOAR on that shape.
+    "dims2_sph_aq0.1": (dict(spherical=True), dict(anisotropic_quantization_threshold=0.1),
+                        dict(dims_per_block=2)),
+    "dims2_sph_aq0.4": (dict(spherical=True), dict(anisotropic_quantization_threshold=0.4),
+                        dict(dims_per_block=2)),
+    "dims2_sph_aq_off": (dict(spherical=True),
+                         dict(anisotropic_quantization_threshold=float("nan")),
+                         dict(dims_per_block=2)),
+    "dims2_sph_soar": (dict(spherical=True, soar_lambda=1.0, overretrieve_factor=2.0), {},
+                       dict(dims_per_block=2)),
 }
 LEAVES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 30, 40)
 REORDERS = (20, 30, 40, 60, 100, 150, 200, 300)  # stops where recall stops rising
