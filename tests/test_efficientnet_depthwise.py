@@ -31,12 +31,19 @@ def _grouped_convs(jaxpr) -> int:
                                           pytest.param("shifted", 0, marks=pytest.mark.slow),
                                           pytest.param("grouped", 16, marks=pytest.mark.slow)])
 def test_efficientnet_lite_on_cpu_runs_no_grouped_conv(impl, grouped):
+    """Counted in the program compiled for the CPU: 'auto' traces both forms
+    (`lax.platform_dependent`) and the CPU's is kept when lowered."""
     assert jax.default_backend() == "cpu"
     model = nnx.eval_shape(lambda: EfficientNetLite(rngs=nnx.Rngs(0), depthwise=impl))
     graphdef, state = nnx.split(model)
     x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
-    jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
-    assert _grouped_convs(jaxpr.jaxpr) == grouped  # Lite0 has 16 MBConv blocks
+    f = lambda s, x: nnx.merge(graphdef, s)(x)  # noqa: E731
+    jaxpr = jax.make_jaxpr(f)(state, x)
+    compiled = jax.jit(f).lower(state, x).compile().as_text()
+    convs = [line for line in compiled.splitlines() if " convolution(" in line]
+    assert sum("feature_group_count" in c for c in convs) == grouped  # Lite0: 16 MBConv blocks
+    # 'auto' carries the grouped form for accelerators; the fixed choices carry one form.
+    assert _grouped_convs(jaxpr.jaxpr) == {"auto": 16, "shifted": 0, "grouped": 16}[impl]
 
 
 @pytest.mark.slow

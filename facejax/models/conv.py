@@ -20,7 +20,8 @@ kernels were 2.4-3.0x faster forward and 1.3-1.7x forward + backward than its un
 1.24-1.38x.
 
 Everything else takes XLA's path: padded or even k x k kernels, strides, groups (depthwise),
-dilation, other layouts, and every backend but the CPU.
+dilation, other layouts, and every platform but the CPU. The platform is picked when lowered
+(`lax.platform_dependent`), so a multi-platform export (retrieval/embed.py) carries both forms.
 
 The same per-tap matmuls for k x k kernels were 0.75-1.4x XLA's alone and slower inside the
 step (each tap's strided slice of the input is a copy: ResNet18's step 0.82-0.88x, twice the
@@ -56,12 +57,12 @@ def _pads(padding, kernel_hw) -> tuple | None:
         return None
 
 
-def _dense_nhwc_stride1_on_cpu(lhs, rhs, window_strides, lhs_dilation, rhs_dilation,
+def _dense_nhwc_stride1(lhs, rhs, window_strides, lhs_dilation, rhs_dilation,
                                dimension_numbers, feature_group_count, batch_group_count,
                                preferred_element_type, kw) -> bool:
     """A plain 2-D NHWC/HWIO stride-1 convolution (no dilation, groups or output dtype or
-    sharding of its own), traced for the CPU backend: what this module may rewrite."""
-    return (jax.default_backend() == "cpu" and getattr(lhs, "ndim", 0) == 4
+    sharding of its own): what this module may rewrite on the CPU."""
+    return (getattr(lhs, "ndim", 0) == 4
             and getattr(rhs, "ndim", 0) == 4 and _ones(window_strides)
             and _ones(lhs_dilation) and _ones(rhs_dilation)
             and feature_group_count == 1 and batch_group_count == 1
@@ -75,27 +76,40 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          batch_group_count=1, precision=None, preferred_element_type=None,
                          **kw):
-    """`lax.conv_general_dilated`; on the CPU backend a 1x1 stride-1 unpadded convolution gets
-    a matmul weight gradient, and an unpadded stride-1 odd k x k one runs padded and cropped."""
-    plain = _dense_nhwc_stride1_on_cpu(lhs, rhs, window_strides, lhs_dilation, rhs_dilation,
-                                       dimension_numbers, feature_group_count,
-                                       batch_group_count, preferred_element_type, kw)
+    """`lax.conv_general_dilated`; on the CPU a 1x1 stride-1 unpadded convolution gets a
+    matmul weight gradient, and an unpadded stride-1 odd k x k one runs padded and cropped.
+
+    The platform is chosen when the function is lowered (`lax.platform_dependent`), not by
+    the backend that traced it: an embedder exported on a GPU box for cpu, cuda and tpu takes
+    the CPU forms on a laptop, and one exported on a laptop runs XLA's own on a GPU."""
+    def xla(lhs, rhs):
+        return lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+            precision=precision, preferred_element_type=preferred_element_type, **kw)
+
+    plain = _dense_nhwc_stride1(lhs, rhs, window_strides, lhs_dilation, rhs_dilation,
+                                dimension_numbers, feature_group_count, batch_group_count,
+                                preferred_element_type, kw)
     kernel_hw = tuple(rhs.shape[:2]) if plain else None
     pads = _pads(padding, kernel_hw) if plain else None
-    if pads == ((0, 0), (0, 0)) and kernel_hw == (1, 1):
-        return _conv1x1(lhs, rhs, precision)
-    if pads == ((0, 0), (0, 0)) and kernel_hw[0] % 2 == 1 and kernel_hw[1] % 2 == 1:
-        # A padded ('SAME') convolution cropped to the unpadded one's window: the same sums,
-        # on XLA:CPU 2.4-3.0x faster forward and 1.3-1.7x forward + backward.
-        ph, pw = kernel_hw[0] // 2, kernel_hw[1] // 2
-        y = lax.conv_general_dilated(lhs, rhs, (1, 1), ((ph, ph), (pw, pw)),
-                                     dimension_numbers=_DN, precision=precision)
-        return y[:, ph:y.shape[1] - ph, pw:y.shape[2] - pw, :]
-    return lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-        feature_group_count=feature_group_count, batch_group_count=batch_group_count,
-        precision=precision, preferred_element_type=preferred_element_type, **kw)
+    if pads != ((0, 0), (0, 0)):
+        return xla(lhs, rhs)
+    if kernel_hw == (1, 1):
+        def cpu(lhs, rhs):
+            return _conv1x1(lhs, rhs, precision)
+    elif kernel_hw[0] % 2 == 1 and kernel_hw[1] % 2 == 1:
+        def cpu(lhs, rhs):
+            # A padded ('SAME') convolution cropped to the unpadded one's window: the same
+            # sums, on XLA:CPU 2.4-3.0x faster forward and 1.3-1.7x forward + backward.
+            ph, pw = kernel_hw[0] // 2, kernel_hw[1] // 2
+            y = lax.conv_general_dilated(lhs, rhs, (1, 1), ((ph, ph), (pw, pw)),
+                                         dimension_numbers=_DN, precision=precision)
+            return y[:, ph:y.shape[1] - ph, pw:y.shape[2] - pw, :]
+    else:
+        return xla(lhs, rhs)
+    return lax.platform_dependent(lhs, rhs, cpu=cpu, default=xla)
 
 
 def _plain_conv1x1(x, w, precision):

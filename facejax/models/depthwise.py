@@ -2,7 +2,8 @@
 
 XLA:CPU runs `feature_group_count=C` convolutions 10-30x slower than the same conv written as
 k*k strided multiply-adds (bench/depthwise.py), so `impl='auto'` picks the shifted form on CPU
-and the grouped conv on accelerators. Both give the same numbers (tests/test_zoo_models.py) and
+and the grouped conv on accelerators, per platform when lowered (`lax.platform_dependent`), so a
+multi-platform export carries both. Both give the same numbers (tests/test_zoo_models.py) and
 the parameter is nnx.Conv's (`kernel`, (k, k, 1, C)), so converters and checkpoints see one tree.
 """
 
@@ -72,11 +73,16 @@ class DepthwiseConv(nnx.Module):
                     same_pads(x.shape[2], self.k, self.stride))
         else:
             pads = ((self.k // 2, self.k // 2),) * 2
-        impl = self.impl
-        if impl == "auto":
-            impl = "shifted" if jax.default_backend() == "cpu" else "grouped"
-        if impl == "shifted":
+        def shifted(x, w):
             return depthwise_shifted(x, w, self.stride, pads)
-        return jax.lax.conv_general_dilated(x, w, (self.stride, self.stride), pads,
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                            feature_group_count=x.shape[-1])
+
+        def grouped(x, w):
+            return jax.lax.conv_general_dilated(x, w, (self.stride, self.stride), pads,
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                                feature_group_count=x.shape[-1])
+
+        if self.impl == "auto":
+            # Chosen per platform when lowered, not by the backend that traced it: an embedder
+            # exported on a GPU box (for cpu, cuda and tpu) runs the shifted form on a laptop.
+            return jax.lax.platform_dependent(x, w, cpu=shifted, default=grouped)
+        return shifted(x, w) if self.impl == "shifted" else grouped(x, w)
