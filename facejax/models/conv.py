@@ -58,8 +58,8 @@ def _pads(padding, kernel_hw) -> tuple | None:
 
 
 def _dense_nhwc_stride1(lhs, rhs, window_strides, lhs_dilation, rhs_dilation,
-                               dimension_numbers, feature_group_count, batch_group_count,
-                               preferred_element_type, kw) -> bool:
+                        dimension_numbers, feature_group_count, batch_group_count,
+                        preferred_element_type, kw) -> bool:
     """A plain 2-D NHWC/HWIO stride-1 convolution (no dilation, groups or output dtype or
     sharding of its own): what this module may rewrite on the CPU."""
     return (getattr(lhs, "ndim", 0) == 4

@@ -73,6 +73,7 @@ class DepthwiseConv(nnx.Module):
                     same_pads(x.shape[2], self.k, self.stride))
         else:
             pads = ((self.k // 2, self.k // 2),) * 2
+
         def shifted(x, w):
             return depthwise_shifted(x, w, self.stride, pads)
 
