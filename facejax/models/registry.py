@@ -149,9 +149,9 @@ def create_model(name: str, *, num_classes: int, rngs: nnx.Rngs, embed_dim: int 
     except TypeError as e:
         raise ConfigError(f"model {name!r}: bad architecture arguments {kw}: {e}") from e
     backbone = spec.backbone(rngs=rngs, dtype=dtype, **kw)
-    # On the CPU backend, convolutions that XLA:CPU runs slowly are rewritten (models/conv.py:
-    # 1x1 weight gradients as matmuls, unpadded k x k convs padded and cropped); other backends
-    # keep XLA's own.
+    # Convolutions that XLA:CPU runs slowly get CPU forms (models/conv.py: 1x1 weight
+    # gradients as matmuls, unpadded k x k convs padded and cropped), chosen per platform when
+    # lowered; other platforms keep XLA's own.
     conv.use_cpu_conv_rewrites(backbone)
     return EmbeddingModel(backbone, num_classes=int(num_classes), embed_dim=int(embed_dim),
                           l2_normalize=l2_normalize, head=head, dropout=float(dropout),
